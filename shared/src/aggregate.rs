@@ -1,0 +1,355 @@
+//! A small, generic aggregate API over any [`EventStore`]: typed events (with upcasting of older
+//! schema versions), `decide` / `apply`, snapshots, and command execution that retries version
+//! conflicts with bounded, jittered backoff and honours idempotency keys.
+//!
+//! Domain events are enums serialized adjacently tagged:
+//! `#[serde(tag = "type", content = "data")]`. The tag is the stored event type (past tense,
+//! `InventoryReserved`), the content the payload.
+
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::eventstore::{
+    AppendError, AppendOutcome, Committed, EventMetadata, EventStore, InvalidStreamId, NewEvent, RecordedEvent,
+    Snapshot, StoreError, StreamId,
+};
+use crate::retry::RetryPolicy;
+
+/// A domain event type. Only schema evolution needs overriding.
+pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync {
+    /// The schema version new events of `event_type` are written with.
+    fn current_schema_version(event_type: &str) -> u32 {
+        let _ = event_type;
+        1
+    }
+
+    /// Rewrites a payload of `event_type` stored as schema `from_version` into `from_version + 1`.
+    /// Applied step by step until the current version, so old events load as the current type.
+    fn upcast(event_type: &str, from_version: u32, payload: Value) -> Result<Value, String> {
+        let _ = payload;
+        Err(format!("no upcaster for {event_type} from schema version {from_version}"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("event does not serialize as {{\"type\", \"data\"}}: use #[serde(tag = \"type\", content = \"data\")]")]
+    NotAdjacentlyTagged,
+    #[error("event cannot be serialized: {0}")]
+    Serialize(String),
+    #[error("{event_type} v{schema_version} (version {version} of {stream}) does not decode: {message}")]
+    Decode { stream: String, version: u64, event_type: String, schema_version: u32, message: String },
+    #[error("{event_type} v{schema_version} (version {version} of {stream}) is newer than this code (v{current})")]
+    FromTheFuture { stream: String, version: u64, event_type: String, schema_version: u32, current: u32 },
+    #[error("upcasting {event_type} from v{from_version} (version {version} of {stream}) failed: {message}")]
+    Upcast { stream: String, version: u64, event_type: String, from_version: u32, message: String },
+}
+
+/// Encodes a typed event as an envelope at its current schema version.
+pub fn encode_event<E: DomainEvent>(event: &E) -> Result<NewEvent, CodecError> {
+    let value = serde_json::to_value(event).map_err(|e| CodecError::Serialize(e.to_string()))?;
+    let Value::Object(mut fields) = value else { return Err(CodecError::NotAdjacentlyTagged) };
+    let Some(Value::String(event_type)) = fields.remove("type") else { return Err(CodecError::NotAdjacentlyTagged) };
+    let payload = fields.remove("data").unwrap_or(Value::Null);
+    if !fields.is_empty() {
+        return Err(CodecError::NotAdjacentlyTagged);
+    }
+    let schema_version = E::current_schema_version(&event_type);
+    Ok(NewEvent::new(event_type, schema_version, payload))
+}
+
+/// Decodes a stored envelope into the current event type, upcasting older schema versions.
+pub fn decode_event<E: DomainEvent>(recorded: &RecordedEvent) -> Result<E, CodecError> {
+    let current = E::current_schema_version(&recorded.event_type);
+    if recorded.schema_version > current {
+        return Err(CodecError::FromTheFuture {
+            stream: recorded.stream_id.clone(),
+            version: recorded.version,
+            event_type: recorded.event_type.clone(),
+            schema_version: recorded.schema_version,
+            current,
+        });
+    }
+    let mut payload = recorded.payload.clone();
+    for from_version in recorded.schema_version..current {
+        payload = E::upcast(&recorded.event_type, from_version, payload).map_err(|message| CodecError::Upcast {
+            stream: recorded.stream_id.clone(),
+            version: recorded.version,
+            event_type: recorded.event_type.clone(),
+            from_version,
+            message,
+        })?;
+    }
+    serde_json::from_value(json!({ "type": recorded.event_type, "data": payload })).map_err(|e| CodecError::Decode {
+        stream: recorded.stream_id.clone(),
+        version: recorded.version,
+        event_type: recorded.event_type.clone(),
+        schema_version: recorded.schema_version,
+        message: e.to_string(),
+    })
+}
+
+/// An event-sourced aggregate: state is the fold of its events; commands are decided against it.
+pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync {
+    /// The stream category: streams are `<CATEGORY>-<id>`.
+    const CATEGORY: &'static str;
+    /// The schema of the serialized state; bump it when the state's shape changes so that old
+    /// snapshots are ignored rather than misread.
+    const SNAPSHOT_SCHEMA_VERSION: u32 = 1;
+    type Event: DomainEvent;
+    type Command: Send + Sync;
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Folds one event into the state. Events are facts: this cannot fail.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// Decides which events a command produces, or rejects it. No events means no change.
+    fn decide(&self, command: &Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+}
+
+/// The state of one aggregate instance and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded<A> {
+    pub state: A,
+    pub version: u64,
+    /// The snapshot the load started from, if one was usable.
+    pub snapshot_version: Option<u64>,
+    pub events_replayed: usize,
+}
+
+/// Tracing and idempotency for one command.
+#[derive(Debug, Clone, Default)]
+pub struct CommandContext {
+    /// A repeat with the same key returns the first result instead of deciding again.
+    pub idempotency_key: Option<String>,
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Executed {
+    Appended { committed: Committed, attempts: u32 },
+    /// The command was executed before under the same idempotency key: its original result.
+    Duplicate { committed: Committed },
+    /// The command produced no events.
+    Unchanged { version: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    InvalidId(#[from] InvalidStreamId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError<E: std::error::Error + 'static> {
+    /// The domain rejected the command; retrying will not help.
+    #[error("command rejected: {0}")]
+    Rejected(#[source] E),
+    #[error("gave up after {attempts} attempts, each lost to a concurrent writer")]
+    ConflictRetriesExhausted { attempts: u32 },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Append(AppendError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+impl<E: std::error::Error + 'static> ExecuteError<E> {
+    /// Whether redelivering the command later may succeed (a queue should retry it).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::ConflictRetriesExhausted { .. } => true,
+            Self::Load(LoadError::Store(e)) => e.is_retryable(),
+            Self::Append(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// Loads and executes commands on aggregates of any type over one store.
+pub struct Repository<S> {
+    store: S,
+    snapshot_every: Option<u64>,
+    retry: RetryPolicy,
+}
+
+impl<S> fmt::Debug for Repository<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Repository").field("snapshot_every", &self.snapshot_every).field("retry", &self.retry).finish()
+    }
+}
+
+impl<S: EventStore> Repository<S> {
+    pub fn new(store: S) -> Self {
+        Self { store, snapshot_every: None, retry: RetryPolicy::default() }
+    }
+
+    /// Takes a snapshot whenever an append crosses a multiple of `every` events.
+    pub fn with_snapshots_every(mut self, every: u64) -> Self {
+        self.snapshot_every = (every > 0).then_some(every);
+        self
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Loads from the latest usable snapshot, then the events after it.
+    pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, LoadError> {
+        let stream = StreamId::new(A::CATEGORY, id)?;
+        let start = match self.store.load_snapshot(&stream).await? {
+            Some(snapshot) => restore::<A>(snapshot),
+            None => None,
+        };
+        let (state, version, snapshot_version) = match start {
+            Some((state, version)) => (state, version, Some(version)),
+            None => (A::default(), 0, None),
+        };
+        self.fold(&stream, state, version, snapshot_version).await
+    }
+
+    /// Loads by replaying every event, ignoring snapshots.
+    pub async fn replay<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, LoadError> {
+        let stream = StreamId::new(A::CATEGORY, id)?;
+        self.fold(&stream, A::default(), 0, None).await
+    }
+
+    async fn fold<A: Aggregate>(
+        &self,
+        stream: &StreamId,
+        mut state: A,
+        from_version: u64,
+        snapshot_version: Option<u64>,
+    ) -> Result<Loaded<A>, LoadError> {
+        let events = self.store.load(stream, from_version).await?;
+        let mut version = from_version;
+        for recorded in &events {
+            state.apply(&decode_event::<A::Event>(recorded)?);
+            version = recorded.version;
+        }
+        Ok(Loaded { state, version, snapshot_version, events_replayed: events.len() })
+    }
+
+    /// Executes a command: load, decide, append at the loaded version; on a conflict, back off
+    /// (full jitter) and start again, up to the retry policy's attempts.
+    pub async fn execute<A: Aggregate>(
+        &self,
+        id: &str,
+        command: &A::Command,
+        ctx: &CommandContext,
+    ) -> Result<Executed, ExecuteError<A::Error>> {
+        let stream = StreamId::new(A::CATEGORY, id).map_err(LoadError::from)?;
+        let key = ctx.idempotency_key.as_deref();
+        // Checked before deciding: after the first execution the state has moved on, and
+        // deciding again could reject a command that in fact succeeded.
+        if let Some(key) = key
+            && let Some(committed) = self.store.find_committed(key).await.map_err(LoadError::from)?
+        {
+            if committed.stream_id != stream.as_str() {
+                return Err(ExecuteError::Append(AppendError::IdempotencyKeyReused {
+                    key: key.to_owned(),
+                    stream: stream.to_string(),
+                    original_stream: committed.stream_id,
+                }));
+            }
+            return Ok(Executed::Duplicate { committed });
+        }
+        let metadata = EventMetadata { correlation_id: ctx.correlation_id.clone(), causation_id: ctx.causation_id.clone() };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let loaded = self.load::<A>(id).await?;
+            let events = loaded.state.decide(command).map_err(ExecuteError::Rejected)?;
+            if events.is_empty() {
+                return Ok(Executed::Unchanged { version: loaded.version });
+            }
+            let new_events = events
+                .iter()
+                .map(|e| encode_event(e).map(|n| n.with_metadata(metadata.clone())))
+                .collect::<Result<Vec<_>, _>>()?;
+            match self.store.append(&stream, loaded.version, new_events, key).await {
+                Ok(AppendOutcome::Appended(committed)) => {
+                    self.snapshot_if_due(&stream, loaded, &events, committed.last_version).await;
+                    return Ok(Executed::Appended { committed, attempts });
+                }
+                Ok(AppendOutcome::Duplicate(committed)) => return Ok(Executed::Duplicate { committed }),
+                Err(AppendError::Conflict { expected, actual, .. }) => {
+                    if !self.retry.allows_another(attempts) {
+                        return Err(ExecuteError::ConflictRetriesExhausted { attempts });
+                    }
+                    let delay = self.retry.delay(attempts - 1);
+                    tracing::debug!(stream = %stream, expected, actual, attempts, ?delay, "version conflict; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(ExecuteError::Append(e)),
+            }
+        }
+    }
+
+    async fn snapshot_if_due<A: Aggregate>(&self, stream: &StreamId, loaded: Loaded<A>, new: &[A::Event], version: u64) {
+        let Some(every) = self.snapshot_every else { return };
+        if loaded.version / every == version / every {
+            return;
+        }
+        let mut state = loaded.state;
+        for event in new {
+            state.apply(event);
+        }
+        let state = match serde_json::to_value(&state) {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(stream = %stream, error = %e, "state does not serialize; no snapshot");
+                return;
+            }
+        };
+        let snapshot = Snapshot {
+            stream_id: stream.to_string(),
+            version,
+            schema_version: A::SNAPSHOT_SCHEMA_VERSION,
+            state,
+            taken_at: crate::eventstore::now_rfc3339(),
+        };
+        // The events are committed; a failed snapshot only makes later loads slower.
+        if let Err(e) = self.store.save_snapshot(snapshot).await {
+            tracing::warn!(stream = %stream, error = %e, "snapshot not saved");
+        }
+    }
+}
+
+/// A snapshot's state, or `None` (replay from the start) when it is of another schema or no
+/// longer deserializes.
+fn restore<A: Aggregate>(snapshot: Snapshot) -> Option<(A, u64)> {
+    if snapshot.schema_version != A::SNAPSHOT_SCHEMA_VERSION {
+        tracing::info!(
+            stream = %snapshot.stream_id,
+            stored = snapshot.schema_version,
+            current = A::SNAPSHOT_SCHEMA_VERSION,
+            "snapshot of another schema; replaying"
+        );
+        return None;
+    }
+    match serde_json::from_value(snapshot.state) {
+        Ok(state) => Some((state, snapshot.version)),
+        Err(e) => {
+            tracing::warn!(stream = %snapshot.stream_id, error = %e, "snapshot does not deserialize; replaying");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

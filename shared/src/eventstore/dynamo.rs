@@ -1,0 +1,425 @@
+//! The event store on DynamoDB.
+//!
+//! Tables (declared in `template.yaml`):
+//! - events: `streamId` (S, partition) + `version` (N, sort), one immutable item per event, with a
+//!   DynamoDB stream (NEW_IMAGE) that is the transactional outbox for every consumer;
+//! - commands: `idempotencyKey` (S), the result of each keyed append, expiring by TTL;
+//! - snapshots: `streamId` (S), the latest snapshot of a stream.
+//!
+//! An append is one `TransactWriteItems`: a condition check that `expected_version` exists (the
+//! stream cannot skip a version), a conditional Put per event (`attribute_not_exists`, so two
+//! writers can never both own a version) and, with an idempotency key, a conditional Put of the
+//! command record. All succeed or none do.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, CancellationReason, ConditionCheck, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+};
+use serde::{Deserialize, Serialize};
+use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
+use uuid::Uuid;
+
+use super::size::item_size;
+use super::{
+    AppendError, AppendOutcome, Committed, EventStore, MAX_ITEM_BYTES, MAX_TRANSACT_ACTIONS, MAX_TRANSACTION_BYTES,
+    NewEvent, RecordedEvent, Snapshot, StoreError, StreamId, now_rfc3339, validate_idempotency_key,
+};
+use crate::config::{ConfigError, optional_env, required_env};
+
+type Item = HashMap<String, AttributeValue>;
+
+#[derive(Debug, Clone)]
+pub struct EventStoreConfig {
+    pub events_table: String,
+    pub commands_table: String,
+    pub snapshots_table: String,
+    /// How long an idempotency record is kept. It must outlive every redelivery: SQS keeps a
+    /// message (and a DLQ keeps it for redrive) up to 14 days, hence the 15-day default.
+    pub idempotency_ttl: Duration,
+}
+
+impl EventStoreConfig {
+    pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(15 * 24 * 3600);
+
+    /// Reads `EVENTS_TABLE`, `COMMANDS_TABLE`, `SNAPSHOTS_TABLE` and the optional
+    /// `IDEMPOTENCY_TTL_SECONDS`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let idempotency_ttl = match optional_env("IDEMPOTENCY_TTL_SECONDS") {
+            None => Self::DEFAULT_IDEMPOTENCY_TTL,
+            Some(v) => Duration::from_secs(v.parse().map_err(|_| ConfigError::Invalid {
+                name: "IDEMPOTENCY_TTL_SECONDS",
+                reason: "expected a whole number of seconds".into(),
+            })?),
+        };
+        Ok(Self {
+            events_table: required_env("EVENTS_TABLE")?,
+            commands_table: required_env("COMMANDS_TABLE")?,
+            snapshots_table: required_env("SNAPSHOTS_TABLE")?,
+            idempotency_ttl,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct DynamoEventStore {
+    client: Client,
+    config: EventStoreConfig,
+}
+
+/// The command record written beside the events of a keyed append.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CommandRecord {
+    idempotency_key: String,
+    #[serde(flatten)]
+    committed: Committed,
+    /// Epoch seconds; the table's TTL attribute.
+    expires_at: i64,
+}
+
+impl DynamoEventStore {
+    pub fn new(client: Client, config: EventStoreConfig) -> Self {
+        Self { client, config }
+    }
+
+    pub fn config(&self) -> &EventStoreConfig {
+        &self.config
+    }
+
+    fn build_items(
+        &self,
+        stream: &StreamId,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        idempotency_key: Option<&str>,
+    ) -> Result<(Vec<Item>, Option<Item>, Committed), AppendError> {
+        let recorded_at = now_rfc3339();
+        let mut items = Vec::with_capacity(events.len());
+        let mut event_ids = Vec::with_capacity(events.len());
+        let mut total_bytes = 0;
+        for (index, event) in events.into_iter().enumerate() {
+            let event_id = Uuid::new_v4().to_string();
+            let record = RecordedEvent {
+                stream_id: stream.to_string(),
+                version: expected_version + 1 + index as u64,
+                correlation_id: event.metadata.correlation_id.unwrap_or_else(|| event_id.clone()),
+                event_id: event_id.clone(),
+                event_type: event.event_type,
+                schema_version: event.schema_version,
+                payload: event.payload,
+                causation_id: event.metadata.causation_id,
+                idempotency_key: idempotency_key.map(str::to_owned),
+                recorded_at: recorded_at.clone(),
+            };
+            let item: Item = to_item(&record).map_err(|e| AppendError::Encode { index, message: e.to_string() })?;
+            let bytes = item_size(&item);
+            if bytes > MAX_ITEM_BYTES {
+                return Err(AppendError::EventTooLarge { index, bytes, max: MAX_ITEM_BYTES });
+            }
+            total_bytes += bytes;
+            items.push(item);
+            event_ids.push(event_id);
+        }
+        let committed = Committed {
+            stream_id: stream.to_string(),
+            first_version: expected_version + 1,
+            last_version: expected_version + items.len() as u64,
+            event_ids,
+            recorded_at,
+        };
+        let record = match idempotency_key {
+            None => None,
+            Some(key) => {
+                let expires_at = time::OffsetDateTime::now_utc().unix_timestamp()
+                    + i64::try_from(self.config.idempotency_ttl.as_secs()).unwrap_or(i64::MAX / 2);
+                let record = CommandRecord { idempotency_key: key.to_owned(), committed: committed.clone(), expires_at };
+                let item: Item = to_item(&record).map_err(|e| AppendError::Encode { index: 0, message: e.to_string() })?;
+                total_bytes += item_size(&item);
+                Some(item)
+            }
+        };
+        if total_bytes > MAX_TRANSACTION_BYTES {
+            return Err(AppendError::TransactionTooLarge { bytes: total_bytes, max: MAX_TRANSACTION_BYTES });
+        }
+        Ok((items, record, committed))
+    }
+
+    /// Makes sense of a cancelled transaction: a repeated idempotency key is a duplicate (checked
+    /// first: a retried command also collides on its versions); a failed version condition, or a
+    /// concurrent transaction on the same items, is a conflict; anything else is a store error.
+    async fn cancelled(
+        &self,
+        stream: &StreamId,
+        expected_version: u64,
+        idempotency_key: Option<&str>,
+        reasons: &[CancellationReason],
+    ) -> Result<AppendOutcome, AppendError> {
+        let code = |r: &CancellationReason| r.code().unwrap_or("None").to_owned();
+        if let Some(key) = idempotency_key {
+            // The command record is the last action.
+            let duplicate = match reasons.last() {
+                Some(r) if code(r) == "ConditionalCheckFailed" => match r.item() {
+                    Some(item) => Some(decode_record(item.clone())?),
+                    None => self.find_committed(key).await?,
+                },
+                // Some emulators omit reasons; the record decides.
+                None => self.find_committed(key).await?,
+                Some(_) => None,
+            };
+            if let Some(original) = duplicate {
+                if original.stream_id != stream.as_str() {
+                    return Err(AppendError::IdempotencyKeyReused {
+                        key: key.to_owned(),
+                        stream: stream.to_string(),
+                        original_stream: original.stream_id,
+                    });
+                }
+                return Ok(AppendOutcome::Duplicate(original));
+            }
+        }
+        let codes: Vec<String> = reasons.iter().map(code).collect();
+        let contended = codes.is_empty()
+            || codes.iter().any(|c| c == "ConditionalCheckFailed" || c == "TransactionConflict");
+        if contended {
+            let actual = self.head_version(stream).await?;
+            return Err(AppendError::Conflict { stream: stream.to_string(), expected: expected_version, actual });
+        }
+        let retryable = codes.iter().any(|c| c.contains("Throughput") || c.contains("Throttl"));
+        Err(StoreError::Request {
+            operation: "TransactWriteItems",
+            message: format!("transaction cancelled: {}", codes.join(", ")),
+            retryable,
+        }
+        .into())
+    }
+}
+
+fn decode_record(item: Item) -> Result<Committed, StoreError> {
+    from_item::<CommandRecord>(item)
+        .map(|r| r.committed)
+        .map_err(|e| StoreError::Corrupt(format!("command record: {e}")))
+}
+
+/// Maps an SDK failure to a [`StoreError`], keeping whether a retry can help.
+fn request_error<E, R>(operation: &'static str, err: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let retryable = match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(e) => matches!(
+            e.err().code(),
+            Some(
+                "ProvisionedThroughputExceededException"
+                    | "ThrottlingException"
+                    | "RequestLimitExceeded"
+                    | "InternalServerError"
+                    | "TransactionInProgressException"
+            )
+        ),
+        _ => false,
+    };
+    StoreError::Request { operation, message: DisplayErrorContext(&err).to_string(), retryable }
+}
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_owned())
+}
+
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+impl EventStore for DynamoEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        idempotency_key: Option<&str>,
+    ) -> Result<AppendOutcome, AppendError> {
+        if events.is_empty() {
+            return Err(AppendError::NoEvents);
+        }
+        if let Some(key) = idempotency_key {
+            validate_idempotency_key(key)?;
+        }
+        let overhead = usize::from(expected_version > 0) + usize::from(idempotency_key.is_some());
+        let max = MAX_TRANSACT_ACTIONS - overhead;
+        if events.len() > max {
+            return Err(AppendError::TooManyEvents { count: events.len(), max });
+        }
+        let (items, record, committed) = self.build_items(stream, expected_version, events, idempotency_key)?;
+
+        let build = |e: aws_sdk_dynamodb::error::BuildError| AppendError::Encode { index: 0, message: e.to_string() };
+        let mut actions = Vec::with_capacity(items.len() + overhead);
+        if expected_version > 0 {
+            let guard = ConditionCheck::builder()
+                .table_name(&self.config.events_table)
+                .key("streamId", s(stream.as_str()))
+                .key("version", n(expected_version))
+                .condition_expression("attribute_exists(#v)")
+                .expression_attribute_names("#v", "version")
+                .build()
+                .map_err(build)?;
+            actions.push(TransactWriteItem::builder().condition_check(guard).build());
+        }
+        for item in items {
+            let put = Put::builder()
+                .table_name(&self.config.events_table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(#v)")
+                .expression_attribute_names("#v", "version")
+                .build()
+                .map_err(build)?;
+            actions.push(TransactWriteItem::builder().put(put).build());
+        }
+        if let Some(item) = record {
+            let put = Put::builder()
+                .table_name(&self.config.commands_table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(idempotencyKey)")
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .build()
+                .map_err(build)?;
+            actions.push(TransactWriteItem::builder().put(put).build());
+        }
+
+        // The token makes the SDK's own retries of this call idempotent: a retry after a lost
+        // response is answered with the original success, not a spurious conflict.
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(actions))
+            .client_request_token(Uuid::new_v4().to_string())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(AppendOutcome::Appended(committed)),
+            Err(SdkError::ServiceError(e)) if matches!(e.err(), TransactWriteItemsError::TransactionCanceledException(_)) => {
+                let TransactWriteItemsError::TransactionCanceledException(cancelled) = e.err() else {
+                    unreachable!("matched above")
+                };
+                self.cancelled(stream, expected_version, idempotency_key, cancelled.cancellation_reasons()).await
+            }
+            Err(err) => Err(request_error("TransactWriteItems", err).into()),
+        }
+    }
+
+    async fn load(&self, stream: &StreamId, after_version: u64) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut events = Vec::new();
+        let mut start_key = None;
+        // Each page is at most 1 MB: follow LastEvaluatedKey to the end of the stream.
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.config.events_table)
+                .consistent_read(true)
+                .key_condition_expression("streamId = :s AND #v > :after")
+                .expression_attribute_names("#v", "version")
+                .expression_attribute_values(":s", s(stream.as_str()))
+                .expression_attribute_values(":after", n(after_version))
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(|e| request_error("Query", e))?;
+            for item in page.items.unwrap_or_default() {
+                events.push(from_item(item).map_err(|e| StoreError::Corrupt(format!("event in {stream}: {e}")))?);
+            }
+            start_key = page.last_evaluated_key;
+            if start_key.is_none() {
+                return Ok(events);
+            }
+        }
+    }
+
+    async fn head_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        let page = self
+            .client
+            .query()
+            .table_name(&self.config.events_table)
+            .consistent_read(true)
+            .key_condition_expression("streamId = :s")
+            .expression_attribute_values(":s", s(stream.as_str()))
+            .scan_index_forward(false)
+            .limit(1)
+            .projection_expression("#v")
+            .expression_attribute_names("#v", "version")
+            .send()
+            .await
+            .map_err(|e| request_error("Query", e))?;
+        match page.items().first().and_then(|item| item.get("version")) {
+            None => Ok(0),
+            Some(AttributeValue::N(v)) => {
+                v.parse().map_err(|_| StoreError::Corrupt(format!("version {v:?} in {stream} is not a whole number")))
+            }
+            Some(other) => Err(StoreError::Corrupt(format!("version in {stream} is not a number: {other:?}"))),
+        }
+    }
+
+    async fn find_committed(&self, idempotency_key: &str) -> Result<Option<Committed>, StoreError> {
+        let found = self
+            .client
+            .get_item()
+            .table_name(&self.config.commands_table)
+            .key("idempotencyKey", s(idempotency_key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| request_error("GetItem", e))?;
+        found.item.map(decode_record).transpose()
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let found = self
+            .client
+            .get_item()
+            .table_name(&self.config.snapshots_table)
+            .key("streamId", s(stream.as_str()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| request_error("GetItem", e))?;
+        // An envelope that no longer decodes is treated as absent: the caller replays.
+        Ok(found.item.and_then(|item| match from_item(item) {
+            Ok(snapshot) => Some(snapshot),
+            Err(e) => {
+                tracing::warn!(stream = %stream, error = %e, "ignoring undecodable snapshot envelope");
+                None
+            }
+        }))
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let item: Item = to_item(&snapshot).map_err(|e| StoreError::Corrupt(format!("snapshot: {e}")))?;
+        let bytes = item_size(&item);
+        if bytes > MAX_ITEM_BYTES {
+            // Too big to snapshot: loads keep replaying, which is correct, only slower.
+            tracing::warn!(stream = %snapshot.stream_id, bytes, "snapshot exceeds the item limit; not stored");
+            return Ok(());
+        }
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.config.snapshots_table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(streamId) OR #v < :v")
+            .expression_attribute_names("#v", "version")
+            .expression_attribute_values(":v", n(snapshot.version))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // A newer snapshot is already there: nothing to do.
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => Ok(()),
+            Err(e) => Err(request_error("PutItem", e)),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Event store: an immutable, per-stream, gapless log of event envelopes.
+//!
+//! The port ([`EventStore`]) speaks in envelopes with JSON payloads; typed domain events are
+//! encoded and decoded (with upcasting) by [`crate::aggregate`]. The DynamoDB adapter
+//! ([`DynamoEventStore`]) is the production implementation; [`InMemoryEventStore`] exists for unit
+//! tests of pure logic.
+
+mod dynamo;
+mod memory;
+pub mod size;
+
+use std::fmt;
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use dynamo::{DynamoEventStore, EventStoreConfig};
+pub use memory::InMemoryEventStore;
+
+/// DynamoDB allows 100 actions in one `TransactWriteItems`.
+pub const MAX_TRANSACT_ACTIONS: usize = 100;
+/// DynamoDB's item size limit (names and values, UTF-8).
+pub const MAX_ITEM_BYTES: usize = 400 * 1024;
+/// DynamoDB's limit on the summed size of the items in one transaction.
+pub const MAX_TRANSACTION_BYTES: usize = 4 * 1024 * 1024;
+/// Longest idempotency key accepted; keys are DynamoDB partition keys (2048 bytes at most).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
+
+/// A stream id `<Category>-<id>`, e.g. `Order-7f3c…`. Validated so that bad input is rejected
+/// before it becomes a partition key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StreamId(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid stream id {value:?}: {reason}")]
+pub struct InvalidStreamId {
+    pub value: String,
+    pub reason: &'static str,
+}
+
+impl StreamId {
+    pub fn new(category: &str, id: &str) -> Result<Self, InvalidStreamId> {
+        Self::parse(&format!("{category}-{id}"))
+    }
+
+    pub fn parse(value: &str) -> Result<Self, InvalidStreamId> {
+        let invalid = |reason| InvalidStreamId { value: value.to_owned(), reason };
+        let (category, id) = value.split_once('-').ok_or_else(|| invalid("expected <Category>-<id>"))?;
+        if category.is_empty() || !category.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            return Err(invalid("category must start with a letter"));
+        }
+        if !category.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(invalid("category must be alphanumeric"));
+        }
+        if id.is_empty() || id.len() > 256 {
+            return Err(invalid("id must be 1 to 256 characters"));
+        }
+        if !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+            return Err(invalid("id may hold only letters, digits and - _ . :"));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn category(&self) -> &str {
+        self.0.split_once('-').map_or("", |(c, _)| c)
+    }
+
+    pub fn id(&self) -> &str {
+        self.0.split_once('-').map_or("", |(_, id)| id)
+    }
+}
+
+impl TryFrom<String> for StreamId {
+    type Error = InvalidStreamId;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<StreamId> for String {
+    fn from(value: StreamId) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who caused an event: the correlation id ties every event of one business flow (an order's
+/// saga) together; the causation id names the command or event that directly caused it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    pub correlation_id: Option<String>,
+    pub causation_id: Option<String>,
+}
+
+/// An event about to be appended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub event_type: String,
+    pub schema_version: u32,
+    pub payload: Value,
+    pub metadata: EventMetadata,
+}
+
+impl NewEvent {
+    pub fn new(event_type: impl Into<String>, schema_version: u32, payload: Value) -> Self {
+        Self { event_type: event_type.into(), schema_version, payload, metadata: EventMetadata::default() }
+    }
+
+    pub fn with_metadata(mut self, metadata: EventMetadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// An event as stored: the envelope every consumer (projections, the outbox relay) reads.
+/// Attribute names are the DynamoDB item's, so a stream record's `NewImage` deserializes into it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedEvent {
+    pub stream_id: String,
+    pub version: u64,
+    pub event_id: String,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub payload: Value,
+    pub correlation_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// RFC 3339, UTC.
+    pub recorded_at: String,
+}
+
+/// What an append committed. A retried command with the same idempotency key gets this back
+/// unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Committed {
+    pub stream_id: String,
+    pub first_version: u64,
+    pub last_version: u64,
+    pub event_ids: Vec<String>,
+    pub recorded_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The events were appended by this call.
+    Appended(Committed),
+    /// The idempotency key was seen before: nothing was appended; this is the original result.
+    Duplicate(Committed),
+}
+
+impl AppendOutcome {
+    pub fn committed(&self) -> &Committed {
+        match self {
+            Self::Appended(c) | Self::Duplicate(c) => c,
+        }
+    }
+}
+
+/// The latest snapshot of a stream's state, taken at `version`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub stream_id: String,
+    pub version: u64,
+    /// The schema of `state`; a snapshot of another schema is ignored and the stream replayed.
+    pub schema_version: u32,
+    pub state: Value,
+    pub taken_at: String,
+}
+
+/// Failures of the storage itself.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("DynamoDB {operation} failed: {message}")]
+    Request { operation: &'static str, message: String, retryable: bool },
+    #[error("a stored item is malformed: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Request { retryable: true, .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Another writer appended first (or `expected_version` is not the head): reload, decide
+    /// again, retry.
+    #[error("version conflict on {stream}: expected version {expected}, stream is at {actual}")]
+    Conflict { stream: String, expected: u64, actual: u64 },
+    #[error("idempotency key {key:?} was used for stream {original_stream}, not {stream}")]
+    IdempotencyKeyReused { key: String, stream: String, original_stream: String },
+    #[error("invalid idempotency key: {0}")]
+    InvalidIdempotencyKey(&'static str),
+    #[error("an append needs at least one event")]
+    NoEvents,
+    #[error("{count} events in one append; at most {max} fit in one DynamoDB transaction")]
+    TooManyEvents { count: usize, max: usize },
+    #[error("event {index} is {bytes} bytes as a DynamoDB item; the limit is {max}")]
+    EventTooLarge { index: usize, bytes: usize, max: usize },
+    #[error("the append is {bytes} bytes; a DynamoDB transaction holds at most {max}")]
+    TransactionTooLarge { bytes: usize, max: usize },
+    #[error("event {index} cannot be stored: {message}")]
+    Encode { index: usize, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl AppendError {
+    /// Whether the same call may succeed later (a conflict needs a reload first).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Conflict { .. } => true,
+            Self::Store(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// The port every aggregate repository, projection rebuild and query uses.
+pub trait EventStore: Send + Sync {
+    /// Appends `events` after `expected_version` (0 for a new stream), atomically: all or none.
+    /// With an idempotency key, a repeat of an append that committed returns
+    /// [`AppendOutcome::Duplicate`] with the original result instead of appending again.
+    fn append(
+        &self,
+        stream: &StreamId,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        idempotency_key: Option<&str>,
+    ) -> impl Future<Output = Result<AppendOutcome, AppendError>> + Send;
+
+    /// Events with version > `after_version`, in order, strongly consistent, all pages.
+    fn load(
+        &self,
+        stream: &StreamId,
+        after_version: u64,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send;
+
+    /// The stream's last version, 0 when it has no events.
+    fn head_version(&self, stream: &StreamId) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// The result recorded under an idempotency key, if any.
+    fn find_committed(
+        &self,
+        idempotency_key: &str,
+    ) -> impl Future<Output = Result<Option<Committed>, StoreError>> + Send;
+
+    fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<Snapshot>, StoreError>> + Send;
+
+    /// Stores a snapshot unless a newer one is already stored.
+    fn save_snapshot(&self, snapshot: Snapshot) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+pub(crate) fn validate_idempotency_key(key: &str) -> Result<(), AppendError> {
+    if key.is_empty() {
+        return Err(AppendError::InvalidIdempotencyKey("must not be empty"));
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(AppendError::InvalidIdempotencyKey("longer than 512 bytes"));
+    }
+    Ok(())
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| now.unix_timestamp().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_are_validated() {
+        let s = StreamId::new("Order", "3f2a-01").expect("valid");
+        assert_eq!(s.as_str(), "Order-3f2a-01");
+        assert_eq!(s.category(), "Order");
+        assert_eq!(s.id(), "3f2a-01");
+        assert!(StreamId::parse("Order").is_err(), "no separator");
+        assert!(StreamId::parse("-abc").is_err(), "no category");
+        assert!(StreamId::parse("Order-").is_err(), "no id");
+        assert!(StreamId::parse("Or der-1").is_err());
+        assert!(StreamId::parse("Order-a/b").is_err());
+        assert!(StreamId::parse(&format!("Order-{}", "x".repeat(257))).is_err());
+    }
+
+    #[test]
+    fn stream_id_deserialization_validates() {
+        let ok: StreamId = serde_json::from_str("\"Sku-ABC-1\"").expect("valid");
+        assert_eq!(ok.id(), "ABC-1");
+        assert!(serde_json::from_str::<StreamId>("\"nope\"").is_err());
+    }
+}
