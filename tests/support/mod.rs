@@ -1,0 +1,114 @@
+//! Shared by the integration tests and benchmarks: the emulator environment and a small
+//! aggregate to exercise the event store with.
+//!
+//! The environment is the one `scripts/env.sh up` provisioned (`.local/aws.env`), overlaid by
+//! the process environment, so `cargo test` works with or without the file sourced.
+
+pub mod tally;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use shared::eventstore::{DynamoEventStore, EventStoreConfig};
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub struct LocalAws {
+    pub vars: BTreeMap<String, String>,
+    config: SdkConfig,
+}
+
+impl LocalAws {
+    /// Loads the provisioned environment; panics with the fix when it is missing.
+    pub async fn load() -> Self {
+        let file = workspace_root().join(".local/aws.env");
+        let mut vars = std::fs::read_to_string(&file).map(|t| local_env::envfile::parse(&t)).unwrap_or_default();
+        for (k, v) in std::env::vars() {
+            if vars.contains_key(&k) || k.starts_with("AWS_") {
+                vars.insert(k, v);
+            }
+        }
+        assert!(
+            vars.contains_key("AWS_ENDPOINT_URL_DYNAMODB") || vars.contains_key("AWS_ENDPOINT_URL"),
+            "no emulator endpoints: run `scripts/env.sh up` first (it writes {})",
+            file.display()
+        );
+        let region = vars.get("AWS_REGION").cloned().unwrap_or_else(|| "us-east-1".into());
+        let credentials = aws_sdk_dynamodb::config::Credentials::new(
+            vars.get("AWS_ACCESS_KEY_ID").cloned().unwrap_or_else(|| "test".into()),
+            vars.get("AWS_SECRET_ACCESS_KEY").cloned().unwrap_or_else(|| "test".into()),
+            None,
+            None,
+            "local-env",
+        );
+        let config = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(region))
+            .credentials_provider(credentials)
+            .load()
+            .await;
+        Self { vars, config }
+    }
+
+    pub fn var(&self, name: &str) -> String {
+        self.vars.get(name).cloned().unwrap_or_else(|| panic!("{name} is not provisioned: run `scripts/env.sh up`"))
+    }
+
+    /// The endpoint for one service, as the SDK would pick it from `AWS_ENDPOINT_URL_<ID>`.
+    fn endpoint(&self, service_id: &str) -> Option<String> {
+        self.vars.get(&format!("AWS_ENDPOINT_URL_{service_id}")).or_else(|| self.vars.get("AWS_ENDPOINT_URL")).cloned()
+    }
+
+    pub fn sdk_config(&self) -> &SdkConfig {
+        &self.config
+    }
+
+    pub fn dynamodb(&self) -> aws_sdk_dynamodb::Client {
+        let mut b = aws_sdk_dynamodb::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("DYNAMODB"));
+        aws_sdk_dynamodb::Client::from_conf(b.build())
+    }
+
+    pub fn sqs(&self) -> aws_sdk_sqs::Client {
+        let mut b = aws_sdk_sqs::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("SQS"));
+        aws_sdk_sqs::Client::from_conf(b.build())
+    }
+
+    pub fn eventbridge(&self) -> aws_sdk_eventbridge::Client {
+        let mut b = aws_sdk_eventbridge::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("EVENTBRIDGE"));
+        aws_sdk_eventbridge::Client::from_conf(b.build())
+    }
+
+    pub fn sfn(&self) -> aws_sdk_sfn::Client {
+        let mut b = aws_sdk_sfn::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("SFN"));
+        aws_sdk_sfn::Client::from_conf(b.build())
+    }
+
+    /// Clients for the provisioner, each pointed at its own emulator.
+    pub fn provisioning_clients(&self) -> local_env::Clients {
+        local_env::Clients { dynamodb: self.dynamodb(), sqs: self.sqs(), events: self.eventbridge(), sfn: self.sfn() }
+    }
+
+    pub fn event_store_config(&self) -> EventStoreConfig {
+        EventStoreConfig {
+            events_table: self.var("EVENTS_TABLE"),
+            commands_table: self.var("COMMANDS_TABLE"),
+            snapshots_table: self.var("SNAPSHOTS_TABLE"),
+            idempotency_ttl: EventStoreConfig::DEFAULT_IDEMPOTENCY_TTL,
+        }
+    }
+
+    pub fn event_store(&self) -> DynamoEventStore {
+        DynamoEventStore::new(self.dynamodb(), self.event_store_config())
+    }
+}
+
+/// An id no earlier run used, so tests never see each other's data.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
