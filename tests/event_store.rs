@@ -41,7 +41,11 @@ async fn concurrent_writers_leave_a_gapless_stream_and_losers_succeed_on_retry()
         let (store, stream, barrier, conflicts) = (store.clone(), stream.clone(), barrier.clone(), conflicts.clone());
         tasks.push(tokio::spawn(async move {
             let writer = format!("w{w}");
-            let retry = RetryPolicy { max_attempts: 200, base_delay: Duration::from_millis(2), max_delay: Duration::from_millis(50) };
+            let retry = RetryPolicy {
+                max_attempts: 200,
+                base_delay: Duration::from_millis(2),
+                max_delay: Duration::from_millis(50),
+            };
             let mut first_round = None;
             barrier.wait().await;
             for seq in 0..per_writer {
@@ -79,7 +83,9 @@ async fn concurrent_writers_leave_a_gapless_stream_and_losers_succeed_on_retry()
     assert_eq!(events.iter().map(|e| e.version).collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>());
     let entries: BTreeSet<(String, u64)> = events
         .iter()
-        .map(|e| (e.payload["writer"].as_str().unwrap_or_default().to_owned(), e.payload["seq"].as_u64().unwrap_or(999)))
+        .map(|e| {
+            (e.payload["writer"].as_str().unwrap_or_default().to_owned(), e.payload["seq"].as_u64().unwrap_or(999))
+        })
         .collect();
     assert_eq!(entries.len() as u64, total, "no entry lost or doubled");
     // And in the simultaneous first round exactly one writer won; the other 7 saw a conflict
@@ -92,7 +98,8 @@ async fn concurrent_writers_leave_a_gapless_stream_and_losers_succeed_on_retry()
 async fn concurrent_commands_through_the_repository_all_land_once() {
     // Given a repository that retries conflicts with jittered backoff
     let aws = LocalAws::load().await;
-    let retry = RetryPolicy { max_attempts: 100, base_delay: Duration::from_millis(2), max_delay: Duration::from_millis(100) };
+    let retry =
+        RetryPolicy { max_attempts: 100, base_delay: Duration::from_millis(2), max_delay: Duration::from_millis(100) };
     let repo = Arc::new(Repository::new(aws.event_store()).with_retry(retry).with_snapshots_every(10));
     let id = unique("repo-");
 
@@ -363,7 +370,8 @@ async fn appends_beyond_dynamodb_limits_get_typed_errors_and_write_nothing() {
     store.append(&stream, 1, exactly, Some(&key)).await.expect("98 events fit");
 
     // 400 KB per item
-    let huge = NewEvent::new("EntryRecorded", 2, json!({ "writer": "h", "seq": 0, "note": "x".repeat(MAX_ITEM_BYTES) }));
+    let huge =
+        NewEvent::new("EntryRecorded", 2, json!({ "writer": "h", "seq": 0, "note": "x".repeat(MAX_ITEM_BYTES) }));
     let err = store.append(&stream, 99, vec![huge], None).await.expect_err("item too large");
     assert!(matches!(err, AppendError::EventTooLarge { index: 0, .. }), "{err}");
 

@@ -17,7 +17,10 @@ pub fn passthrough_env() -> BTreeMap<String, String> {
     std::env::vars()
         .filter(|(k, _)| {
             k.starts_with("AWS_ENDPOINT_URL")
-                || matches!(k.as_str(), "AWS_REGION" | "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" | "AWS_SESSION_TOKEN")
+                || matches!(
+                    k.as_str(),
+                    "AWS_REGION" | "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" | "AWS_SESSION_TOKEN"
+                )
         })
         .collect()
 }
@@ -54,7 +57,8 @@ pub fn report(stack: &Stack) -> String {
         }
         lines.push(line);
     }
-    let unsupported: Vec<String> = stack.unsupported().iter().map(|o| format!("{} ({})", o.logical_id, o.kind)).collect();
+    let unsupported: Vec<String> =
+        stack.unsupported().iter().map(|o| format!("{} ({})", o.logical_id, o.kind)).collect();
     if !unsupported.is_empty() {
         lines.push(format!("Not created locally: {}", unsupported.join(", ")));
     }

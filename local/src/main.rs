@@ -22,7 +22,9 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut argv = std::env::args().skip(1);
     match argv.next().as_deref() {
         Some("provision") => {}
-        other => bail!("usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict] (got {other:?})"),
+        other => bail!(
+            "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict] (got {other:?})"
+        ),
     }
     let mut args = Args {
         template: "template.yaml".into(),
@@ -65,7 +67,8 @@ async fn run() -> anyhow::Result<bool> {
     println!("Provisioned stack {} from {}:\n{}", stack.stack_name, args.template.display(), local_env::report(&stack));
     local_env::write_outputs(&stack, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     println!("Wrote {0}/stack.json and {0}/aws.env", args.out.display());
-    Ok(stack.failed().is_empty() && stack.unresolved.is_empty() && !(args.strict && !stack.unsupported().is_empty()))
+    let strict_ok = !args.strict || stack.unsupported().is_empty();
+    Ok(strict_ok && stack.failed().is_empty() && stack.unresolved.is_empty())
 }
 
 #[tokio::main]

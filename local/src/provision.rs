@@ -241,7 +241,10 @@ async fn create(kind: &str, ctx: Ctx<'_>) -> anyhow::Result<Created> {
             let arn = format!("arn:aws:iam::{}:role/{name}", ctx.options.account_id);
             Ok(stand_in("IAM is not enforced locally", name, arn))
         }
-        "AWS::IAM::Policy" | "AWS::IAM::ManagedPolicy" | "AWS::Lambda::Permission" | "AWS::SQS::QueuePolicy"
+        "AWS::IAM::Policy"
+        | "AWS::IAM::ManagedPolicy"
+        | "AWS::Lambda::Permission"
+        | "AWS::SQS::QueuePolicy"
         | "AWS::Events::EventBusPolicy" => {
             let name = ctx.generated_name(255);
             Ok(stand_in("permissions are not enforced locally", name.clone(), name))
@@ -342,7 +345,10 @@ impl TableSpec {
 fn key_schema(keys: &[(String, String)]) -> anyhow::Result<Vec<ddb::KeySchemaElement>> {
     keys.iter()
         .map(|(name, kind)| {
-            Ok(ddb::KeySchemaElement::builder().attribute_name(name).key_type(ddb::KeyType::from(kind.as_str())).build()?)
+            Ok(ddb::KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(ddb::KeyType::from(kind.as_str()))
+                .build()?)
         })
         .collect()
 }
@@ -353,7 +359,10 @@ fn projection(index: &Value) -> anyhow::Result<ddb::Projection> {
         .pointer("/Projection/NonKeyAttributes")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect());
-    Ok(ddb::Projection::builder().projection_type(ddb::ProjectionType::from(kind)).set_non_key_attributes(non_key).build())
+    Ok(ddb::Projection::builder()
+        .projection_type(ddb::ProjectionType::from(kind))
+        .set_non_key_attributes(non_key)
+        .build())
 }
 
 fn provisioned(t: Option<(i64, i64)>) -> anyhow::Result<Option<ddb::ProvisionedThroughput>> {
@@ -368,7 +377,12 @@ async fn table(ctx: &Ctx<'_>, spec: TableSpec) -> anyhow::Result<Created> {
         Ok(found) => {
             let existing: Vec<(String, String)> = found
                 .table()
-                .map(|t| t.key_schema().iter().map(|k| (k.attribute_name().to_owned(), k.key_type().as_str().to_owned())).collect())
+                .map(|t| {
+                    t.key_schema()
+                        .iter()
+                        .map(|k| (k.attribute_name().to_owned(), k.key_type().as_str().to_owned()))
+                        .collect()
+                })
                 .unwrap_or_default();
             if existing != spec.keys {
                 bail!("table {name} exists with key schema {existing:?}, the template says {:?}", spec.keys);
@@ -539,7 +553,8 @@ async fn event_bus(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
         Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_already_exists_exception()) => Status::Exists,
         Err(e) => return Err(anyhow!(e).context(format!("CreateEventBus {name}"))),
     };
-    let arn = client.describe_event_bus().name(&name).send().await.context("DescribeEventBus")?.arn().map(str::to_owned);
+    let arn =
+        client.describe_event_bus().name(&name).send().await.context("DescribeEventBus")?.arn().map(str::to_owned);
     Ok(Some((status, resolved(name.clone(), &[("Arn", arn), ("Name", Some(name))]))))
 }
 
@@ -610,9 +625,11 @@ fn target(t: &Value) -> anyhow::Result<eb::Target> {
         None => None,
         Some(x) => Some(
             eb::InputTransformer::builder()
-                .set_input_paths_map(x.get("InputPathsMap").and_then(Value::as_object).map(|m| {
-                    m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect()
-                }))
+                .set_input_paths_map(
+                    x.get("InputPathsMap")
+                        .and_then(Value::as_object)
+                        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect()),
+                )
                 .input_template(x.get("InputTemplate").and_then(Value::as_str).context("InputTemplate missing")?)
                 .build()?,
         ),
@@ -649,7 +666,14 @@ async fn archive(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
         Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_already_exists_exception()) => Status::Exists,
         Err(e) => return Err(anyhow!(e).context(format!("CreateArchive {name}"))),
     };
-    let arn = client.describe_archive().archive_name(&name).send().await.context("DescribeArchive")?.archive_arn().map(str::to_owned);
+    let arn = client
+        .describe_archive()
+        .archive_name(&name)
+        .send()
+        .await
+        .context("DescribeArchive")?
+        .archive_arn()
+        .map(str::to_owned);
     Ok(Some((status, resolved(name.clone(), &[("Arn", arn), ("ArchiveName", Some(name))]))))
 }
 
@@ -680,7 +704,8 @@ async fn state_machine(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
     } else if let Some(uri) = ctx.str("DefinitionUri") {
         let path = ctx.template.base_dir().join(&uri);
         let text = std::fs::read_to_string(&path).with_context(|| format!("DefinitionUri {}", path.display()))?;
-        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let yaml: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         yaml_to_json(yaml)?
     } else {
         bail!("state machine {} has no local definition (DefinitionS3Location is not supported)", ctx.id);
@@ -693,23 +718,15 @@ async fn state_machine(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
         .unwrap_or_default();
     substitute(&mut definition, &substitutions);
     let definition = definition.to_string();
-    let role = ctx
-        .str("Role")
-        .or_else(|| ctx.str("RoleArn"))
-        .unwrap_or_else(|| format!("arn:aws:iam::{}:role/{}-{}", ctx.options.account_id, ctx.options.stack_name, ctx.id));
+    let role = ctx.str("Role").or_else(|| ctx.str("RoleArn")).unwrap_or_else(|| {
+        format!("arn:aws:iam::{}:role/{}-{}", ctx.options.account_id, ctx.options.stack_name, ctx.id)
+    });
     let kind = ctx.str("Type").or_else(|| ctx.str("StateMachineType")).unwrap_or_else(|| "STANDARD".into());
-    let created = client
-        .create_state_machine()
-        .name(&name)
-        .definition(&definition)
-        .role_arn(&role)
-        .r#type(aws_sdk_sfn::types::StateMachineType::from(kind.as_str()))
-        .send()
-        .await;
-    let (status, arn) = match created {
-        Ok(out) => (Status::Created, out.state_machine_arn().to_owned()),
-        Err(e) if e.as_service_error().is_some_and(|e| e.is_state_machine_already_exists()) => {
-            let arn = ctx.arn("states", &format!("stateMachine:{name}"));
+    // Create is idempotent for an identical definition, so existence is checked first to report
+    // honestly, and an existing machine gets the template's definition.
+    let arn = ctx.arn("states", &format!("stateMachine:{name}"));
+    let status = match client.describe_state_machine().state_machine_arn(&arn).send().await {
+        Ok(_) => {
             client
                 .update_state_machine()
                 .state_machine_arn(&arn)
@@ -718,9 +735,24 @@ async fn state_machine(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
                 .send()
                 .await
                 .with_context(|| format!("UpdateStateMachine {name}"))?;
-            (Status::Updated, arn)
+            Status::Updated
         }
-        Err(e) => return Err(anyhow!(e).context(format!("CreateStateMachine {name}"))),
+        Err(e) if e.as_service_error().is_some_and(|e| e.is_state_machine_does_not_exist()) => {
+            let created = client
+                .create_state_machine()
+                .name(&name)
+                .definition(&definition)
+                .role_arn(&role)
+                .r#type(aws_sdk_sfn::types::StateMachineType::from(kind.as_str()))
+                .send()
+                .await
+                .with_context(|| format!("CreateStateMachine {name}"))?;
+            if created.state_machine_arn() != arn {
+                bail!("state machine {name} was created as {}, expected {arn}", created.state_machine_arn());
+            }
+            Status::Created
+        }
+        Err(e) => return Err(anyhow!(e).context(format!("DescribeStateMachine {name}"))),
     };
     Ok(Some((status, resolved(arn.clone(), &[("Arn", Some(arn)), ("Name", Some(name))]))))
 }

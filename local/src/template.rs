@@ -223,23 +223,31 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(template: &Template, stack_name: &str, region: &str, account_id: &str, overrides: &HashMap<String, String>) -> Result<Self, TemplateError> {
+    pub fn new(
+        template: &Template,
+        stack_name: &str,
+        region: &str,
+        account_id: &str,
+        overrides: &HashMap<String, String>,
+    ) -> Result<Self, TemplateError> {
         let pseudo = HashMap::from([
             ("AWS::StackName".to_owned(), stack_name.to_owned()),
             ("AWS::Region".to_owned(), region.to_owned()),
             ("AWS::AccountId".to_owned(), account_id.to_owned()),
             ("AWS::Partition".to_owned(), "aws".to_owned()),
             ("AWS::URLSuffix".to_owned(), "amazonaws.com".to_owned()),
-            ("AWS::StackId".to_owned(), format!("arn:aws:cloudformation:{region}:{account_id}:stack/{stack_name}/local")),
+            (
+                "AWS::StackId".to_owned(),
+                format!("arn:aws:cloudformation:{region}:{account_id}:stack/{stack_name}/local"),
+            ),
         ]);
         let mut parameters = HashMap::new();
         for (name, spec) in &template.parameters {
             let value = match overrides.get(name) {
                 Some(v) => Value::String(v.clone()),
-                None => spec
-                    .get("Default")
-                    .cloned()
-                    .ok_or_else(|| TemplateError::Unresolved(format!("parameter {name}: no Default and no override")))?,
+                None => spec.get("Default").cloned().ok_or_else(|| {
+                    TemplateError::Unresolved(format!("parameter {name}: no Default and no override"))
+                })?,
             };
             parameters.insert(name.clone(), value);
         }
@@ -311,7 +319,8 @@ impl Resolver {
 
     fn get_att(&self, arg: &Value) -> Result<Value, TemplateError> {
         let parts = self.resolve(arg)?;
-        let (Some(resource), Some(attribute)) = (parts.get(0).and_then(Value::as_str), parts.get(1).and_then(Value::as_str))
+        let (Some(resource), Some(attribute)) =
+            (parts.get(0).and_then(Value::as_str), parts.get(1).and_then(Value::as_str))
         else {
             return Err(TemplateError::Invalid(format!("Fn::GetAtt {arg}")));
         };
@@ -322,7 +331,10 @@ impl Resolver {
         let (text, vars) = match arg {
             Value::String(s) => (s.as_str(), Map::new()),
             Value::Array(parts) => (
-                parts.first().and_then(Value::as_str).ok_or_else(|| TemplateError::Invalid(format!("Fn::Sub {arg}")))?,
+                parts
+                    .first()
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| TemplateError::Invalid(format!("Fn::Sub {arg}")))?,
                 parts.get(1).and_then(Value::as_object).cloned().unwrap_or_default(),
             ),
             _ => return Err(TemplateError::Invalid(format!("Fn::Sub {arg}"))),
@@ -353,7 +365,8 @@ impl Resolver {
 
     fn join(&self, arg: &Value) -> Result<Value, TemplateError> {
         let parts = self.resolve(arg)?;
-        let (Some(sep), Some(items)) = (parts.get(0).and_then(Value::as_str), parts.get(1).and_then(Value::as_array)) else {
+        let (Some(sep), Some(items)) = (parts.get(0).and_then(Value::as_str), parts.get(1).and_then(Value::as_array))
+        else {
             return Err(TemplateError::Invalid(format!("Fn::Join {arg}")));
         };
         let strings = items.iter().map(|v| self.resolve_string(v)).collect::<Result<Vec<_>, _>>()?;
@@ -373,7 +386,8 @@ impl Resolver {
 
     fn split(&self, arg: &Value) -> Result<Value, TemplateError> {
         let parts = self.resolve(arg)?;
-        let (Some(sep), Some(text)) = (parts.get(0).and_then(Value::as_str), parts.get(1).and_then(Value::as_str)) else {
+        let (Some(sep), Some(text)) = (parts.get(0).and_then(Value::as_str), parts.get(1).and_then(Value::as_str))
+        else {
             return Err(TemplateError::Invalid(format!("Fn::Split {arg}")));
         };
         Ok(Value::Array(text.split(sep).map(|s| Value::String(s.to_owned())).collect()))
@@ -449,18 +463,27 @@ Resources:
 
         r.resources.insert(
             "Work".into(),
-            Resolved { reference: "http://q/work".into(), attributes: BTreeMap::from([("Arn".into(), "arn:q:work".into())]) },
+            Resolved {
+                reference: "http://q/work".into(),
+                attributes: BTreeMap::from([("Arn".into(), "arn:q:work".into())]),
+            },
         );
         let later = r.resolve(&t.resources["Later"].properties).unwrap();
         assert_eq!(later["Name"], json!("dev-b"));
         assert_eq!(later["Literal"], json!("${NotAVar}-arn:q:work"));
-        assert_eq!(r.resolve(&t.globals).unwrap()["Function"]["Environment"]["Variables"]["QUEUE_URL"], json!("http://q/work"));
+        assert_eq!(
+            r.resolve(&t.globals).unwrap()["Function"]["Environment"]["Variables"]["QUEUE_URL"],
+            json!("http://q/work")
+        );
     }
 
     #[test]
     fn unsupported_intrinsics_are_named() {
         let t = Template::parse(Path::new("t.yaml"), "Resources: {}\n").unwrap();
         let err = resolver(&t).resolve(&json!({"Fn::If": ["C", 1, 2]})).unwrap_err();
-        assert!(matches!(err, TemplateError::UnsupportedIntrinsic { ref function, .. } if function == "Fn::If"), "{err}");
+        assert!(
+            matches!(err, TemplateError::UnsupportedIntrinsic { ref function, .. } if function == "Fn::If"),
+            "{err}"
+        );
     }
 }

@@ -131,11 +131,18 @@ pub struct CommandContext {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Executed {
-    Appended { committed: Committed, attempts: u32 },
+    Appended {
+        committed: Committed,
+        attempts: u32,
+    },
     /// The command was executed before under the same idempotency key: its original result.
-    Duplicate { committed: Committed },
+    Duplicate {
+        committed: Committed,
+    },
     /// The command produced no events.
-    Unchanged { version: u64 },
+    Unchanged {
+        version: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,7 +275,8 @@ impl<S: EventStore> Repository<S> {
             }
             return Ok(Executed::Duplicate { committed });
         }
-        let metadata = EventMetadata { correlation_id: ctx.correlation_id.clone(), causation_id: ctx.causation_id.clone() };
+        let metadata =
+            EventMetadata { correlation_id: ctx.correlation_id.clone(), causation_id: ctx.causation_id.clone() };
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -300,7 +308,13 @@ impl<S: EventStore> Repository<S> {
         }
     }
 
-    async fn snapshot_if_due<A: Aggregate>(&self, stream: &StreamId, loaded: Loaded<A>, new: &[A::Event], version: u64) {
+    async fn snapshot_if_due<A: Aggregate>(
+        &self,
+        stream: &StreamId,
+        loaded: Loaded<A>,
+        new: &[A::Event],
+        version: u64,
+    ) {
         let Some(every) = self.snapshot_every else { return };
         if loaded.version / every == version / every {
             return;

@@ -16,11 +16,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            max_attempts: 10,
-            base_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(1_000),
-        }
+        Self { max_attempts: 10, base_delay: Duration::from_millis(10), max_delay: Duration::from_millis(1_000) }
     }
 }
 

@@ -66,9 +66,14 @@ impl LocalAws {
     }
 
     pub fn dynamodb(&self) -> aws_sdk_dynamodb::Client {
+        aws_sdk_dynamodb::Client::from_conf(self.dynamodb_config().build())
+    }
+
+    /// DynamoDB client configuration, for callers that add to it (e.g. an interceptor).
+    pub fn dynamodb_config(&self) -> aws_sdk_dynamodb::config::Builder {
         let mut b = aws_sdk_dynamodb::config::Builder::from(&self.config);
         b.set_endpoint_url(self.endpoint("DYNAMODB"));
-        aws_sdk_dynamodb::Client::from_conf(b.build())
+        b
     }
 
     pub fn sqs(&self) -> aws_sdk_sqs::Client {

@@ -65,7 +65,11 @@ impl Aggregate for Tally {
         Ok(command
             .seqs
             .clone()
-            .map(|seq| TallyEvent::EntryRecorded { writer: command.writer.clone(), seq, note: "n".repeat(command.note_bytes) })
+            .map(|seq| TallyEvent::EntryRecorded {
+                writer: command.writer.clone(),
+                seq,
+                note: "n".repeat(command.note_bytes),
+            })
             .collect())
     }
 }

@@ -18,7 +18,10 @@ struct Account {
 enum AccountEvent {
     AccountOpened,
     /// v1 stored `{"cents": n}`; v2 is `{"amount_cents": n, "currency": "EUR"}`.
-    MoneyDeposited { amount_cents: i64, currency: String },
+    MoneyDeposited {
+        amount_cents: i64,
+        currency: String,
+    },
 }
 
 impl DomainEvent for AccountEvent {

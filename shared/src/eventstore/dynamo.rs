@@ -137,8 +137,10 @@ impl DynamoEventStore {
             Some(key) => {
                 let expires_at = time::OffsetDateTime::now_utc().unix_timestamp()
                     + i64::try_from(self.config.idempotency_ttl.as_secs()).unwrap_or(i64::MAX / 2);
-                let record = CommandRecord { idempotency_key: key.to_owned(), committed: committed.clone(), expires_at };
-                let item: Item = to_item(&record).map_err(|e| AppendError::Encode { index: 0, message: e.to_string() })?;
+                let record =
+                    CommandRecord { idempotency_key: key.to_owned(), committed: committed.clone(), expires_at };
+                let item: Item =
+                    to_item(&record).map_err(|e| AppendError::Encode { index: 0, message: e.to_string() })?;
                 total_bytes += item_size(&item);
                 Some(item)
             }
@@ -183,8 +185,8 @@ impl DynamoEventStore {
             }
         }
         let codes: Vec<String> = reasons.iter().map(code).collect();
-        let contended = codes.is_empty()
-            || codes.iter().any(|c| c == "ConditionalCheckFailed" || c == "TransactionConflict");
+        let contended =
+            codes.is_empty() || codes.iter().any(|c| c == "ConditionalCheckFailed" || c == "TransactionConflict");
         if contended {
             let actual = self.head_version(stream).await?;
             return Err(AppendError::Conflict { stream: stream.to_string(), expected: expected_version, actual });
@@ -302,7 +304,9 @@ impl EventStore for DynamoEventStore {
             .await;
         match result {
             Ok(_) => Ok(AppendOutcome::Appended(committed)),
-            Err(SdkError::ServiceError(e)) if matches!(e.err(), TransactWriteItemsError::TransactionCanceledException(_)) => {
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), TransactWriteItemsError::TransactionCanceledException(_)) =>
+            {
                 let TransactWriteItemsError::TransactionCanceledException(cancelled) = e.err() else {
                     unreachable!("matched above")
                 };

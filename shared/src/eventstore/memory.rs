@@ -69,10 +69,8 @@ impl EventStore for InMemoryEventStore {
             return Ok(AppendOutcome::Duplicate(original.clone()));
         }
         let head = state.streams.get(stream.as_str()).map_or(0, |s| s.len() as u64);
-        let injected = self
-            .injected_conflicts
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
+        let injected =
+            self.injected_conflicts.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         if head != expected_version || injected {
             return Err(AppendError::Conflict { stream: stream.to_string(), expected: expected_version, actual: head });
         }

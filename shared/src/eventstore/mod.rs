@@ -262,10 +262,7 @@ pub trait EventStore: Send + Sync {
         idempotency_key: &str,
     ) -> impl Future<Output = Result<Option<Committed>, StoreError>> + Send;
 
-    fn load_snapshot(
-        &self,
-        stream: &StreamId,
-    ) -> impl Future<Output = Result<Option<Snapshot>, StoreError>> + Send;
+    fn load_snapshot(&self, stream: &StreamId) -> impl Future<Output = Result<Option<Snapshot>, StoreError>> + Send;
 
     /// Stores a snapshot unless a newer one is already stored.
     fn save_snapshot(&self, snapshot: Snapshot) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -44,7 +44,8 @@ mod tests {
         item.insert("n".to_owned(), AttributeValue::N("12345".into()));
         assert_eq!(item_size(&item), 2 + 3 + 1 + 4);
 
-        let nested = AttributeValue::M(HashMap::from([("k".to_owned(), AttributeValue::L(vec![AttributeValue::Bool(true)]))]));
+        let nested =
+            AttributeValue::M(HashMap::from([("k".to_owned(), AttributeValue::L(vec![AttributeValue::Bool(true)]))]));
         // map: 3 + (1 + 1 + list(3 + 1 + 1))
         assert_eq!(value_size(&nested), 3 + 1 + 1 + 5);
         assert_eq!(value_size(&AttributeValue::S("é".into())), 2, "UTF-8 bytes, not chars");
