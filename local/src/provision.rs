@@ -40,7 +40,7 @@ pub struct Options {
     pub parameter_overrides: HashMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "status", content = "detail", rename_all = "snake_case")]
 pub enum Status {
     Created,
@@ -53,7 +53,7 @@ pub enum Status {
     Failed(String),
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub logical_id: String,
     pub kind: String,
@@ -64,7 +64,7 @@ pub struct Outcome {
     pub ignored: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Stack {
     pub stack_name: String,
     pub outcomes: Vec<Outcome>,
@@ -73,6 +73,8 @@ pub struct Stack {
     pub environment: BTreeMap<String, String>,
     /// Each function's own environment (globals merged), resolved, by logical id.
     pub functions: BTreeMap<String, BTreeMap<String, String>>,
+    /// Each function's properties, resolved (its `Events` drive the local runner).
+    pub function_properties: BTreeMap<String, Value>,
     pub outputs: BTreeMap<String, String>,
     /// Environment variables and outputs that could not be resolved (a resource failed).
     pub unresolved: Vec<String>,
@@ -104,7 +106,6 @@ const NO_LOCAL_EFFECT: &[&str] = &[
     "Logging",
     "Tracing",
     "Policies",
-    "Events",
     "KmsKeyIdentifier",
 ];
 
@@ -117,6 +118,7 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
         &options.parameter_overrides,
     )?;
     let mut outcomes = Vec::new();
+    let mut function_properties = BTreeMap::new();
     for resource in template.creation_order()? {
         let id = &resource.logical_id;
         let ignored: Vec<String> = resource
@@ -127,6 +129,9 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
         let result = match resolver.resolve(&resource.properties) {
             Err(e) => Err(anyhow!(e)),
             Ok(props) => {
+                if resource.kind == "AWS::Serverless::Function" {
+                    function_properties.insert(id.clone(), props.clone());
+                }
                 let ctx = Ctx { id, props: &props, options, clients, template };
                 create(&resource.kind, ctx).await
             }
@@ -180,6 +185,7 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
         resources: resolver.resources,
         environment,
         functions,
+        function_properties,
         outputs,
         unresolved,
     })
@@ -248,6 +254,16 @@ async fn create(kind: &str, ctx: Ctx<'_>) -> anyhow::Result<Created> {
         | "AWS::Events::EventBusPolicy" => {
             let name = ctx.generated_name(255);
             Ok(stand_in("permissions are not enforced locally", name.clone(), name))
+        }
+        "AWS::Logs::LogGroup" => {
+            let name = ctx.name("LogGroupName", 512);
+            let arn = ctx.arn("logs", &format!("log-group:{name}"));
+            Ok(stand_in("local processes log to their own output", name, arn))
+        }
+        "AWS::Serverless::HttpApi" | "AWS::Serverless::Api" => {
+            let name = ctx.generated_name(128);
+            let arn = ctx.arn("apigateway", &format!("/apis/{name}"));
+            Ok(stand_in("the local runner calls the function in process", name, arn))
         }
         "AWS::Lambda::EventSourceMapping" => {
             let name = ctx.generated_name(255);

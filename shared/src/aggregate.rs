@@ -259,6 +259,17 @@ impl<S: EventStore> Repository<S> {
         command: &A::Command,
         ctx: &CommandContext,
     ) -> Result<Executed, ExecuteError<A::Error>> {
+        self.execute_with_state::<A>(id, command, ctx).await.map(|(executed, _)| executed)
+    }
+
+    /// As [`Self::execute`], also returning the state after the command (or as it stands, for a
+    /// duplicate or a command that changed nothing): what callers derive outcomes from.
+    pub async fn execute_with_state<A: Aggregate>(
+        &self,
+        id: &str,
+        command: &A::Command,
+        ctx: &CommandContext,
+    ) -> Result<(Executed, A), ExecuteError<A::Error>> {
         let stream = StreamId::new(A::CATEGORY, id).map_err(LoadError::from)?;
         let key = ctx.idempotency_key.as_deref();
         // Checked before deciding: after the first execution the state has moved on, and
@@ -273,7 +284,8 @@ impl<S: EventStore> Repository<S> {
                     original_stream: committed.stream_id,
                 }));
             }
-            return Ok(Executed::Duplicate { committed });
+            let state = self.load::<A>(id).await?.state;
+            return Ok((Executed::Duplicate { committed }, state));
         }
         let metadata =
             EventMetadata { correlation_id: ctx.correlation_id.clone(), causation_id: ctx.causation_id.clone() };
@@ -283,7 +295,7 @@ impl<S: EventStore> Repository<S> {
             let loaded = self.load::<A>(id).await?;
             let events = loaded.state.decide(command).map_err(ExecuteError::Rejected)?;
             if events.is_empty() {
-                return Ok(Executed::Unchanged { version: loaded.version });
+                return Ok((Executed::Unchanged { version: loaded.version }, loaded.state));
             }
             let new_events = events
                 .iter()
@@ -291,10 +303,18 @@ impl<S: EventStore> Repository<S> {
                 .collect::<Result<Vec<_>, _>>()?;
             match self.store.append(&stream, loaded.version, new_events, key).await {
                 Ok(AppendOutcome::Appended(committed)) => {
-                    self.snapshot_if_due(&stream, loaded, &events, committed.last_version).await;
-                    return Ok(Executed::Appended { committed, attempts });
+                    let from_version = loaded.version;
+                    let mut state = loaded.state;
+                    for event in &events {
+                        state.apply(event);
+                    }
+                    self.snapshot_if_due(&stream, from_version, &state, committed.last_version).await;
+                    return Ok((Executed::Appended { committed, attempts }, state));
                 }
-                Ok(AppendOutcome::Duplicate(committed)) => return Ok(Executed::Duplicate { committed }),
+                Ok(AppendOutcome::Duplicate(committed)) => {
+                    let state = self.load::<A>(id).await?.state;
+                    return Ok((Executed::Duplicate { committed }, state));
+                }
                 Err(AppendError::Conflict { expected, actual, .. }) => {
                     if !self.retry.allows_another(attempts) {
                         return Err(ExecuteError::ConflictRetriesExhausted { attempts });
@@ -308,22 +328,12 @@ impl<S: EventStore> Repository<S> {
         }
     }
 
-    async fn snapshot_if_due<A: Aggregate>(
-        &self,
-        stream: &StreamId,
-        loaded: Loaded<A>,
-        new: &[A::Event],
-        version: u64,
-    ) {
+    async fn snapshot_if_due<A: Aggregate>(&self, stream: &StreamId, from_version: u64, state: &A, version: u64) {
         let Some(every) = self.snapshot_every else { return };
-        if loaded.version / every == version / every {
+        if from_version / every == version / every {
             return;
         }
-        let mut state = loaded.state;
-        for event in new {
-            state.apply(event);
-        }
-        let state = match serde_json::to_value(&state) {
+        let state = match serde_json::to_value(state) {
             Ok(state) => state,
             Err(e) => {
                 tracing::warn!(stream = %stream, error = %e, "state does not serialize; no snapshot");

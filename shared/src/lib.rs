@@ -2,10 +2,16 @@
 //!
 //! - [`eventstore`]: the immutable, per-stream event log on DynamoDB (the port and its adapter).
 //! - [`aggregate`]: typed events, aggregates, snapshots and command execution over the store.
+//! - [`domain`]: the order domain (Order, Inventory, Payment, Shipment) and external services.
+//! - [`saga`]: the order saga's step contract, step logic and the step Lambdas' AWS edge.
+//! - [`telemetry`]: structured JSON logs.
 //! - [`retry`]: bounded exponential backoff with full jitter.
 //! - [`config`]: configuration from the environment.
 
 pub mod aggregate;
 pub mod config;
+pub mod domain;
 pub mod eventstore;
 pub mod retry;
+pub mod saga;
+pub mod telemetry;

@@ -29,7 +29,7 @@ use super::{
     AppendError, AppendOutcome, Committed, EventStore, MAX_ITEM_BYTES, MAX_TRANSACT_ACTIONS, MAX_TRANSACTION_BYTES,
     NewEvent, RecordedEvent, Snapshot, StoreError, StreamId, now_rfc3339, validate_idempotency_key,
 };
-use crate::config::{ConfigError, optional_env, required_env};
+use crate::config::{ConfigError, Vars, process_env, required};
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -47,9 +47,13 @@ impl EventStoreConfig {
     pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(15 * 24 * 3600);
 
     /// Reads `EVENTS_TABLE`, `COMMANDS_TABLE`, `SNAPSHOTS_TABLE` and the optional
-    /// `IDEMPOTENCY_TTL_SECONDS`.
+    /// `IDEMPOTENCY_TTL_SECONDS` from the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let idempotency_ttl = match optional_env("IDEMPOTENCY_TTL_SECONDS") {
+        Self::from_vars(&process_env)
+    }
+
+    pub fn from_vars(vars: Vars<'_>) -> Result<Self, ConfigError> {
+        let idempotency_ttl = match vars("IDEMPOTENCY_TTL_SECONDS") {
             None => Self::DEFAULT_IDEMPOTENCY_TTL,
             Some(v) => Duration::from_secs(v.parse().map_err(|_| ConfigError::Invalid {
                 name: "IDEMPOTENCY_TTL_SECONDS",
@@ -57,9 +61,9 @@ impl EventStoreConfig {
             })?),
         };
         Ok(Self {
-            events_table: required_env("EVENTS_TABLE")?,
-            commands_table: required_env("COMMANDS_TABLE")?,
-            snapshots_table: required_env("SNAPSHOTS_TABLE")?,
+            events_table: required(vars, "EVENTS_TABLE")?,
+            commands_table: required(vars, "COMMANDS_TABLE")?,
+            snapshots_table: required(vars, "SNAPSHOTS_TABLE")?,
             idempotency_ttl,
         })
     }

@@ -1,0 +1,18 @@
+//! Charge payment: records the request, asks the gateway once per order (idempotency key) and
+//! answers with the payment id or `PaymentDeclined`.
+//!
+//! Triggered by its SQS queue (the state machine sends the command with a task token); answers
+//! Step Functions per message and reports per-message failures for redelivery.
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::domain::services::PaymentGateway;
+use shared::saga::runtime::StepLambda;
+use shared::saga::{Step, steps};
+
+pub async fn handle<X: PaymentGateway>(lambda: &StepLambda<X>, event: SqsEvent) -> SqsBatchResponse {
+    lambda
+        .handle(event, &[Step::ChargePayment], |msg| async move {
+            steps::charge_payment(&lambda.repo, &lambda.services, &msg).await
+        })
+        .await
+}

@@ -1,0 +1,18 @@
+//! Create shipment: books with the carrier once per order and answers with the shipment id or
+//! `ShipmentRejected`.
+//!
+//! Triggered by its SQS queue (the state machine sends the command with a task token); answers
+//! Step Functions per message and reports per-message failures for redelivery.
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::domain::services::Carrier;
+use shared::saga::runtime::StepLambda;
+use shared::saga::{Step, steps};
+
+pub async fn handle<X: Carrier>(lambda: &StepLambda<X>, event: SqsEvent) -> SqsBatchResponse {
+    lambda
+        .handle(event, &[Step::CreateShipment], |msg| async move {
+            steps::create_shipment(&lambda.repo, &lambda.services, &msg).await
+        })
+        .await
+}

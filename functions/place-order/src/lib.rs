@@ -1,0 +1,163 @@
+//! Place order: validates an order and appends `OrderPlaced`, idempotently (the client's
+//! `Idempotency-Key`, else the order id). It does not start the saga: the saga starter reads
+//! the committed event from the store's stream, so there is no dual write.
+//!
+//! One handler serves both ways in: an HTTP API event (payload 2.0, `POST /orders`) and a direct
+//! invocation whose payload is the order (optionally `{"order": …, "idempotencyKey": …}`).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shared::aggregate::{CommandContext, ExecuteError, Executed, Repository};
+use shared::domain::FieldError;
+use shared::domain::order::{Order, OrderCommand, OrderError, OrderRequest};
+use shared::eventstore::{AppendError, EventStore};
+
+/// The answer, the same for HTTP and direct invocations (HTTP adds the status code).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Placed {
+    pub order_id: String,
+    pub status: &'static str,
+    pub version: u64,
+    /// The request repeated an earlier one (same idempotency key): nothing new was written.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    #[error("the body is not an order: {0}")]
+    Malformed(String),
+    #[error("the order is invalid")]
+    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the store is unavailable; retry")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl PlaceError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Malformed(_) | Self::Invalid(_) => 400,
+            Self::Conflict(_) => 409,
+            Self::Unavailable(_) => 503,
+            Self::Internal(_) => 500,
+        }
+    }
+
+    /// The JSON body: field errors for invalid input; no internal detail ever.
+    pub fn body(&self) -> Value {
+        match self {
+            Self::Invalid(errors) => json!({
+                "error": "validation failed",
+                "details": errors.iter().map(|e| json!({ "field": e.field, "message": e.message })).collect::<Vec<_>>(),
+            }),
+            Self::Internal(_) => json!({ "error": "internal error" }),
+            other => json!({ "error": other.to_string() }),
+        }
+    }
+}
+
+/// Validates and records the order.
+pub async fn place<S: EventStore>(
+    repo: &Repository<S>,
+    request: &OrderRequest,
+    idempotency_key: Option<&str>,
+) -> Result<Placed, PlaceError> {
+    let order = request.validate().map_err(PlaceError::Invalid)?;
+    let order_id = order.order_id.to_string();
+    let key = format!("PlaceOrder:{}", idempotency_key.unwrap_or(&order_id));
+    let ctx = CommandContext {
+        idempotency_key: Some(key),
+        correlation_id: Some(order_id.clone()),
+        causation_id: Some("PlaceOrder".into()),
+    };
+    match repo.execute::<Order>(&order_id, &OrderCommand::Place(order), &ctx).await {
+        Ok(Executed::Appended { committed, .. }) => {
+            tracing::info!(order_id = %order_id, "order placed");
+            Ok(Placed { order_id, status: "Placed", version: committed.last_version, duplicate: false })
+        }
+        Ok(Executed::Duplicate { committed }) => {
+            Ok(Placed { order_id, status: "Placed", version: committed.last_version, duplicate: true })
+        }
+        // The same order placed again under another key: already there, nothing to do.
+        Ok(Executed::Unchanged { version }) => Ok(Placed { order_id, status: "Placed", version, duplicate: true }),
+        Err(ExecuteError::Rejected(e @ OrderError::AlreadyPlacedDifferently(_))) => {
+            Err(PlaceError::Conflict(e.to_string()))
+        }
+        Err(ExecuteError::Append(AppendError::IdempotencyKeyReused { key, .. })) => {
+            Err(PlaceError::Conflict(format!("idempotency key {key:?} was used for another order")))
+        }
+        Err(e) if e.is_retryable() => Err(PlaceError::Unavailable(e.to_string())),
+        Err(e) => Err(PlaceError::Internal(e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Direct {
+    order: OrderRequest,
+    idempotency_key: Option<String>,
+}
+
+fn header<'a>(event: &'a Value, name: &str) -> Option<&'a str> {
+    event["headers"].as_object()?.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).and_then(|(_, v)| v.as_str())
+}
+
+fn http_response(status: u16, body: &Value, extra: &[(&str, String)]) -> Value {
+    let mut headers = json!({ "content-type": "application/json" });
+    for (k, v) in extra {
+        headers[*k] = json!(v);
+    }
+    json!({ "statusCode": status, "headers": headers, "body": body.to_string(), "isBase64Encoded": false })
+}
+
+/// Entry point for any invocation: an HTTP API event gets an HTTP response, a direct
+/// invocation gets the JSON answer (or `{"error": …}`).
+pub async fn handle<S: EventStore>(repo: &Repository<S>, event: Value) -> Value {
+    let is_http = event.get("requestContext").is_some();
+    if !is_http {
+        let parsed = serde_json::from_value::<Direct>(event.clone())
+            .map(|d| (d.order, d.idempotency_key))
+            .or_else(|_| serde_json::from_value::<OrderRequest>(event).map(|o| (o, None)));
+        return match parsed {
+            Err(e) => PlaceError::Malformed(e.to_string()).body(),
+            Ok((order, key)) => match place(repo, &order, key.as_deref()).await {
+                Ok(placed) => json!(placed),
+                Err(e) => error_body(&e),
+            },
+        };
+    }
+    let method = event.pointer("/requestContext/http/method").and_then(Value::as_str).unwrap_or_default();
+    if method != "POST" {
+        return http_response(405, &json!({ "error": "use POST /orders" }), &[("allow", "POST".into())]);
+    }
+    let body = match event["body"].as_str() {
+        Some(b) if event["isBase64Encoded"].as_bool() == Some(true) => {
+            return http_response(415, &json!({ "error": format!("send JSON, not base64 ({} bytes)", b.len()) }), &[]);
+        }
+        Some(b) => b,
+        None => return http_response(400, &json!({ "error": "the body is empty" }), &[]),
+    };
+    let order = match serde_json::from_str::<OrderRequest>(body) {
+        Ok(order) => order,
+        Err(e) => return http_response(400, &PlaceError::Malformed(e.to_string()).body(), &[]),
+    };
+    match place(repo, &order, header(&event, "idempotency-key")).await {
+        Ok(placed) => {
+            let status = if placed.duplicate { 200 } else { 201 };
+            let location = format!("/orders/{}", placed.order_id);
+            http_response(status, &json!(placed), &[("location", location)])
+        }
+        Err(e) => http_response(e.status(), &error_body(&e), &[]),
+    }
+}
+
+fn error_body(e: &PlaceError) -> Value {
+    if let PlaceError::Internal(detail) | PlaceError::Unavailable(detail) = e {
+        tracing::error!(%detail, "place order failed");
+    }
+    e.body()
+}

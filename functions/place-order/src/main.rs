@@ -1,0 +1,16 @@
+use lambda_runtime::{Error, LambdaEvent, run, service_fn};
+use serde_json::Value;
+use shared::aggregate::Repository;
+use shared::eventstore::{DynamoEventStore, EventStoreConfig};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    shared::telemetry::init();
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let repo =
+        Repository::new(DynamoEventStore::new(aws_sdk_dynamodb::Client::new(&sdk), EventStoreConfig::from_env()?));
+    run(service_fn(|event: LambdaEvent<Value>| async {
+        Ok::<_, Error>(place_order::handle(&repo, event.payload).await)
+    }))
+    .await
+}

@@ -1,0 +1,15 @@
+use aws_lambda_events::event::dynamodb::Event;
+use lambda_runtime::{Error, LambdaEvent, run, service_fn};
+use shared::config::process_env;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    shared::telemetry::init();
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let starter =
+        saga_starter::Starter::new(aws_sdk_sfn::Client::new(&sdk), aws_sdk_sqs::Client::new(&sdk), &process_env)?;
+    run(service_fn(|event: LambdaEvent<Event>| async {
+        Ok::<_, Error>(saga_starter::handle(&starter, event.payload).await)
+    }))
+    .await
+}

@@ -1,0 +1,18 @@
+//! Send notification: tells the customer the order is confirmed, once; an unreachable customer
+//! answers `NotificationUndeliverable`.
+//!
+//! Triggered by its SQS queue (the state machine sends the command with a task token); answers
+//! Step Functions per message and reports per-message failures for redelivery.
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::domain::services::Notifier;
+use shared::saga::runtime::StepLambda;
+use shared::saga::{Step, steps};
+
+pub async fn handle<X: Notifier>(lambda: &StepLambda<X>, event: SqsEvent) -> SqsBatchResponse {
+    lambda
+        .handle(event, &[Step::SendNotification], |msg| async move {
+            steps::send_notification(&lambda.repo, &lambda.services, &msg).await
+        })
+        .await
+}

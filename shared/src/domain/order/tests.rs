@@ -1,0 +1,102 @@
+use super::*;
+
+pub(crate) fn request() -> OrderRequest {
+    OrderRequest {
+        order_id: "ord-1".into(),
+        customer_id: "cust-1".into(),
+        currency: "EUR".into(),
+        lines: vec![
+            LineRequest { sku: "SKU-RED".into(), quantity: 2, unit_price_minor: 1_250 },
+            LineRequest { sku: "SKU-BLUE".into(), quantity: 1, unit_price_minor: 999 },
+        ],
+        payment_token: "tok_visa".into(),
+        shipping_address: Address {
+            name: "Ada".into(),
+            line1: "1 Main St".into(),
+            city: "Berlin".into(),
+            postal_code: "10115".into(),
+            country: "DE".into(),
+        },
+    }
+}
+
+#[test]
+fn a_valid_request_becomes_an_order_with_an_integer_total() {
+    let order = request().validate().expect("valid");
+    assert_eq!(order.total, Money::new(2 * 1_250 + 999, Currency::EUR));
+    assert_eq!(order.lines.len(), 2);
+}
+
+#[test]
+fn every_problem_is_reported_with_its_field() {
+    let mut bad = request();
+    bad.order_id = "has space".into();
+    bad.currency = "XYZ".into();
+    bad.lines[0].quantity = 0;
+    bad.lines[1].unit_price_minor = -5;
+    bad.lines.push(LineRequest { sku: "SKU-RED".into(), quantity: 1, unit_price_minor: 1 });
+    bad.shipping_address.country = "germany".into();
+    let errors = bad.validate().expect_err("invalid");
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    for expected in [
+        "orderId",
+        "currency",
+        "lines[0].quantity",
+        "lines[1].unitPriceMinor",
+        "lines[2].sku",
+        "shippingAddress.country",
+    ] {
+        assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
+    }
+}
+
+#[test]
+fn line_count_and_quantity_are_bounded() {
+    let mut empty = request();
+    empty.lines.clear();
+    assert!(empty.validate().is_err());
+    let mut huge = request();
+    huge.lines[0].quantity = i64::from(MAX_QUANTITY) + 1;
+    assert!(huge.validate().is_err());
+    let mut many = request();
+    many.lines =
+        (0..=MAX_LINES).map(|i| LineRequest { sku: format!("SKU-{i}"), quantity: 1, unit_price_minor: 1 }).collect();
+    assert!(many.validate().is_err());
+}
+
+#[test]
+fn unknown_fields_are_refused_not_ignored() {
+    let mut json = serde_json::to_value(request()).unwrap();
+    json["priceOverride"] = serde_json::json!(0);
+    assert!(serde_json::from_value::<OrderRequest>(json).is_err());
+}
+
+fn placed() -> Order {
+    let mut order = Order::default();
+    order.apply(&OrderEvent::OrderPlaced(request().validate().unwrap()));
+    order
+}
+
+#[test]
+fn placing_twice_is_a_retry_and_placing_differently_is_an_error() {
+    let p = request().validate().unwrap();
+    let order = placed();
+    assert_eq!(order.decide(&OrderCommand::Place(p.clone())), Ok(vec![]));
+    let mut other = p;
+    other.payment_token = "tok_other".into();
+    assert!(matches!(order.decide(&OrderCommand::Place(other)), Err(OrderError::AlreadyPlacedDifferently(_))));
+}
+
+#[test]
+fn an_order_ends_once() {
+    let mut order = placed();
+    let cancel = OrderCommand::Cancel { reason: "no stock".into(), failed_step: "ReserveInventory".into() };
+    let events = order.decide(&cancel).unwrap();
+    order.apply(&events[0]);
+    assert_eq!(order.status, OrderStatus::Cancelled);
+    assert_eq!(order.decide(&cancel), Ok(vec![]), "cancelling again changes nothing");
+    let complete = OrderCommand::Complete { payment_id: "p".into(), shipment_id: "s".into() };
+    assert!(matches!(order.decide(&complete), Err(OrderError::InvalidTransition { .. })));
+    let flag = OrderCommand::FlagForManualAction { failed_step: "RefundPayment".into(), error: "x".into() };
+    assert_eq!(order.decide(&flag).unwrap().len(), 1, "a cancelled order can still need manual action");
+}

@@ -1,0 +1,105 @@
+//! The order saga: the contract between the state machine and the step handlers, and each
+//! step's logic. Steps are idempotent by state: every outcome is read from the aggregates, so a
+//! redelivered command returns the original outcome and never repeats an effect.
+
+pub mod runtime;
+pub mod steps;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::aggregate::ExecuteError;
+use crate::domain::order::PlaceOrder;
+
+/// Error names the state machine branches on (`Catch` / `Retry`).
+pub mod errors {
+    pub const INVENTORY_UNAVAILABLE: &str = "InventoryUnavailable";
+    pub const PAYMENT_DECLINED: &str = "PaymentDeclined";
+    pub const SHIPMENT_REJECTED: &str = "ShipmentRejected";
+    pub const NOTIFICATION_UNDELIVERABLE: &str = "NotificationUndeliverable";
+    /// A transient failure of an external service: retried with backoff by the state machine.
+    pub const SERVICE_UNAVAILABLE: &str = "ServiceUnavailable";
+    /// The command could not be read; it went to the step's DLQ.
+    pub const MALFORMED_COMMAND: &str = "MalformedCommand";
+    /// A permanent failure that is not a business answer (a broken invariant).
+    pub const STEP_FAILED: &str = "StepFailed";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Step {
+    ReserveInventory,
+    ChargePayment,
+    CreateShipment,
+    SendNotification,
+    ReleaseInventory,
+    RefundPayment,
+    CancelShipment,
+    CompleteOrder,
+    CancelOrder,
+    FlagForManualAction,
+}
+
+/// What the state machine's Catch put at `$.failure`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    #[serde(rename = "Error")]
+    pub error: String,
+    #[serde(rename = "Cause", default)]
+    pub cause: String,
+}
+
+/// The command message a state machine task sends to a step queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepMessage {
+    pub task_token: String,
+    pub step: Step,
+    pub order: PlaceOrder,
+    /// On the way to cancellation or manual action: the step that failed and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+}
+
+/// A business answer the state machine branches on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepFailure {
+    pub error: &'static str,
+    pub cause: String,
+}
+
+impl StepFailure {
+    pub fn new(error: &'static str, cause: impl Into<String>) -> Self {
+        Self { error, cause: cause.into() }
+    }
+}
+
+/// Success carries the task output; failure a named business error.
+pub type StepOutcome = Result<Value, StepFailure>;
+
+/// Failures of the machinery rather than answers of the business.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// Redelivering the message may succeed (a store outage, contention).
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// It will not: reported to the state machine as `StepFailed`.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl<E: std::error::Error + 'static> From<ExecuteError<E>> for StepError {
+    fn from(e: ExecuteError<E>) -> Self {
+        if e.is_retryable() { StepError::Retryable(e.to_string()) } else { StepError::Permanent(e.to_string()) }
+    }
+}
+
+impl From<crate::aggregate::LoadError> for StepError {
+    fn from(e: crate::aggregate::LoadError) -> Self {
+        match &e {
+            crate::aggregate::LoadError::Store(s) if s.is_retryable() => StepError::Retryable(e.to_string()),
+            _ => StepError::Permanent(e.to_string()),
+        }
+    }
+}

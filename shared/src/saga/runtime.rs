@@ -1,0 +1,263 @@
+//! The AWS edge of a step Lambda: an SQS batch in, a `SendTaskSuccess`/`SendTaskFailure` per
+//! command, per-message failures out (`ReportBatchItemFailures`). A command that cannot be read
+//! goes to the step's DLQ at once with the reason: no poison-message loop, nothing dropped.
+
+use std::future::Future;
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use aws_sdk_sqs::types::MessageAttributeValue;
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::errors::{MALFORMED_COMMAND, STEP_FAILED};
+use super::{Step, StepError, StepMessage, StepOutcome};
+
+/// How a callback to the state machine went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Delivered,
+    /// The task already ended (answered before, timed out, execution over): nothing to do.
+    AlreadyClosed,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("callback to Step Functions failed: {0}")]
+pub struct CallbackError(pub String);
+
+/// Answers a task token. Implemented for the Step Functions client; a seam for tests.
+pub trait TaskCallback: Send + Sync {
+    fn succeed(&self, token: &str, output: &Value) -> impl Future<Output = Result<Delivery, CallbackError>> + Send;
+    fn fail(
+        &self,
+        token: &str,
+        error: &str,
+        cause: &str,
+    ) -> impl Future<Output = Result<Delivery, CallbackError>> + Send;
+}
+
+fn closed_or<E: aws_sdk_sfn::error::ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    result: Result<(), aws_sdk_sfn::error::SdkError<E, R>>,
+) -> Result<Delivery, CallbackError> {
+    match result {
+        Ok(()) => Ok(Delivery::Delivered),
+        Err(e) => match e.as_service_error().and_then(|s| s.code()) {
+            // AWS answers TaskTimedOut or TaskDoesNotExist, LocalStack InvalidToken, for a task
+            // that has ended: a redelivered command finds it so, and that is fine.
+            Some("TaskTimedOut" | "TaskDoesNotExist" | "InvalidToken") => Ok(Delivery::AlreadyClosed),
+            _ => Err(CallbackError(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string())),
+        },
+    }
+}
+
+impl TaskCallback for aws_sdk_sfn::Client {
+    async fn succeed(&self, token: &str, output: &Value) -> Result<Delivery, CallbackError> {
+        closed_or(self.send_task_success().task_token(token).output(output.to_string()).send().await.map(|_| ()))
+    }
+
+    async fn fail(&self, token: &str, error: &str, cause: &str) -> Result<Delivery, CallbackError> {
+        // Step Functions limits the cause to 32,768 characters.
+        let cause: String = cause.chars().take(32_000).collect();
+        closed_or(self.send_task_failure().task_token(token).error(error).cause(cause).send().await.map(|_| ()))
+    }
+}
+
+/// Where unreadable messages go, with the reason and where they came from.
+pub trait DeadLetters: Send + Sync {
+    fn dead_letter(
+        &self,
+        body: &str,
+        reason: &str,
+        source: &Source<'_>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Where a dead-lettered message came from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Source<'a> {
+    /// The queue or stream ARN.
+    pub arn: Option<&'a str>,
+    /// The SQS message id or the stream record's sequence number.
+    pub id: Option<&'a str>,
+}
+
+/// A function's DLQ (`DEAD_LETTER_QUEUE_URL`): for a step, the same queue its redrive policy
+/// uses, so everything that needs a look is in one place.
+#[derive(Clone)]
+pub struct SqsDeadLetters {
+    pub client: aws_sdk_sqs::Client,
+    pub queue_url: String,
+}
+
+impl DeadLetters for SqsDeadLetters {
+    async fn dead_letter(&self, body: &str, reason: &str, source: &Source<'_>) -> Result<(), String> {
+        let attribute = |v: &str| {
+            MessageAttributeValue::builder().data_type("String").string_value(v).build().map_err(|e| e.to_string())
+        };
+        let reason: String = reason.chars().take(1_000).collect();
+        let mut send = self
+            .client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(body)
+            .message_attributes("reason", attribute(&reason)?);
+        if let Some(arn) = source.arn {
+            send = send.message_attributes("sourceArn", attribute(arn)?);
+        }
+        if let Some(id) = source.id {
+            send = send.message_attributes("sourceId", attribute(id)?);
+        }
+        send.send().await.map(|_| ()).map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(&e).to_string())
+    }
+}
+
+/// Processes one SQS batch of step commands: each message is answered to the state machine
+/// and deleted, or reported as a batch item failure to be redelivered (and, after
+/// `maxReceiveCount`, moved to the DLQ by the redrive policy).
+pub async fn process_batch<C, D, F, Fut>(
+    event: SqsEvent,
+    accepts: &[Step],
+    callback: &C,
+    dead_letters: &D,
+    step: F,
+) -> SqsBatchResponse
+where
+    C: TaskCallback,
+    D: DeadLetters,
+    F: Fn(StepMessage) -> Fut,
+    Fut: Future<Output = Result<StepOutcome, StepError>>,
+{
+    let mut failures = Vec::new();
+    // One at a time: the batch often touches the same aggregates (a hot SKU), and Lambda
+    // concurrency, not intra-batch concurrency, is what scales a step.
+    for message in event.records {
+        let id = message.message_id.clone().unwrap_or_default();
+        if let Err(reason) = process_one(&message, accepts, callback, dead_letters, &step).await {
+            tracing::warn!(message_id = %id, %reason, "step command left for redelivery");
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = id;
+            failures.push(failure);
+        }
+    }
+    let mut response = SqsBatchResponse::default();
+    response.batch_item_failures = failures;
+    response
+}
+
+async fn process_one<C, D, F, Fut>(
+    message: &SqsMessage,
+    accepts: &[Step],
+    callback: &C,
+    dead_letters: &D,
+    step: &F,
+) -> Result<(), String>
+where
+    C: TaskCallback,
+    D: DeadLetters,
+    F: Fn(StepMessage) -> Fut,
+    Fut: Future<Output = Result<StepOutcome, StepError>>,
+{
+    let body = message.body.as_deref().unwrap_or_default();
+    let command =
+        serde_json::from_str::<StepMessage>(body).map_err(|e| format!("malformed step command: {e}")).and_then(|c| {
+            if accepts.contains(&c.step) {
+                Ok(c)
+            } else {
+                Err(format!("step {:?} does not belong on this queue", c.step))
+            }
+        });
+    let command = match command {
+        Ok(command) => command,
+        Err(reason) => {
+            tracing::error!(message_id = ?message.message_id, %reason, "dead-lettering a step command");
+            // If the token can be read, the saga learns at once instead of waiting for a timeout.
+            if let Some(token) =
+                serde_json::from_str::<Value>(body).ok().and_then(|v| v["taskToken"].as_str().map(str::to_owned))
+            {
+                callback.fail(&token, MALFORMED_COMMAND, &reason).await.map_err(|e| e.to_string())?;
+            }
+            let source = Source { arn: message.event_source_arn.as_deref(), id: message.message_id.as_deref() };
+            return dead_letters.dead_letter(body, &reason, &source).await;
+        }
+    };
+    let span = tracing::info_span!("step", step = ?command.step, order_id = %command.order.order_id);
+    let token = command.task_token.clone();
+    let delivery = async {
+        match step(command).await {
+            Ok(Ok(output)) => Ok(callback.succeed(&token, &output).await),
+            Ok(Err(failure)) => {
+                tracing::info!(error = failure.error, cause = %failure.cause, "step failed with a business error");
+                Ok(callback.fail(&token, failure.error, &failure.cause).await)
+            }
+            Err(StepError::Permanent(reason)) => {
+                tracing::error!(%reason, "step failed permanently");
+                Ok(callback.fail(&token, STEP_FAILED, &reason).await)
+            }
+            Err(StepError::Retryable(reason)) => Err(reason),
+        }
+    }
+    .instrument(span)
+    .await?;
+    match delivery.map_err(|e| e.to_string())? {
+        Delivery::Delivered => Ok(()),
+        Delivery::AlreadyClosed => {
+            tracing::info!("task already closed: a redelivered command, answered again");
+            Ok(())
+        }
+    }
+}
+
+/// What a step Lambda builds once and keeps between invocations.
+pub struct StepLambda<X> {
+    pub repo: crate::aggregate::Repository<crate::eventstore::DynamoEventStore>,
+    pub callback: aws_sdk_sfn::Client,
+    pub dead_letters: SqsDeadLetters,
+    /// The external services the step calls (gateway, carrier, notifier) or `()`.
+    pub services: X,
+}
+
+/// Steps often contend on one aggregate (a popular SKU): more, shorter retries than the default.
+pub const STEP_RETRY: crate::retry::RetryPolicy = crate::retry::RetryPolicy {
+    max_attempts: 30,
+    base_delay: std::time::Duration::from_millis(5),
+    max_delay: std::time::Duration::from_millis(500),
+};
+
+impl<X> StepLambda<X> {
+    /// From clients and environment variables: `EVENTS_TABLE`, `COMMANDS_TABLE`,
+    /// `SNAPSHOTS_TABLE`, `DEAD_LETTER_QUEUE_URL`.
+    pub fn new(
+        dynamodb: aws_sdk_dynamodb::Client,
+        sfn: aws_sdk_sfn::Client,
+        sqs: aws_sdk_sqs::Client,
+        vars: crate::config::Vars<'_>,
+        services: X,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let store =
+            crate::eventstore::DynamoEventStore::new(dynamodb, crate::eventstore::EventStoreConfig::from_vars(vars)?);
+        let repo = crate::aggregate::Repository::new(store).with_retry(STEP_RETRY).with_snapshots_every(100);
+        let dead_letters =
+            SqsDeadLetters { client: sqs, queue_url: crate::config::required(vars, "DEAD_LETTER_QUEUE_URL")? };
+        Ok(Self { repo, callback: sfn, dead_letters, services })
+    }
+
+    /// In Lambda: clients from the default AWS configuration, variables from the process.
+    pub async fn from_env(services: X) -> Result<Self, crate::config::ConfigError> {
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Self::new(
+            aws_sdk_dynamodb::Client::new(&sdk),
+            aws_sdk_sfn::Client::new(&sdk),
+            aws_sdk_sqs::Client::new(&sdk),
+            &crate::config::process_env,
+            services,
+        )
+    }
+
+    /// Runs `step` for every command of the batch this function `accepts`.
+    pub async fn handle<F, Fut>(&self, event: SqsEvent, accepts: &[Step], step: F) -> SqsBatchResponse
+    where
+        F: Fn(StepMessage) -> Fut,
+        Fut: Future<Output = Result<StepOutcome, StepError>>,
+    {
+        process_batch(event, accepts, &self.callback, &self.dead_letters, step).await
+    }
+}
