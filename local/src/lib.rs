@@ -2,8 +2,13 @@
 //! infrastructure. `local-env provision` creates the template's resources on the emulators
 //! (DynamoDB Local, LocalStack) and writes what local processes need into `.local/`.
 
+pub mod demo;
 pub mod envfile;
+pub mod filter;
+pub mod functions;
+pub mod observe;
 pub mod provision;
+pub mod runner;
 pub mod template;
 
 use std::collections::BTreeMap;

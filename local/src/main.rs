@@ -1,5 +1,9 @@
 //! `local-env provision [--template template.yaml] [--out .local] [--stack-name NAME]
-//!  [--parameter-overrides K=V ...] [--strict]`
+//!  [--parameter-overrides K=V ...] [--strict]`: creates the template's resources on the emulators.
+//!
+//! `local-env run [--stack .local/stack.json] [--demo] [--orders N]`: runs every function of the
+//! template in process, fed from its event sources as Lambda would; with `--demo`, places the
+//! sample orders of `events/place-order/` (plus N more), reports and exits.
 //!
 //! Endpoints and credentials come from the standard AWS variables (`AWS_ENDPOINT_URL*`).
 
@@ -7,7 +11,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::path::Path;
+
 use anyhow::{Context, bail};
+use local_env::functions::FunctionClients;
+use local_env::runner::{Runner, RunnerClients};
 use local_env::{Clients, Options, Template};
 
 struct Args {
@@ -18,14 +26,9 @@ struct Args {
     strict: bool,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut argv = std::env::args().skip(1);
-    match argv.next().as_deref() {
-        Some("provision") => {}
-        other => bail!(
-            "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict] (got {other:?})"
-        ),
-    }
+const USAGE: &str = "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict]\n       local-env run [--stack .local/stack.json] [--demo] [--orders N]";
+
+fn parse_args(mut argv: impl Iterator<Item = String>) -> anyhow::Result<Args> {
     let mut args = Args {
         template: "template.yaml".into(),
         out: ".local".into(),
@@ -52,8 +55,8 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-async fn run() -> anyhow::Result<bool> {
-    let args = parse_args()?;
+async fn provision(argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
+    let args = parse_args(argv)?;
     // Real accounts are deployed with `sam deploy`; this tool only ever targets emulators.
     if !std::env::vars().any(|(k, _)| k.starts_with("AWS_ENDPOINT_URL")) {
         bail!("no AWS_ENDPOINT_URL* is set: local-env provisions emulators only (see `scripts/env.sh env`)");
@@ -71,10 +74,53 @@ async fn run() -> anyhow::Result<bool> {
     Ok(strict_ok && stack.failed().is_empty() && stack.unresolved.is_empty())
 }
 
+async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
+    let (mut stack_path, mut demo, mut extra) = (PathBuf::from(".local/stack.json"), false, 20usize);
+    while let Some(arg) = argv.next() {
+        match arg.as_str() {
+            "--stack" => stack_path = argv.next().context("--stack needs a path")?.into(),
+            "--demo" => demo = true,
+            "--orders" => extra = argv.next().context("--orders needs a number")?.parse().context("--orders")?,
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    let text = std::fs::read_to_string(&stack_path)
+        .with_context(|| format!("reading {} (run `scripts/env.sh up` first)", stack_path.display()))?;
+    let stack: local_env::Stack = serde_json::from_str(&text).context("parsing the stack")?;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let clients = FunctionClients::new(&sdk);
+    let handlers = local_env::functions::handlers(&stack, &clients)?;
+    let runner = Runner::new(&stack, RunnerClients::new(&sdk), handlers)?;
+    for mapping in runner.mappings() {
+        println!("  runs {mapping}");
+    }
+    for skipped in runner.skipped() {
+        println!("  skips {skipped}");
+    }
+    let running = runner.start();
+    let ok = if demo {
+        local_env::demo::run(&stack, &clients, Path::new("events/place-order"), extra).await
+    } else {
+        println!("Running; Ctrl-C stops.");
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        Ok(true)
+    };
+    running.stop().await;
+    ok
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
-    match run().await {
+    // Quiet by default: the demo prints its own report; RUST_LOG=info shows every handler's logs.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let mut argv = std::env::args().skip(1);
+    let result = match argv.next().as_deref() {
+        Some("provision") => provision(argv).await,
+        Some("run") => run(argv).await,
+        _ => Err(anyhow::anyhow!(USAGE)),
+    };
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {

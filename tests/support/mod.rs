@@ -4,6 +4,7 @@
 //! The environment is the one `scripts/env.sh up` provisioned (`.local/aws.env`), overlaid by
 //! the process environment, so `cargo test` works with or without the file sourced.
 
+pub mod saga;
 pub mod tally;
 
 use std::collections::BTreeMap;
@@ -86,6 +87,12 @@ impl LocalAws {
         let mut b = aws_sdk_eventbridge::config::Builder::from(&self.config);
         b.set_endpoint_url(self.endpoint("EVENTBRIDGE"));
         aws_sdk_eventbridge::Client::from_conf(b.build())
+    }
+
+    pub fn dynamodb_streams(&self) -> aws_sdk_dynamodbstreams::Client {
+        let mut b = aws_sdk_dynamodbstreams::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("DYNAMODB_STREAMS").or_else(|| self.endpoint("DYNAMODB")));
+        aws_sdk_dynamodbstreams::Client::from_conf(b.build())
     }
 
     pub fn sfn(&self) -> aws_sdk_sfn::Client {

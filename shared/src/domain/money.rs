@@ -41,6 +41,7 @@ impl fmt::Display for Currency {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Money {
     /// Amount in the currency's minor unit (cents for EUR).
     pub amount_minor: i64,

@@ -1,0 +1,142 @@
+//! The local run: sample orders from `events/place-order/` through the whole system (place
+//! order → event store → stream → saga starter → state machine → step Lambdas), then each
+//! order's outcome, events and saga steps, with throughput and p50/p99 latency.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use shared::aggregate::{CommandContext, Repository};
+use shared::domain::Sku;
+use shared::domain::inventory::{Inventory, InventoryCommand};
+use shared::domain::order::{Order, OrderStatus};
+use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StreamId};
+
+use crate::Stack;
+use crate::functions::{FunctionClients, PlaceOrder};
+use crate::observe::{quantile, saga_steps, wait_for_saga};
+
+/// Each sample and the outcome it must reach: the demo fails loudly when the system drifts.
+pub const SAMPLES: &[(&str, OrderStatus)] = &[
+    ("happy-path", OrderStatus::Completed),
+    ("out-of-stock", OrderStatus::Cancelled),
+    ("payment-declined", OrderStatus::Cancelled),
+    ("shipment-failed", OrderStatus::Cancelled),
+    ("notification-failed", OrderStatus::Cancelled),
+    ("needs-manual-action", OrderStatus::NeedsManualAction),
+];
+
+/// Stock the samples expect: plenty of the common SKUs, too little of the rare one.
+pub const STOCK: &[(&str, u32)] = &[("SKU-RED-MUG", 10_000), ("SKU-BLUE-PLATE", 10_000), ("SKU-RARE-VASE", 2)];
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Loads a sample order and gives it a run-unique id, so every run places new orders.
+pub fn sample_order(dir: &Path, name: &str, suffix: &str) -> anyhow::Result<Value> {
+    let path = dir.join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut order: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let id = order["orderId"].as_str().context("sample without orderId")?.to_owned();
+    order["orderId"] = json!(format!("{id}-{suffix}"));
+    Ok(order)
+}
+
+pub async fn restock(repo: &Repository<DynamoEventStore>, stock: &[(&str, u32)]) -> anyhow::Result<()> {
+    for (sku, quantity) in stock {
+        let cmd = InventoryCommand::Restock { sku: Sku::parse(sku)?, quantity: *quantity };
+        repo.execute::<Inventory>(sku, &cmd, &CommandContext::default()).await?;
+    }
+    Ok(())
+}
+
+struct Placed {
+    sample: String,
+    order_id: String,
+    expected: OrderStatus,
+    placed_at: f64,
+}
+
+/// Places the samples plus `extra` happy-path orders, waits for every saga, prints the report.
+/// Returns whether every order reached its expected outcome.
+pub async fn run(stack: &Stack, clients: &FunctionClients, samples: &Path, extra: usize) -> anyhow::Result<bool> {
+    let env = stack.environment.clone();
+    let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned())?;
+    let store = DynamoEventStore::new(clients.dynamodb.clone(), config);
+    let repo = Repository::new(store.clone());
+    restock(&repo, STOCK).await?;
+    let state_machine = stack.outputs.get("OrderSagaArn").context("the stack has no OrderSagaArn output")?.clone();
+    let place_order = PlaceOrder::new(stack, clients)?;
+    let run_id = format!("{:x}", fastrand::u32(..));
+
+    let mut orders: Vec<(String, OrderStatus)> = SAMPLES.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect();
+    orders.extend((0..extra).map(|i| (format!("happy-path#{i}"), OrderStatus::Completed)));
+    let mut placed = Vec::new();
+    let started = now();
+    for (sample, expected) in orders {
+        let file = sample.split('#').next().unwrap_or(&sample);
+        let suffix = sample.split_once('#').map_or(run_id.clone(), |(_, i)| format!("{run_id}-{i}"));
+        let order = sample_order(samples, file, &suffix)?;
+        let order_id = order["orderId"].as_str().unwrap_or_default().to_owned();
+        let placed_at = now();
+        let answer = place_order.invoke(order).await;
+        if answer.get("error").is_some() {
+            bail!("placing {order_id} failed: {answer}");
+        }
+        placed.push(Placed { sample, order_id, expected, placed_at });
+    }
+    println!("Placed {} orders (run {run_id}); waiting for their sagas…\n", placed.len());
+
+    let mut latencies = Vec::new();
+    let mut all_ok = true;
+    let mut last_stop = started;
+    for p in &placed {
+        let finished = wait_for_saga(&clients.sfn, &state_machine, &p.order_id, Duration::from_secs(180)).await?;
+        latencies.push(finished.stopped_at - p.placed_at);
+        last_stop = last_stop.max(finished.stopped_at);
+        let order = repo.load::<Order>(&p.order_id).await?.state;
+        let ok = order.status == p.expected;
+        all_ok &= ok;
+        if p.sample.contains('#') {
+            if !ok {
+                println!("✗ {} ended {:?}, expected {:?}", p.order_id, order.status, p.expected);
+            }
+            continue;
+        }
+        let mark = if ok { "✓" } else { "✗" };
+        println!("{mark} {:<20} {:<28} {:?} (saga {})", p.sample, p.order_id, order.status, finished.status);
+        if let Some(reason) = &order.cancellation_reason {
+            println!("    reason: {reason}");
+        }
+        if let Some(error) = &finished.error {
+            println!("    execution error: {error}");
+        }
+        println!("    saga steps: {}", saga_steps(&clients.sfn, &finished.execution_arn).await?.join(" → "));
+        for category in ["Order", "Payment", "Shipment"] {
+            let stream = StreamId::new(category, &p.order_id)?;
+            let types: Vec<String> = store.load(&stream, 0).await?.into_iter().map(|e| e.event_type).collect();
+            if !types.is_empty() {
+                println!("    {category:<8} events: {}", types.join(", "));
+            }
+        }
+    }
+    let elapsed = (last_stop - started).max(0.001);
+    println!(
+        "\n{} orders in {elapsed:.1} s: {:.1} orders/s; placed → saga finished: p50 {:.0} ms, p99 {:.0} ms",
+        placed.len(),
+        placed.len() as f64 / elapsed,
+        quantile(&latencies, 0.5) * 1000.0,
+        quantile(&latencies, 0.99) * 1000.0,
+    );
+    println!(
+        "{}",
+        if all_ok {
+            "Every order reached its expected outcome."
+        } else {
+            "SOME ORDERS DID NOT REACH THEIR EXPECTED OUTCOME."
+        }
+    );
+    Ok(all_ok)
+}

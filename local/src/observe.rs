@@ -1,0 +1,119 @@
+//! Watching sagas from outside: an order's execution (named by the order id), its outcome and
+//! the steps it ran, read from Step Functions' own history.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub execution_arn: String,
+    pub status: String,
+    pub error: Option<String>,
+    pub cause: Option<String>,
+    /// Seconds since the epoch, with milliseconds.
+    pub started_at: f64,
+    pub stopped_at: f64,
+}
+
+/// The execution ARN for an order: executions are named by order id.
+pub fn execution_arn(state_machine_arn: &str, order_id: &str) -> String {
+    format!("{}:{order_id}", state_machine_arn.replacen(":stateMachine:", ":execution:", 1))
+}
+
+fn seconds(t: &aws_sdk_sfn::primitives::DateTime) -> f64 {
+    t.secs() as f64 + f64::from(t.subsec_nanos()) / 1e9
+}
+
+/// Waits until the order's saga has started and ended, or `timeout` passes.
+pub async fn wait_for_saga(
+    sfn: &aws_sdk_sfn::Client,
+    state_machine_arn: &str,
+    order_id: &str,
+    timeout: Duration,
+) -> anyhow::Result<Finished> {
+    let arn = execution_arn(state_machine_arn, order_id);
+    let deadline = Instant::now() + timeout;
+    loop {
+        match sfn.describe_execution().execution_arn(&arn).send().await {
+            Ok(d) if *d.status() != ExecutionStatus::Running => {
+                return Ok(Finished {
+                    execution_arn: arn,
+                    status: d.status().as_str().to_owned(),
+                    error: d.error().map(str::to_owned),
+                    cause: d.cause().map(str::to_owned),
+                    started_at: seconds(d.start_date()),
+                    stopped_at: d.stop_date().map_or(0.0, seconds),
+                });
+            }
+            Ok(_) => {}
+            // Not started yet: the saga starter has not read the event from the stream.
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_execution_does_not_exist()) => {}
+            Err(e) => return Err(anyhow::anyhow!(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string())),
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("the saga for {order_id} did not finish within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The task states the saga entered, in order (steps and compensations).
+pub async fn saga_steps(sfn: &aws_sdk_sfn::Client, execution_arn: &str) -> anyhow::Result<Vec<String>> {
+    let mut steps = Vec::new();
+    let mut token = None;
+    loop {
+        let page = sfn
+            .get_execution_history()
+            .execution_arn(execution_arn)
+            .set_next_token(token)
+            .max_results(1000)
+            .send()
+            .await
+            .context("GetExecutionHistory")?;
+        for event in page.events() {
+            if *event.r#type() == HistoryEventType::TaskStateEntered
+                && let Some(details) = event.state_entered_event_details()
+            {
+                steps.push(details.name().to_owned());
+            }
+        }
+        token = page.next_token().map(str::to_owned);
+        if token.is_none() {
+            return Ok(steps);
+        }
+    }
+}
+
+/// The value at quantile `q` (0..=1) of `values`, nearest-rank.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn execution_arns_are_named_by_order() {
+        assert_eq!(
+            execution_arn("arn:aws:states:us-east-1:000000000000:stateMachine:s-order-saga", "ord-1"),
+            "arn:aws:states:us-east-1:000000000000:execution:s-order-saga:ord-1"
+        );
+    }
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&[3.0], 0.99), 3.0);
+    }
+}

@@ -1,0 +1,447 @@
+//! The local runner: event source mappings from the template's `Events`, with in-process
+//! handlers, checked through their effects on the emulators (what was handled, what is left on
+//! the queue, what reached the DLQ).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_lambda_events::event::dynamodb::Event as DynamoDbEvent;
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_sqs::types::QueueAttributeName;
+use local_env::runner::{Handler, Runner, RunnerClients};
+use local_env::{Options, Stack, Template};
+use system_tests::{LocalAws, unique, workspace_root};
+
+async fn provision(aws: &LocalAws) -> Stack {
+    let template = Template::load(&workspace_root().join("tests/fixtures/runner.yaml")).expect("fixture loads");
+    let options = Options {
+        stack_name: unique("r"),
+        region: aws.var("AWS_REGION"),
+        account_id: "000000000000".into(),
+        parameter_overrides: Default::default(),
+    };
+    let stack = local_env::provision(&template, &options, &aws.provisioning_clients()).await.expect("provisions");
+    assert!(stack.failed().is_empty(), "{}", local_env::report(&stack));
+    stack
+}
+
+fn clients(aws: &LocalAws) -> RunnerClients {
+    let endpoint = ["AWS_ENDPOINT_URL_DYNAMODB_STREAMS", "AWS_ENDPOINT_URL_DYNAMODB"]
+        .iter()
+        .find_map(|k| aws.vars.get(*k).cloned())
+        .expect("a DynamoDB Streams endpoint");
+    let mut streams = aws_sdk_dynamodbstreams::config::Builder::from(aws.sdk_config());
+    streams.set_endpoint_url(Some(endpoint));
+    RunnerClients { sqs: aws.sqs(), streams: aws_sdk_dynamodbstreams::Client::from_conf(streams.build()) }
+}
+
+/// Polls `done` until it holds or the time is up.
+async fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done()
+}
+
+async fn send(sqs: &aws_sdk_sqs::Client, url: &str, bodies: &[&str]) {
+    for body in bodies {
+        sqs.send_message().queue_url(url).message_body(*body).send().await.expect("send");
+    }
+}
+
+/// Visible plus in-flight messages.
+async fn messages_on(sqs: &aws_sdk_sqs::Client, url: &str) -> u64 {
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .expect("attributes");
+    let attrs = attrs.attributes().expect("attributes");
+    let count = |name: QueueAttributeName| attrs.get(&name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    count(QueueAttributeName::ApproximateNumberOfMessages)
+        + count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+}
+
+/// Receives (and deletes) whatever arrives within `within`, until `expected` messages.
+async fn drain(sqs: &aws_sdk_sqs::Client, url: &str, expected: usize, within: Duration) -> Vec<String> {
+    let start = Instant::now();
+    let mut bodies = Vec::new();
+    while bodies.len() < expected && start.elapsed() < within {
+        let got = sqs.receive_message().queue_url(url).max_number_of_messages(10).wait_time_seconds(1).send().await;
+        for m in got.expect("receive").messages.unwrap_or_default() {
+            bodies.push(m.body.clone().unwrap_or_default());
+            sqs.delete_message()
+                .queue_url(url)
+                .receipt_handle(m.receipt_handle.unwrap_or_default())
+                .send()
+                .await
+                .expect("delete");
+        }
+    }
+    bodies.sort();
+    bodies
+}
+
+fn sqs_handler<F, Fut>(f: F) -> HashMap<String, Handler>
+where
+    F: Fn(SqsEvent) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<SqsBatchResponse, String>> + Send + 'static,
+{
+    HashMap::from([("Worker".to_owned(), Handler::sqs(f))])
+}
+
+fn stream_handler<F, Fut>(f: F) -> HashMap<String, Handler>
+where
+    F: Fn(DynamoDbEvent) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<DynamoDbEventResponse, String>> + Send + 'static,
+{
+    HashMap::from([("Projector".to_owned(), Handler::dynamodb_stream(f))])
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+struct Item {
+    pk: String,
+    kind: String,
+    n: u32,
+}
+
+async fn put_item(aws: &LocalAws, table: &str, pk: &str, kind: &str, n: u32) {
+    aws.dynamodb()
+        .put_item()
+        .table_name(table)
+        .item("pk", AttributeValue::S(pk.to_owned()))
+        .item("kind", AttributeValue::S(kind.to_owned()))
+        .item("n", AttributeValue::N(n.to_string()))
+        .send()
+        .await
+        .expect("put");
+}
+
+/// The items of a delivered batch, decoded from their NewImage.
+fn items(event: &DynamoDbEvent) -> Vec<(Item, String)> {
+    event
+        .records
+        .iter()
+        .map(|r| {
+            let item: Item = serde_dynamo::from_item(r.change.new_image.clone()).expect("NewImage decodes");
+            (item, r.change.sequence_number.clone().unwrap_or_default())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sqs_batch_item_failures_delete_the_rest_and_poison_ends_in_the_dlq() {
+    // Given the fixture, and a Worker handler that fails the poison messages item by item
+    let aws = LocalAws::load().await;
+    let stack = provision(&aws).await;
+    let work_url = stack.resources["WorkQueue"].reference.clone();
+    let dlq_url = stack.resources["WorkDlq"].reference.clone();
+    let handled: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let events: Arc<Mutex<Vec<SqsEvent>>> = Arc::default();
+    let (h, e) = (handled.clone(), events.clone());
+    let handlers = sqs_handler(move |event: SqsEvent| {
+        let (handled, events) = (h.clone(), e.clone());
+        async move {
+            let mut response = SqsBatchResponse::default();
+            for record in &event.records {
+                let body = record.body.clone().unwrap_or_default();
+                *handled.lock().unwrap().entry(body.clone()).or_default() += 1;
+                if body.contains("poison") {
+                    response.add_failure(record.message_id.clone().unwrap_or_default());
+                }
+            }
+            events.lock().unwrap().push(event);
+            Ok(response)
+        }
+    });
+    let runner = Runner::new(&stack, clients(&aws), handlers).expect("runner");
+    let mappings = runner.mappings();
+    assert_eq!(mappings.len(), 1, "{mappings:?}");
+    assert!(mappings[0].starts_with("Worker.Work: SQS arn:aws:sqs:"), "{mappings:?}");
+    assert!(mappings[0].contains("BatchSize 5") && mappings[0].contains("ReportBatchItemFailures"), "{mappings:?}");
+    let skipped = runner.skipped().join("\n");
+    assert!(skipped.contains("Worker.Http (HttpApi)"), "{skipped}");
+    assert!(skipped.contains("Projector.Items (DynamoDB): no handler"), "{skipped}");
+    let running = runner.start();
+
+    // When 6 messages arrive, 2 of them poison
+    let sqs = aws.sqs();
+    send(&sqs, &work_url, &["good-1", "poison-1", "good-2", "good-3", "poison-2", "good-4"]).await;
+
+    // Then the poison ones reach the DLQ after maxReceiveCount (2) receives
+    let dead = drain(&sqs, &dlq_url, 2, Duration::from_secs(15)).await;
+    assert_eq!(dead, ["poison-1", "poison-2"]);
+    // (a little longer than the visibility timeout: anything not deleted would show up again)
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.stop().await;
+
+    // And the good ones were handled exactly once each and are gone; the poison ones twice
+    let handled = handled.lock().unwrap().clone();
+    for good in ["good-1", "good-2", "good-3", "good-4"] {
+        assert_eq!(handled.get(good), Some(&1), "{good}: {handled:?}");
+    }
+    for poison in ["poison-1", "poison-2"] {
+        assert_eq!(handled.get(poison), Some(&2), "{poison}: {handled:?}");
+    }
+    assert_eq!(messages_on(&sqs, &work_url).await, 0, "the work queue is empty");
+    assert!(drain(&sqs, &dlq_url, 1, Duration::from_secs(1)).await.is_empty(), "only the poison was dead-lettered");
+
+    // And the events had Lambda's shape
+    let events = events.lock().unwrap();
+    assert!(events.iter().all(|e| (1..=5).contains(&e.records.len())), "BatchSize 5");
+    let record = &events[0].records[0];
+    assert_eq!(record.event_source.as_deref(), Some("aws:sqs"));
+    assert_eq!(record.event_source_arn.as_ref(), Some(&stack.resources["WorkQueue"].attributes["Arn"]));
+    assert_eq!(record.aws_region.as_deref(), Some(aws.var("AWS_REGION").as_str()));
+    assert!(record.receipt_handle.is_some() && record.md5_of_body.is_some());
+    assert!(record.attributes.contains_key("SentTimestamp"), "{:?}", record.attributes);
+    assert!(record.attributes.contains_key("ApproximateReceiveCount"), "{:?}", record.attributes);
+}
+
+#[tokio::test]
+async fn a_function_error_deletes_nothing_and_the_batch_comes_back() {
+    // Given a Worker handler that fails every batch holding a message it has not seen before
+    let aws = LocalAws::load().await;
+    let stack = provision(&aws).await;
+    let work_url = stack.resources["WorkQueue"].reference.clone();
+    let dlq_url = stack.resources["WorkDlq"].reference.clone();
+    let sqs = aws.sqs();
+    // (sent before the runner starts, so that every first delivery fails in the same round)
+    send(&sqs, &work_url, &["a", "b", "c"]).await;
+    // body -> the ApproximateReceiveCount of each delivery
+    let deliveries: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let d = deliveries.clone();
+    let handlers = sqs_handler(move |event: SqsEvent| {
+        let deliveries = d.clone();
+        async move {
+            let mut deliveries = deliveries.lock().unwrap();
+            let mut first_seen = false;
+            for record in &event.records {
+                let seen = deliveries.entry(record.body.clone().unwrap_or_default()).or_default();
+                first_seen |= seen.is_empty();
+                seen.push(record.attributes.get("ApproximateReceiveCount").cloned().unwrap_or_default());
+            }
+            if first_seen { Err("boom".to_owned()) } else { Ok(SqsBatchResponse::default()) }
+        }
+    });
+    let running = Runner::new(&stack, clients(&aws), handlers).expect("runner").start();
+
+    // When the first delivery fails, Then every message comes back once and is then deleted
+    let d = deliveries.clone();
+    let redelivered = eventually(Duration::from_secs(15), || {
+        let d = d.lock().unwrap();
+        d.len() == 3 && d.values().all(|v| v.len() >= 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.stop().await;
+    let deliveries = deliveries.lock().unwrap().clone();
+    assert!(redelivered, "{deliveries:?}");
+    for body in ["a", "b", "c"] {
+        assert_eq!(deliveries[body], ["1", "2"], "{body}: received twice, then deleted");
+    }
+    assert_eq!(messages_on(&sqs, &work_url).await, 0, "the work queue is empty");
+    assert!(drain(&sqs, &dlq_url, 1, Duration::from_secs(1)).await.is_empty(), "nothing was dead-lettered");
+}
+
+#[tokio::test]
+async fn a_stream_delivers_only_what_the_filter_matches_in_order() {
+    // Given a Projector handler recording what it sees, the runner started first
+    let aws = LocalAws::load().await;
+    let stack = provision(&aws).await;
+    let table = stack.resources["Items"].reference.clone();
+    let seen: Arc<Mutex<Vec<(Item, String)>>> = Arc::default();
+    let events: Arc<Mutex<Vec<DynamoDbEvent>>> = Arc::default();
+    let (s, e) = (seen.clone(), events.clone());
+    let handlers = stream_handler(move |event: DynamoDbEvent| {
+        let (seen, events) = (s.clone(), e.clone());
+        async move {
+            seen.lock().unwrap().extend(items(&event));
+            events.lock().unwrap().push(event);
+            Ok(DynamoDbEventResponse::default())
+        }
+    });
+    let runner = Runner::new(&stack, clients(&aws), handlers).expect("runner");
+    let mappings = runner.mappings();
+    assert_eq!(mappings.len(), 1, "{mappings:?}");
+    assert!(mappings[0].starts_with("Projector.Items: DynamoDB arn:aws:dynamodb:"), "{mappings:?}");
+    assert!(mappings[0].contains("TRIM_HORIZON") && mappings[0].contains("1 filter"), "{mappings:?}");
+    let running = runner.start();
+
+    // When 3 wanted and 2 other items are written, interleaved, and one wanted item is modified
+    let id = unique("i");
+    let kinds = ["wanted", "other", "wanted", "other", "wanted"];
+    for (n, kind) in kinds.iter().enumerate() {
+        put_item(&aws, &table, &format!("{id}-{n}"), kind, n as u32).await;
+    }
+    put_item(&aws, &table, &format!("{id}-0"), "wanted", 10).await;
+
+    // Then the handler sees exactly the 3 wanted inserts, in order, their NewImage decoded
+    let s = seen.clone();
+    eventually(Duration::from_secs(15), || s.lock().unwrap().len() >= 3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.stop().await;
+    let seen = seen.lock().unwrap().clone();
+    let got: Vec<Item> = seen.iter().map(|(item, _)| item.clone()).collect();
+    let expected: Vec<Item> =
+        [0, 2, 4].iter().map(|&n| Item { pk: format!("{id}-{n}"), kind: "wanted".into(), n }).collect();
+    assert_eq!(got, expected);
+    let sequences: Vec<u128> = seen.iter().map(|(_, s)| s.parse().expect("numeric sequence number")).collect();
+    assert!(sequences.windows(2).all(|w| w[0] < w[1]), "in stream order: {sequences:?}");
+    let events = events.lock().unwrap();
+    let record = &events[0].records[0];
+    assert_eq!(record.event_name, "INSERT");
+    assert_eq!(record.event_source.as_deref(), Some("aws:dynamodb"));
+    assert_eq!(record.event_source_arn.as_ref(), Some(&stack.resources["Items"].attributes["StreamArn"]));
+    assert!(record.change.keys.contains_key("pk"));
+}
+
+#[tokio::test]
+async fn a_batch_item_failure_redelivers_from_that_record_on() {
+    // Given 3 wanted items already in the stream (so they come in one batch)
+    let aws = LocalAws::load().await;
+    let stack = provision(&aws).await;
+    let table = stack.resources["Items"].reference.clone();
+    let id = unique("i");
+    for n in 1..=3 {
+        put_item(&aws, &table, &format!("{id}-{n}"), "wanted", n).await;
+    }
+    // And a handler that fails record #2 the first time it sees it
+    let batches: Arc<Mutex<Vec<Vec<u32>>>> = Arc::default();
+    let b = batches.clone();
+    let handlers = stream_handler(move |event: DynamoDbEvent| {
+        let batches = b.clone();
+        async move {
+            let mut batches = batches.lock().unwrap();
+            let first_time = !batches.iter().flatten().any(|&n| n == 2);
+            let items = items(&event);
+            batches.push(items.iter().map(|(item, _)| item.n).collect());
+            let mut response = DynamoDbEventResponse::default();
+            if let Some((_, sequence)) = items.iter().find(|(item, _)| item.n == 2 && first_time) {
+                let mut failure = DynamoDbBatchItemFailure::default();
+                failure.item_identifier = Some(sequence.clone());
+                response.batch_item_failures.push(failure);
+            }
+            Ok(response)
+        }
+    });
+    let running = Runner::new(&stack, clients(&aws), handlers).expect("runner").start();
+
+    // When it runs, Then #2 and #3 are redelivered, #1 is not, and everything ends up handled
+    let b = batches.clone();
+    eventually(Duration::from_secs(15), || b.lock().unwrap().len() >= 2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.stop().await;
+    assert_eq!(*batches.lock().unwrap(), [vec![1, 2, 3], vec![2, 3]]);
+}
+
+/// When an invocation started, and the `n` of each item it got.
+type Call = (Instant, Vec<u32>);
+
+#[tokio::test]
+async fn an_invocation_past_the_timeout_is_a_function_error_and_retried() {
+    // Given a Projector (Timeout: 1) whose first invocation hangs
+    let aws = LocalAws::load().await;
+    let stack = provision(&aws).await;
+    let table = stack.resources["Items"].reference.clone();
+    let id = unique("i");
+    put_item(&aws, &table, &format!("{id}-1"), "wanted", 1).await;
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let c = calls.clone();
+    let handlers = stream_handler(move |event: DynamoDbEvent| {
+        let calls = c.clone();
+        async move {
+            let first = {
+                let mut calls = calls.lock().unwrap();
+                calls.push((Instant::now(), items(&event).iter().map(|(item, _)| item.n).collect()));
+                calls.len() == 1
+            };
+            if first {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Ok(DynamoDbEventResponse::default())
+        }
+    });
+    let running = Runner::new(&stack, clients(&aws), handlers).expect("runner").start();
+
+    // Then the batch is delivered again once the timeout has cut the first invocation short
+    let c = calls.clone();
+    eventually(Duration::from_secs(15), || c.lock().unwrap().len() >= 2).await;
+    running.stop().await;
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), 2, "delivered twice");
+    assert_eq!((calls[0].1.as_slice(), calls[1].1.as_slice()), ([1].as_slice(), [1].as_slice()));
+    let gap = calls[1].0 - calls[0].0;
+    assert!(gap >= Duration::from_secs(1) && gap < Duration::from_secs(5), "retried after the 1 s timeout: {gap:?}");
+}
+
+/// The `n` and sequence number of each item of a delivered batch.
+type Batch = Vec<(u32, String)>;
+
+#[tokio::test]
+async fn retries_exhausted_skip_the_batch_record_it_on_failure_and_move_on() {
+    // Given an Auditor (MaximumRetryAttempts: 1, OnFailure: a queue) that always fails item 1
+    let aws = LocalAws::load().await;
+    let stack = provision(&aws).await;
+    let table = stack.resources["Items"].reference.clone();
+    let failures_url = stack.resources["AuditFailures"].reference.clone();
+    let id = unique("i");
+    put_item(&aws, &table, &format!("{id}-1"), "other", 1).await;
+    let calls: Arc<Mutex<Vec<Batch>>> = Arc::default();
+    let c = calls.clone();
+    let handlers = HashMap::from([(
+        "Auditor".to_owned(),
+        Handler::dynamodb_stream(move |event: DynamoDbEvent| {
+            let calls = c.clone();
+            async move {
+                let items: Batch = items(&event).into_iter().map(|(item, seq)| (item.n, seq)).collect();
+                let fails = items.iter().any(|(n, _)| *n == 1);
+                calls.lock().unwrap().push(items);
+                if fails { Err("always fails".to_owned()) } else { Ok(DynamoDbEventResponse::default()) }
+            }
+        }),
+    )]);
+    let runner = Runner::new(&stack, clients(&aws), handlers).expect("runner");
+    let mappings = runner.mappings();
+    assert!(
+        mappings[0].contains("MaximumRetryAttempts 1") && mappings[0].contains("OnFailure arn:aws:sqs:"),
+        "{mappings:?}"
+    );
+    let running = runner.start();
+
+    // When its retries are exhausted, Then the batch is recorded on the failure queue
+    let sqs = aws.sqs();
+    let recorded = drain(&sqs, &failures_url, 1, Duration::from_secs(10)).await;
+    // And the shard moves on to what comes next
+    put_item(&aws, &table, &format!("{id}-2"), "other", 2).await;
+    let c = calls.clone();
+    let moved_on =
+        eventually(Duration::from_secs(10), || c.lock().unwrap().iter().flatten().any(|(n, _)| *n == 2)).await;
+    running.stop().await;
+
+    let calls = calls.lock().unwrap().clone();
+    assert!(moved_on, "{calls:?}");
+    let first: Vec<u32> = calls.iter().map(|batch| batch[0].0).collect();
+    assert_eq!(first, [1, 1, 2], "invoked, retried once, skipped; then the next record");
+    assert_eq!(recorded.len(), 1, "one failure record");
+    let record: serde_json::Value = serde_json::from_str(&recorded[0]).expect("json");
+    let info = &record["DDBStreamBatchInfo"];
+    assert_eq!(record["requestContext"]["condition"], "RetryAttemptsExhausted");
+    assert_eq!(record["requestContext"]["approximateInvokeCount"], 2);
+    assert_eq!(record["requestContext"]["functionArn"], stack.resources["Auditor"].attributes["Arn"]);
+    assert_eq!(info["startSequenceNumber"], calls[0][0].1);
+    assert_eq!(info["endSequenceNumber"], calls[0][0].1);
+    assert_eq!(info["batchSize"], 1);
+    assert_eq!(info["streamArn"], stack.resources["Items"].attributes["StreamArn"]);
+}

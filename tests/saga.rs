@@ -1,0 +1,455 @@
+//! The order saga end to end on the emulators: Step Functions (LocalStack) drives the real step
+//! handlers through real SQS queues; the saga starts from the event store's DynamoDB stream.
+//! Each test has its own stack (tables, queues, state machine).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use aws_sdk_sfn::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_sfn::config::{ConfigBag, Intercept, RuntimeComponents};
+use local_env::functions::{FunctionClients, handler_for};
+use local_env::runner::Handler;
+use serde_json::{Value, json};
+use shared::domain::inventory::{Inventory, Reservation};
+use shared::domain::order::{Order, OrderStatus};
+use shared::domain::payment::Payment;
+use shared::domain::shipment::Shipment;
+use system_tests::saga::SagaEnv;
+use system_tests::workspace_root;
+
+fn count(types: &[String], name: &str) -> usize {
+    types.iter().filter(|t| t.as_str() == name).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_happy_path_completes_the_order_with_every_effect_once() {
+    // Given the system running with stock
+    let env = SagaEnv::start().await;
+    let before = env.repo.load::<Inventory>("SKU-RED-MUG").await.expect("inventory").state;
+
+    // When an order is placed
+    let id = env.place(env.sample("happy-path")).await;
+    let finished = env.finished(&id).await;
+
+    // Then the saga succeeded through every step and the order is completed
+    assert_eq!(finished.status, "SUCCEEDED", "{finished:?}");
+    assert_eq!(
+        env.steps(&finished).await,
+        ["ReserveInventory", "ChargePayment", "CreateShipment", "SendNotification", "CompleteOrder"]
+    );
+    let order = env.repo.load::<Order>(&id).await.expect("order").state;
+    assert_eq!(order.status, OrderStatus::Completed);
+    // And stock left the warehouse (2 mugs), nothing stays reserved for it
+    let after = env.repo.load::<Inventory>("SKU-RED-MUG").await.expect("inventory").state;
+    assert_eq!(after.available, before.available - 2);
+    assert_eq!(after.reserved, before.reserved);
+    assert!(matches!(
+        after.reservation(&order.placed.as_ref().expect("placed").order_id),
+        Some(Reservation::Committed(2))
+    ));
+    // And the payment was captured and the shipment created, once each
+    assert!(matches!(env.repo.load::<Payment>(&id).await.unwrap().state, Payment::Charged { .. }));
+    assert!(matches!(env.repo.load::<Shipment>(&id).await.unwrap().state, Shipment::Created { .. }));
+    assert_eq!(count(&env.event_types("Payment", &id).await, "PaymentCharged"), 1);
+    assert_eq!(order.payment_id.as_deref().map(|p| p.starts_with("pay_")), Some(true));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_at_each_step_compensates_exactly_the_completed_steps_in_reverse_order() {
+    let env = SagaEnv::start().await;
+    let mugs = env.repo.load::<Inventory>("SKU-RED-MUG").await.unwrap().state.available;
+    let cases = [
+        ("out-of-stock", "InventoryUnavailable", vec!["ReserveInventory", "CancelOrder"]),
+        (
+            "payment-declined",
+            "PaymentDeclined",
+            vec!["ReserveInventory", "ChargePayment", "ReleaseInventory", "CancelOrder"],
+        ),
+        (
+            "shipment-failed",
+            "ShipmentRejected",
+            vec![
+                "ReserveInventory",
+                "ChargePayment",
+                "CreateShipment",
+                "RefundPayment",
+                "ReleaseInventory",
+                "CancelOrder",
+            ],
+        ),
+        (
+            "notification-failed",
+            "NotificationUndeliverable",
+            vec![
+                "ReserveInventory",
+                "ChargePayment",
+                "CreateShipment",
+                "SendNotification",
+                "CancelShipment",
+                "RefundPayment",
+                "ReleaseInventory",
+                "CancelOrder",
+            ],
+        ),
+    ];
+    // Given one order per failing step, placed together
+    let mut ids = Vec::new();
+    for (sample, _, _) in &cases {
+        ids.push(env.place(env.sample(sample)).await);
+    }
+    for ((sample, error, expected_steps), id) in cases.iter().zip(&ids) {
+        // Then each saga ran exactly the compensations of the steps that completed, newest first
+        let finished = env.finished(id).await;
+        assert_eq!(finished.status, "SUCCEEDED", "{sample}: {finished:?}");
+        assert_eq!(env.steps(&finished).await, *expected_steps, "{sample}");
+        // And the order is cancelled with the reason
+        let order = env.repo.load::<Order>(id).await.unwrap().state;
+        assert_eq!(order.status, OrderStatus::Cancelled, "{sample}");
+        let reason = order.cancellation_reason.unwrap_or_default();
+        assert!(reason.starts_with(error), "{sample}: reason {reason:?}");
+        // And whatever was done is undone
+        let payment = env.repo.load::<Payment>(id).await.unwrap().state;
+        let shipment = env.repo.load::<Shipment>(id).await.unwrap().state;
+        match *sample {
+            "out-of-stock" => assert_eq!(payment, Payment::None),
+            "payment-declined" => assert!(matches!(payment, Payment::Declined { .. })),
+            _ => assert!(matches!(payment, Payment::Refunded { .. }), "{sample}: {payment:?}"),
+        }
+        match *sample {
+            "notification-failed" => assert!(matches!(shipment, Shipment::Cancelled { .. })),
+            "shipment-failed" => assert!(matches!(shipment, Shipment::Rejected { .. })),
+            _ => assert_eq!(shipment, Shipment::None, "{sample}"),
+        }
+    }
+    // And no stock is held or lost: every reservation was released or never made
+    let inventory = env.repo.load::<Inventory>("SKU-RED-MUG").await.unwrap().state;
+    assert_eq!(inventory.available, mugs);
+    assert_eq!(inventory.reserved, 0);
+    let vase = env.repo.load::<Inventory>("SKU-RARE-VASE").await.unwrap().state;
+    assert_eq!((vase.available, vase.reserved), (2, 0), "the short SKU is untouched");
+    env.stop().await;
+}
+
+/// Delivers every SQS batch and every stream batch to the handler twice, as at-least-once
+/// delivery may.
+fn twice(handlers: HashMap<String, Handler>) -> HashMap<String, Handler> {
+    handlers
+        .into_iter()
+        .map(|(id, handler)| {
+            let doubled = match handler {
+                Handler::Sqs(inner) => Handler::sqs(move |event| {
+                    let inner = inner.clone();
+                    async move {
+                        let first = inner(event.clone()).await?;
+                        let second = inner(event).await?;
+                        let mut merged = first;
+                        merged.batch_item_failures.extend(second.batch_item_failures);
+                        Ok(merged)
+                    }
+                }),
+                Handler::DynamoDbStream(inner) => Handler::dynamodb_stream(move |event| {
+                    let inner = inner.clone();
+                    async move {
+                        inner(event.clone()).await?;
+                        inner(event).await
+                    }
+                }),
+            };
+            (id, doubled)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_message_delivered_twice_still_has_exactly_one_effect() {
+    // Given every command and stream record delivered twice
+    let env = SagaEnv::start_with(|_, _, handlers| twice(handlers)).await;
+    let mugs = env.repo.load::<Inventory>("SKU-RED-MUG").await.unwrap().state.available;
+
+    // When a completing order and a compensated one go through
+    let happy = env.place(env.sample("happy-path")).await;
+    let compensated = env.place(env.sample("notification-failed")).await;
+    assert_eq!(env.finished(&happy).await.status, "SUCCEEDED");
+    assert_eq!(env.finished(&compensated).await.status, "SUCCEEDED");
+
+    // Then every effect happened once
+    for id in [&happy, &compensated] {
+        let payments = env.event_types("Payment", id).await;
+        assert_eq!(count(&payments, "PaymentRequested"), 1, "{payments:?}");
+        assert_eq!(count(&payments, "PaymentCharged"), 1, "{payments:?}");
+        let shipments = env.event_types("Shipment", id).await;
+        assert_eq!(count(&shipments, "ShipmentCreated"), 1, "{shipments:?}");
+        let orders = env.event_types("Order", id).await;
+        assert_eq!(count(&orders, "OrderPlaced"), 1);
+        assert_eq!(count(&orders, "CustomerNotified") + count(&orders, "OrderCancelled"), 1, "{orders:?}");
+    }
+    assert_eq!(count(&env.event_types("Payment", &compensated).await, "PaymentRefunded"), 1);
+    assert_eq!(count(&env.event_types("Shipment", &compensated).await, "ShipmentCancelled"), 1);
+    let inventory = env.events("Inventory", "SKU-RED-MUG").await;
+    let for_order =
+        |id: &str, kind: &str| inventory.iter().filter(|e| e.event_type == kind && e.payload["orderId"] == id).count();
+    assert_eq!(for_order(&happy, "InventoryReserved"), 1);
+    assert_eq!(for_order(&happy, "InventoryCommitted"), 1);
+    assert_eq!(for_order(&compensated, "InventoryReserved"), 1);
+    assert_eq!(for_order(&compensated, "InventoryReleased"), 1);
+    let after = env.repo.load::<Inventory>("SKU-RED-MUG").await.unwrap().state;
+    assert_eq!(after.available, mugs - 2, "only the completed order's 2 mugs left");
+    assert_eq!(after.reserved, 0);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_orders_for_ten_units_complete_exactly_ten() {
+    // Given 10 units of one SKU
+    let env = SagaEnv::start().await;
+    let sku = "SKU-LIMITED-1";
+    local_env::demo::restock(&env.repo, &[(sku, 10)]).await.expect("restock");
+
+    // When 50 orders for one unit each arrive at once
+    let orders: Vec<Value> = (0..50)
+        .map(|_| {
+            let mut order = env.sample("happy-path");
+            order["lines"] = json!([{ "sku": sku, "quantity": 1, "unitPriceMinor": 500 }]);
+            order
+        })
+        .collect();
+    let ids: Vec<String> = futures::future::join_all(orders.into_iter().map(|o| env.place(o))).await;
+    let mut completed = 0;
+    let mut cancelled = 0;
+    for id in &ids {
+        assert_eq!(env.finished(id).await.status, "SUCCEEDED");
+        match env.repo.load::<Order>(id).await.unwrap().state.status {
+            OrderStatus::Completed => completed += 1,
+            OrderStatus::Cancelled => cancelled += 1,
+            other => panic!("{id} ended {other:?}"),
+        }
+    }
+
+    // Then exactly 10 completed and 40 were cancelled with nothing held for them
+    assert_eq!((completed, cancelled), (10, 40));
+    let inventory = env.repo.load::<Inventory>(sku).await.unwrap().state;
+    assert_eq!((inventory.available, inventory.reserved), (0, 0));
+    let committed = inventory.reservations.values().filter(|r| matches!(r, Reservation::Committed(1))).count();
+    assert_eq!(committed, 10);
+    // And stock never went negative: replaying the stream, available never drops below zero
+    let mut available: i64 = 0;
+    for event in env.events("Inventory", sku).await {
+        let quantity = event.payload["quantity"].as_i64().unwrap_or(0);
+        match event.event_type.as_str() {
+            "InventoryRestocked" | "InventoryReleased" => available += quantity,
+            "InventoryReserved" => available -= quantity,
+            _ => {}
+        }
+        assert!(available >= 0, "stock went negative at version {}", event.version);
+    }
+    env.stop().await;
+}
+
+/// Fails the first `SendTaskSuccess` of the client it is on: the handler has done its write
+/// and "dies" before Step Functions hears of it.
+#[derive(Debug, Clone, Default)]
+struct DieBeforeAnswering(Arc<AtomicU32>);
+
+impl Intercept for DieBeforeAnswering {
+    fn name(&self) -> &'static str {
+        "DieBeforeAnswering"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let target = context.request().headers().get("x-amz-target").unwrap_or_default();
+        if target.ends_with("SendTaskSuccess") && self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err("simulated crash before answering Step Functions".into());
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_that_dies_after_its_write_is_completed_by_the_redelivery() {
+    // Given a charge-payment handler that dies after charging, before answering
+    let crashes = DieBeforeAnswering::default();
+    let seen = crashes.clone();
+    let env = SagaEnv::start_with(move |stack, clients, mut handlers| {
+        let sfn = aws_sdk_sfn::Client::from_conf(clients.sfn.config().to_builder().interceptor(crashes).build());
+        let dying = FunctionClients { sfn, ..clients.clone() };
+        let handler = handler_for(stack, "ChargePaymentFunction", &dying).expect("handler").expect("event-driven");
+        handlers.insert("ChargePaymentFunction".into(), handler);
+        handlers
+    })
+    .await;
+
+    // When an order goes through
+    let id = env.place(env.sample("happy-path")).await;
+    let finished = env.finished(&id).await;
+
+    // Then the redelivered command answered with the recorded charge: completed, charged once
+    assert_eq!(finished.status, "SUCCEEDED", "{finished:?}");
+    assert!(seen.0.load(Ordering::SeqCst) >= 2, "the first answer was lost, a second one was sent");
+    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Completed);
+    assert_eq!(count(&env.event_types("Payment", &id).await, "PaymentCharged"), 1);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_commands_go_to_the_steps_dlq_with_the_reason_and_nothing_else_is_affected() {
+    let env = SagaEnv::start().await;
+    let sqs = &env.aws.sqs();
+    let queue = env.queue_url("ReserveInventoryQueue");
+    let dlq = env.queue_url("ReserveInventoryDlq");
+
+    // Given a message that is not JSON and a well-formed one meant for another step (the
+    // charge-payment sample), on the reserve-inventory queue
+    let sample: Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("events/charge-payment/command.json")).expect("sample"),
+    )
+    .expect("json");
+    let wrong_step = sample["Records"][0]["body"].as_str().expect("body").to_owned();
+    for body in ["{not json", wrong_step.as_str()] {
+        sqs.send_message().queue_url(&queue).message_body(body).send().await.expect("send");
+    }
+    // And a good order at the same time
+    let id = env.place(env.sample("happy-path")).await;
+
+    // Then both malformed messages are in the DLQ with a reason, the first time round
+    let mut reasons = Vec::new();
+    for _ in 0..20 {
+        let got = sqs
+            .receive_message()
+            .queue_url(&dlq)
+            .message_attribute_names("All")
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .expect("receive");
+        for m in got.messages() {
+            let attrs = m.message_attributes().cloned().unwrap_or_default();
+            reasons.push(attrs.get("reason").and_then(|a| a.string_value()).unwrap_or_default().to_owned());
+            let receive_count = m
+                .attributes()
+                .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount));
+            assert!(receive_count.is_none_or(|c| c == "1"), "dead-lettered at once, not after retries");
+        }
+        if reasons.len() >= 2 {
+            break;
+        }
+    }
+    reasons.sort();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.starts_with("malformed step command")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("does not belong on this queue")), "{reasons:?}");
+    // And the good order completed
+    assert_eq!(env.finished(&id).await.status, "SUCCEEDED");
+    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Completed);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_compensation_that_keeps_failing_ends_in_needs_manual_action_and_the_queue() {
+    // Given an order whose shipment fails and whose refund keeps failing
+    let env = SagaEnv::start().await;
+    let id = env.place(env.sample("needs-manual-action")).await;
+
+    // Then the saga ends in the distinct NeedsManualAction outcome
+    let finished = env.finished(&id).await;
+    assert_eq!(finished.status, "FAILED");
+    assert_eq!(finished.error.as_deref(), Some("NeedsManualAction"));
+    let steps = env.steps(&finished).await;
+    assert_eq!(steps[steps.len() - 3..], ["RefundPayment", "FlagForManualAction", "ReportManualAction"]);
+    // And it is recorded on the Order stream
+    let order = env.repo.load::<Order>(&id).await.unwrap().state;
+    assert_eq!(order.status, OrderStatus::NeedsManualAction);
+    let flagged = env.events("Order", &id).await.into_iter().find(|e| e.event_type == "OrderFlaggedForManualAction");
+    assert_eq!(flagged.expect("flag event").payload["failedStep"], "RefundPayment");
+    // And parked on the manual-action queue with what failed
+    let got = env
+        .aws
+        .sqs()
+        .receive_message()
+        .queue_url(env.queue_url("ManualActionQueue"))
+        .wait_time_seconds(2)
+        .send()
+        .await
+        .expect("receive");
+    let parked: Vec<Value> =
+        got.messages().iter().filter_map(|m| serde_json::from_str(m.body().unwrap_or_default()).ok()).collect();
+    assert!(
+        parked.iter().any(|p| p["orderId"] == id.as_str()
+            && p["failedStep"] == "RefundPayment"
+            && p["error"] == "ServiceUnavailable"),
+        "{parked:?}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_sample_event_is_accepted_by_its_function() {
+    // The samples in events/ are what `cargo lambda invoke --data-file` sends: each must be
+    // handled by its function with no per-message failure (their task tokens are not live, which
+    // a handler treats as an already-closed task).
+    let env = SagaEnv::start().await;
+    let handlers = local_env::functions::handlers(&env.stack, &env.clients).expect("handlers");
+    let by_crate: HashMap<String, Handler> = handlers
+        .into_iter()
+        .filter_map(|(id, h)| local_env::functions::crate_of(&env.stack, &id).map(|c| (c, h)))
+        .collect();
+    let events = workspace_root().join("events");
+    let mut checked = 0;
+    for dir in std::fs::read_dir(&events).expect("events/") {
+        let dir = dir.expect("entry").path();
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        for file in std::fs::read_dir(&dir).expect("samples") {
+            let path = file.expect("file").path();
+            let sample: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+            if name == "place-order" {
+                let mut sample = sample;
+                if sample.get("requestContext").is_some() {
+                    let mut order: Value = serde_json::from_str(sample["body"].as_str().unwrap_or_default()).unwrap();
+                    order["orderId"] = json!(system_tests::unique("ord-http-"));
+                    sample["body"] = json!(order.to_string());
+                    let answer = env.place_order.invoke(sample).await;
+                    assert!(answer["statusCode"] == 201, "{}: {answer}", path.display());
+                } else {
+                    sample["orderId"] = json!(system_tests::unique("ord-sample-"));
+                    let answer = env.place_order.invoke(sample).await;
+                    assert!(answer.get("error").is_none(), "{}: {answer}", path.display());
+                }
+                checked += 1;
+                continue;
+            }
+            let handler = by_crate.get(&name).unwrap_or_else(|| panic!("no function for events/{name}"));
+            match handler {
+                Handler::Sqs(f) => {
+                    let event = serde_json::from_value(sample).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    let response = f(event).await.expect("invocation");
+                    assert!(
+                        response.batch_item_failures.is_empty(),
+                        "{}: {:?}",
+                        path.display(),
+                        response.batch_item_failures
+                    );
+                }
+                Handler::DynamoDbStream(f) => {
+                    let event = serde_json::from_value(sample).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    let response = f(event).await.expect("invocation");
+                    assert!(
+                        response.batch_item_failures.is_empty(),
+                        "{}: {:?}",
+                        path.display(),
+                        response.batch_item_failures
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 18, "only {checked} samples checked");
+    env.stop().await;
+}
