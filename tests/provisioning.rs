@@ -172,6 +172,7 @@ async fn every_supported_type_is_created_and_behaves_and_the_rest_is_named() {
     assert_eq!(stack.functions["Worker"]["OWN_QUEUE_ARN"], stack.resources["WorkQueue"].attributes["Arn"]);
     assert_eq!(stack.functions["Worker"]["WORK_QUEUE_URL"], work_url);
     assert_eq!(stack.outputs["WorkQueueArn"], stack.resources["WorkQueue"].attributes["Arn"]);
+    assert_eq!(stack.function_properties["Worker"]["Handler"], "bootstrap");
     let archive =
         aws.eventbridge().describe_archive().archive_name(&stack.resources["BusArchive"].reference).send().await;
     assert_eq!(archive.expect("archive").event_source_arn(), Some(stack.resources["Bus"].attributes["Arn"].as_str()));

@@ -130,7 +130,7 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
             Err(e) => Err(anyhow!(e)),
             Ok(props) => {
                 if resource.kind == "AWS::Serverless::Function" {
-                    function_properties.insert(id.clone(), props.clone());
+                    function_properties.insert(id.clone(), with_globals(&props, &template.globals, &resolver));
                 }
                 let ctx = Ctx { id, props: &props, options, clients, template };
                 create(&resource.kind, ctx).await
@@ -189,6 +189,21 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
         outputs,
         unresolved,
     })
+}
+
+/// A function's properties with SAM's `Globals.Function` filled in where the function sets
+/// none (Timeout, MemorySize…), as SAM does. The environment is merged separately.
+fn with_globals(props: &Value, globals: &Value, resolver: &Resolver) -> Value {
+    let mut merged = props.clone();
+    if let (Some(target), Some(defaults)) = (merged.as_object_mut(), globals.get("Function").and_then(Value::as_object))
+    {
+        for (key, value) in defaults {
+            if key != "Environment" && !target.contains_key(key) {
+                target.insert(key.clone(), resolver.resolve(value).unwrap_or_else(|_| value.clone()));
+            }
+        }
+    }
+    merged
 }
 
 struct Ctx<'a> {

@@ -1,0 +1,84 @@
+//! Cheap invariants of `template.yaml`, checked on every test run (no emulator needed): every
+//! function resource builds from an existing crate with a binary, the way `sam build` will, and
+//! every crate under `functions/` is deployed by a resource.
+
+use std::collections::BTreeSet;
+
+use local_env::Template;
+use serde_json::Value;
+use system_tests::workspace_root;
+
+fn template() -> Template {
+    Template::load(&workspace_root().join("template.yaml")).expect("template.yaml parses")
+}
+
+#[test]
+fn every_function_resource_points_at_a_crate_with_a_binary() {
+    let t = template();
+    let globals = &t.globals["Function"];
+    assert_eq!(globals["Runtime"], "provided.al2023");
+    assert_eq!(globals["Architectures"], serde_json::json!(["arm64"]));
+    let functions: Vec<_> = t.resources.values().filter(|r| r.kind == "AWS::Serverless::Function").collect();
+    assert!(!functions.is_empty());
+    for f in functions {
+        let code_uri = f.properties["CodeUri"].as_str().unwrap_or_else(|| panic!("{}: CodeUri", f.logical_id));
+        let dir = workspace_root().join(code_uri);
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml"))
+            .unwrap_or_else(|_| panic!("{}: {code_uri}/Cargo.toml is missing", f.logical_id));
+        let crate_name = code_uri.rsplit('/').next().unwrap_or_default();
+        assert!(
+            manifest.contains(&format!("name = \"{crate_name}\"")),
+            "{}: the crate in {code_uri} is not named {crate_name}",
+            f.logical_id
+        );
+        assert!(dir.join("src/main.rs").is_file(), "{}: {code_uri} has no binary (src/main.rs)", f.logical_id);
+        assert!(dir.join("src/lib.rs").is_file(), "{}: {code_uri} keeps its logic in src/lib.rs", f.logical_id);
+        assert_eq!(f.properties["Handler"], "bootstrap", "{}", f.logical_id);
+        // SAM reads BuildMethod from the resource's Metadata, which the parser keeps apart.
+        let raw = std::fs::read_to_string(workspace_root().join("template.yaml")).expect("read");
+        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&raw).expect("yaml");
+        let method = &yaml["Resources"][f.logical_id.as_str()]["Metadata"]["BuildMethod"];
+        assert_eq!(method.as_str(), Some("rust-cargolambda"), "{}: BuildMethod", f.logical_id);
+    }
+}
+
+#[test]
+fn every_function_crate_is_deployed() {
+    let t = template();
+    let deployed: BTreeSet<String> = t
+        .resources
+        .values()
+        .filter(|r| r.kind == "AWS::Serverless::Function")
+        .filter_map(|r| r.properties["CodeUri"].as_str().map(|u| u.trim_end_matches('/').to_owned()))
+        .collect();
+    for entry in std::fs::read_dir(workspace_root().join("functions")).expect("functions/") {
+        let path = entry.expect("entry").path();
+        if path.join("Cargo.toml").is_file() {
+            let name = format!("functions/{}", path.file_name().and_then(|n| n.to_str()).unwrap_or_default());
+            assert!(deployed.contains(&name), "{name} has no AWS::Serverless::Function in template.yaml");
+        }
+    }
+}
+
+#[test]
+fn every_sqs_event_source_follows_the_aws_advice() {
+    let t = template();
+    let visibility_default = t.parameters["StepVisibilityTimeout"]["Default"].as_u64().expect("default");
+    let timeout = t.globals["Function"]["Timeout"].as_u64().expect("global timeout");
+    assert!(visibility_default >= 6 * timeout, "queue visibility must be at least 6x the function timeout");
+    for f in t.resources.values().filter(|r| r.kind == "AWS::Serverless::Function") {
+        for (name, event) in f.properties["Events"].as_object().into_iter().flatten() {
+            if event["Type"] != "SQS" {
+                continue;
+            }
+            let props = &event["Properties"];
+            let context = format!("{}.{name}", f.logical_id);
+            assert_eq!(props["FunctionResponseTypes"], serde_json::json!(["ReportBatchItemFailures"]), "{context}");
+            assert!(props["ScalingConfig"]["MaximumConcurrency"] != Value::Null, "{context}: MaximumConcurrency");
+            let queue = props["Queue"]["Fn::GetAtt"][0].as_str().unwrap_or_else(|| panic!("{context}: Queue"));
+            let queue = &t.resources[queue].properties;
+            assert!(queue["RedrivePolicy"]["maxReceiveCount"].as_u64().is_some(), "{context}: maxReceiveCount");
+            assert_eq!(queue["VisibilityTimeout"], serde_json::json!({ "Ref": "StepVisibilityTimeout" }), "{context}");
+        }
+    }
+}
