@@ -102,6 +102,6 @@ mod tests {
         assert_eq!(Money::new(-5, Currency::USD).to_string(), "-0.05 USD");
         assert_eq!(Money::new(500, Currency::JPY).to_string(), "500 JPY");
         assert_eq!(Currency::parse("GBP"), Some(Currency::GBP));
-        assert_eq!(Currency::parse("XXX"), None);
+        assert_eq!(Currency::parse("XYZ"), None);
     }
 }
