@@ -408,6 +408,9 @@ async fn every_sample_event_is_accepted_by_its_function() {
         for file in std::fs::read_dir(&dir).expect("samples") {
             let path = file.expect("file").path();
             let sample: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+            if name == "query-api" {
+                continue; // an HTTP function: its samples are checked by tests/query_api.rs
+            }
             if name == "place-order" {
                 let mut sample = sample;
                 if sample.get("requestContext").is_some() {
@@ -450,6 +453,6 @@ async fn every_sample_event_is_accepted_by_its_function() {
             checked += 1;
         }
     }
-    assert!(checked >= 18, "only {checked} samples checked");
+    assert!(checked >= 23, "only {checked} samples checked");
     env.stop().await;
 }

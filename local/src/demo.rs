@@ -2,6 +2,7 @@
 //! order → event store → stream → saga starter → state machine → step Lambdas), then each
 //! order's outcome, events and saga steps, with throughput and p50/p99 latency.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +16,7 @@ use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StreamI
 
 use crate::Stack;
 use crate::functions::{FunctionClients, PlaceOrder};
+use crate::http_client::request;
 use crate::observe::{quantile, saga_steps, wait_for_saga};
 
 /// Each sample and the outcome it must reach: the demo fails loudly when the system drifts.
@@ -61,7 +63,13 @@ struct Placed {
 
 /// Places the samples plus `extra` happy-path orders, waits for every saga, prints the report.
 /// Returns whether every order reached its expected outcome.
-pub async fn run(stack: &Stack, clients: &FunctionClients, samples: &Path, extra: usize) -> anyhow::Result<bool> {
+pub async fn run(
+    stack: &Stack,
+    clients: &FunctionClients,
+    samples: &Path,
+    extra: usize,
+    api: Option<SocketAddr>,
+) -> anyhow::Result<bool> {
     let env = stack.environment.clone();
     let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned())?;
     let store = DynamoEventStore::new(clients.dynamodb.clone(), config);
@@ -138,5 +146,57 @@ pub async fn run(stack: &Stack, clients: &FunctionClients, samples: &Path, extra
             "SOME ORDERS DID NOT REACH THEIR EXPECTED OUTCOME."
         }
     );
+    if let (Some(api), Some(happy)) = (api, placed.iter().find(|p| p.sample == "happy-path")) {
+        let ids: Vec<&str> = placed.iter().map(|p| p.order_id.as_str()).collect();
+        all_ok &= show_read_side(api, &happy.order_id, &ids).await?;
+    }
     Ok(all_ok)
+}
+
+/// The query side, read through the HTTP API: once the projections have caught up with the
+/// order's streams, its order view and its customer's latest orders.
+async fn show_read_side(api: SocketAddr, order_id: &str, all: &[&str]) -> anyhow::Result<bool> {
+    println!("\nRead side (through the query API at http://{api}):");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let streams = ["Payment", "Shipment"]
+        .iter()
+        .map(|c| format!("{c}-{order_id}"))
+        .chain(all.iter().map(|id| format!("Order-{id}")));
+    for stream in streams {
+        loop {
+            let lag = request(api, "GET", &format!("/streams/{stream}/lag"), None).await?;
+            let body = lag.body_json()?;
+            let behind: u64 = body["behind"].as_object().map_or(1, |b| b.values().filter_map(Value::as_u64).sum());
+            if lag.status == 200 && behind == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                println!("✗ the read models are still behind for {stream}: {body}");
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let view = request(api, "GET", &format!("/orders/{order_id}"), None).await?;
+    let v = view.body_json()?;
+    println!("GET /orders/{order_id} → {}", view.status);
+    println!(
+        "    status {}, total {} {}, payment {}, shipment {}",
+        v["status"], v["totalMinor"], v["currency"], v["paymentId"], v["shipmentId"]
+    );
+    let timeline: Vec<&str> =
+        v["timeline"].as_array().map(|t| t.iter().filter_map(|e| e["event"].as_str()).collect()).unwrap_or_default();
+    println!("    timeline: {}", timeline.join(" → "));
+    let customer = v["customerId"].as_str().unwrap_or_default();
+    let listing = request(api, "GET", &format!("/customers/{customer}/orders?limit=5"), None).await?;
+    let items = listing.body_json()?;
+    println!("GET /customers/{customer}/orders?limit=5 → {}", listing.status);
+    for item in items["items"].as_array().into_iter().flatten() {
+        let field = |k: &str| item[k].as_str().unwrap_or_default().to_owned();
+        println!("    {} {:<18} {:>6} {}", field("placedAt"), field("status"), item["totalMinor"], field("orderId"));
+    }
+    if let Some(link) = listing.header("link") {
+        println!("    Link: {link}");
+    }
+    Ok(view.status == 200 && v["status"] == "Completed" && listing.status == 200)
 }

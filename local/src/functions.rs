@@ -12,9 +12,11 @@ use serde_json::Value;
 use shared::aggregate::Repository;
 use shared::domain::services::Simulated;
 use shared::eventstore::{DynamoEventStore, EventStoreConfig};
+use shared::readmodel::runtime::ProjectionLambda;
 use shared::saga::runtime::StepLambda;
 
 use crate::Stack;
+use crate::http::{HttpFn, http_fn};
 use crate::runner::Handler;
 
 /// The clients every function is built with, each pointed at its emulator.
@@ -23,6 +25,7 @@ pub struct FunctionClients {
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub sqs: aws_sdk_sqs::Client,
     pub sfn: aws_sdk_sfn::Client,
+    pub events: aws_sdk_eventbridge::Client,
 }
 
 impl FunctionClients {
@@ -31,6 +34,7 @@ impl FunctionClients {
             dynamodb: aws_sdk_dynamodb::Client::new(config),
             sqs: aws_sdk_sqs::Client::new(config),
             sfn: aws_sdk_sfn::Client::new(config),
+            events: aws_sdk_eventbridge::Client::new(config),
         }
     }
 }
@@ -51,6 +55,22 @@ fn step_lambda<X>(
     services: X,
 ) -> Result<StepLambda<X>, shared::config::ConfigError> {
     StepLambda::new(clients.dynamodb.clone(), clients.sfn.clone(), clients.sqs.clone(), vars, services)
+}
+
+fn projection<F, Fut>(
+    clients: &FunctionClients,
+    vars: &(dyn Fn(&str) -> Option<String> + Sync),
+    handle: F,
+) -> Result<Handler, shared::config::ConfigError>
+where
+    F: Fn(Arc<ProjectionLambda>, SqsEvent) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = SqsBatchResponse> + Send + 'static,
+{
+    let lambda = Arc::new(ProjectionLambda::new(clients.dynamodb.clone(), clients.sqs.clone(), vars)?);
+    Ok(Handler::sqs(move |event| {
+        let invocation = handle(lambda.clone(), event);
+        async move { Ok(invocation.await) }
+    }))
 }
 
 fn step<X, F, Fut>(lambda: StepLambda<X>, handle: F) -> Handler
@@ -123,9 +143,62 @@ pub fn handler_for(stack: &Stack, logical_id: &str, clients: &FunctionClients) -
                 async move { Ok(saga_starter::handle(&starter, event).await) }
             })
         }
-        "place-order" => return Ok(None),
+        "outbox-relay" => {
+            let bus = outbox_relay::EventBridgeBus::new(clients.events.clone(), &vars).with_context(configuring)?;
+            let relay = Arc::new(outbox_relay::Relay { bus, retry: shared::retry::RetryPolicy::default() });
+            Handler::dynamodb_stream(move |event| {
+                let relay = relay.clone();
+                async move { Ok(outbox_relay::handle(&relay, event).await) }
+            })
+        }
+        "project-order-view" => {
+            projection(clients, &vars, |l, e| async move { project_order_view::handle(&l, e).await })
+                .with_context(configuring)?
+        }
+        "project-customer-orders" => {
+            projection(clients, &vars, |l, e| async move { project_customer_orders::handle(&l, e).await })
+                .with_context(configuring)?
+        }
+        "project-inventory" => projection(clients, &vars, |l, e| async move { project_inventory::handle(&l, e).await })
+            .with_context(configuring)?,
+        "project-sales" => projection(clients, &vars, |l, e| async move { project_sales::handle(&l, e).await })
+            .with_context(configuring)?,
+        // Invoked over HTTP (or directly): see [`http_handlers`].
+        "place-order" | "query-api" => return Ok(None),
         other => bail!("{logical_id}: no in-process handler for crate {other}"),
     }))
+}
+
+/// The functions invoked over the HTTP API (place-order, query-api), by logical id, each built
+/// with its own environment: what [`crate::http::serve`] serves.
+pub fn http_handlers(stack: &Stack, clients: &FunctionClients) -> anyhow::Result<HashMap<String, HttpFn>> {
+    let mut handlers = HashMap::new();
+    for logical_id in stack.function_properties.keys() {
+        let env = stack.functions.get(logical_id).cloned().unwrap_or_default();
+        let vars = lookup(&env);
+        let configuring = || format!("configuring {logical_id}");
+        let handler = match crate_of(stack, logical_id).as_deref() {
+            Some("place-order") => {
+                let config = EventStoreConfig::from_vars(&vars).with_context(configuring)?;
+                let repo = Arc::new(Repository::new(DynamoEventStore::new(clients.dynamodb.clone(), config)));
+                http_fn(move |event| {
+                    let repo = repo.clone();
+                    async move { place_order::handle(&repo, event).await }
+                })
+            }
+            Some("query-api") => {
+                let config = query_api::Config::from_vars(&vars).with_context(configuring)?;
+                let api = Arc::new(query_api::QueryApi::new(clients.dynamodb.clone(), config));
+                http_fn(move |event| {
+                    let api = api.clone();
+                    async move { api.handle(event).await }
+                })
+            }
+            _ => continue,
+        };
+        handlers.insert(logical_id.clone(), handler);
+    }
+    Ok(handlers)
 }
 
 /// The place-order function, to be called directly (as a direct Lambda invocation is).

@@ -6,6 +6,8 @@ pub mod demo;
 pub mod envfile;
 pub mod filter;
 pub mod functions;
+pub mod http;
+pub mod http_client;
 pub mod observe;
 pub mod provision;
 pub mod runner;

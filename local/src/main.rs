@@ -3,7 +3,8 @@
 //!
 //! `local-env run [--stack .local/stack.json] [--demo] [--orders N]`: runs every function of the
 //! template in process, fed from its event sources as Lambda would; with `--demo`, places the
-//! sample orders of `events/place-order/` (plus N more), reports and exits.
+//! sample orders of `events/place-order/` (plus N more), reports and exits. While it runs, the
+//! template's HTTP API routes are served on 127.0.0.1:`LOCAL_API_PORT` (default 3000).
 //!
 //! Endpoints and credentials come from the standard AWS variables (`AWS_ENDPOINT_URL*`).
 
@@ -26,7 +27,7 @@ struct Args {
     strict: bool,
 }
 
-const USAGE: &str = "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict]\n       local-env run [--stack .local/stack.json] [--demo] [--orders N]";
+const USAGE: &str = "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict]\n       local-env run [--stack .local/stack.json] [--demo] [--orders N]\n       local-env rebuild [--stack .local/stack.json] [--target-table NAME]";
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> anyhow::Result<Args> {
     let mut args = Args {
@@ -98,15 +99,71 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         println!("  skips {skipped}");
     }
     let running = runner.start();
+    let port: u16 = match std::env::var("LOCAL_API_PORT") {
+        Ok(p) if !p.trim().is_empty() => p.trim().parse().context("LOCAL_API_PORT")?,
+        _ => 3000,
+    };
+    let http_handlers = local_env::functions::http_handlers(&stack, &clients)?;
+    let api = match local_env::http::serve(&stack, http_handlers, ([127, 0, 0, 1], port).into()).await {
+        Ok(api) => {
+            println!("HTTP API on {}", api.url());
+            for route in api.routes() {
+                println!("  serves {route}");
+            }
+            for skipped in api.skipped() {
+                println!("  skips {skipped}");
+            }
+            Some(api)
+        }
+        // The demo does not need it; a plain run is for using it.
+        Err(e) if demo => {
+            eprintln!("local-env: not serving the HTTP API: {e:#}");
+            None
+        }
+        Err(e) => {
+            running.stop().await;
+            return Err(e);
+        }
+    };
     let ok = if demo {
-        local_env::demo::run(&stack, &clients, Path::new("events/place-order"), extra).await
+        local_env::demo::run(&stack, &clients, Path::new("events/place-order"), extra, api.as_ref().map(|a| a.addr()))
+            .await
     } else {
         println!("Running; Ctrl-C stops.");
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
         Ok(true)
     };
+    if let Some(api) = api {
+        api.stop().await;
+    }
     running.stop().await;
     ok
+}
+
+/// `local-env rebuild [--stack .local/stack.json] [--target-table NAME]`: recomputes every read
+/// model from the event store into the read model table (or another one, to compare).
+async fn rebuild(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
+    let (mut stack_path, mut target) = (PathBuf::from(".local/stack.json"), None);
+    while let Some(arg) = argv.next() {
+        match arg.as_str() {
+            "--stack" => stack_path = argv.next().context("--stack needs a path")?.into(),
+            "--target-table" => target = Some(argv.next().context("--target-table needs a name")?),
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    let text = std::fs::read_to_string(&stack_path).with_context(|| format!("reading {}", stack_path.display()))?;
+    let stack: local_env::Stack = serde_json::from_str(&text).context("parsing the stack")?;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+    let events_table = stack.environment.get("EVENTS_TABLE").context("no EVENTS_TABLE")?;
+    let table = match target {
+        Some(t) => t,
+        None => stack.environment.get("READ_MODEL_TABLE").context("no READ_MODEL_TABLE")?.clone(),
+    };
+    let store = shared::readmodel::store::ReadModelStore::new(dynamodb.clone(), table.clone());
+    let written = shared::readmodel::store::rebuild(&dynamodb, events_table, &store).await?;
+    println!("Rebuilt read models from {events_table} into {table}: {written:?}");
+    Ok(true)
 }
 
 #[tokio::main]
@@ -118,6 +175,7 @@ async fn main() -> ExitCode {
     let result = match argv.next().as_deref() {
         Some("provision") => provision(argv).await,
         Some("run") => run(argv).await,
+        Some("rebuild") => rebuild(argv).await,
         _ => Err(anyhow::anyhow!(USAGE)),
     };
     match result {

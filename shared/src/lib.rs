@@ -5,6 +5,7 @@
 //! - [`domain`]: the order domain (Order, Inventory, Payment, Shipment) and external services.
 //! - [`saga`]: the order saga's step contract, step logic and the step Lambdas' AWS edge.
 //! - [`telemetry`]: structured JSON logs.
+//! - [`readmodel`]: read models (CQRS query side) and their projection onto DynamoDB.
 //! - [`retry`]: bounded exponential backoff with full jitter.
 //! - [`config`]: configuration from the environment.
 
@@ -12,6 +13,7 @@ pub mod aggregate;
 pub mod config;
 pub mod domain;
 pub mod eventstore;
+pub mod readmodel;
 pub mod retry;
 pub mod saga;
 pub mod telemetry;

@@ -4,6 +4,7 @@
 //! The environment is the one `scripts/env.sh up` provisioned (`.local/aws.env`), overlaid by
 //! the process environment, so `cargo test` works with or without the file sourced.
 
+pub mod http;
 pub mod saga;
 pub mod tally;
 

@@ -53,7 +53,8 @@ impl SagaEnv {
         };
         let stack = local_env::provision(&template, &options, &aws.provisioning_clients()).await.expect("provision");
         assert!(stack.failed().is_empty() && stack.unresolved.is_empty(), "{}", local_env::report(&stack));
-        let clients = FunctionClients { dynamodb: aws.dynamodb(), sqs: aws.sqs(), sfn: aws.sfn() };
+        let clients =
+            FunctionClients { dynamodb: aws.dynamodb(), sqs: aws.sqs(), sfn: aws.sfn(), events: aws.eventbridge() };
         let handlers = local_env::functions::handlers(&stack, &clients).expect("handlers");
         let handlers = customise(&stack, &clients, handlers);
         let runner = Runner::new(&stack, RunnerClients { sqs: aws.sqs(), streams: aws.dynamodb_streams() }, handlers)

@@ -348,6 +348,43 @@ impl EventStore for DynamoEventStore {
         }
     }
 
+    async fn read_page(
+        &self,
+        stream: &StreamId,
+        after_version: u64,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = limit.max(1) as usize;
+        let mut events = Vec::with_capacity(limit.min(1000));
+        let mut start_key = None;
+        // `Limit` caps the items read; a 1 MB page can still stop short of it, so continue from
+        // LastEvaluatedKey until the page is full or the stream ends.
+        while events.len() < limit {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.config.events_table)
+                .consistent_read(true)
+                .key_condition_expression("streamId = :s AND #v > :after")
+                .expression_attribute_names("#v", "version")
+                .expression_attribute_values(":s", s(stream.as_str()))
+                .expression_attribute_values(":after", n(after_version))
+                .limit(i32::try_from(limit - events.len()).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(|e| request_error("Query", e))?;
+            for item in page.items.unwrap_or_default() {
+                events.push(from_item(item).map_err(|e| StoreError::Corrupt(format!("event in {stream}: {e}")))?);
+            }
+            start_key = page.last_evaluated_key;
+            if start_key.is_none() {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
     async fn head_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
         let page = self
             .client

@@ -117,6 +117,20 @@ impl EventStore for InMemoryEventStore {
             .unwrap_or_default())
     }
 
+    async fn read_page(
+        &self,
+        stream: &StreamId,
+        after_version: u64,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let state = self.lock()?;
+        Ok(state
+            .streams
+            .get(stream.as_str())
+            .map(|events| events.iter().filter(|e| e.version > after_version).take(limit as usize).cloned().collect())
+            .unwrap_or_default())
+    }
+
     async fn head_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
         Ok(self.lock()?.streams.get(stream.as_str()).map_or(0, |s| s.len() as u64))
     }

@@ -253,6 +253,16 @@ pub trait EventStore: Send + Sync {
         after_version: u64,
     ) -> impl Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send;
 
+    /// At most `limit` events with version > `after_version`, in order, strongly consistent: one
+    /// page of the stream (a feed that catches up asks again after the last version it got).
+    /// Fewer than `limit` events means the stream ends there.
+    fn read_page(
+        &self,
+        stream: &StreamId,
+        after_version: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send;
+
     /// The stream's last version, 0 when it has no events.
     fn head_version(&self, stream: &StreamId) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
@@ -278,9 +288,20 @@ pub(crate) fn validate_idempotency_key(key: &str) -> Result<(), AppendError> {
     Ok(())
 }
 
+/// UTC now as RFC 3339 with a fixed six-digit fraction, so timestamps sort as text (read
+/// models use them in sort keys).
 pub(crate) fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| now.unix_timestamp().to_string())
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
 }
 
 #[cfg(test)]
@@ -299,6 +320,13 @@ mod tests {
         assert!(StreamId::parse("Or der-1").is_err());
         assert!(StreamId::parse("Order-a/b").is_err());
         assert!(StreamId::parse(&format!("Order-{}", "x".repeat(257))).is_err());
+    }
+
+    #[test]
+    fn timestamps_have_a_fixed_width_so_they_sort_as_text() {
+        let a = now_rfc3339();
+        assert_eq!(a.len(), "2026-11-22T03:48:26.405636Z".len(), "{a}");
+        assert!(time::OffsetDateTime::parse(&a, &time::format_description::well_known::Rfc3339).is_ok());
     }
 
     #[test]

@@ -1,0 +1,17 @@
+use aws_lambda_events::event::dynamodb::Event;
+use lambda_runtime::{Error, LambdaEvent, run, service_fn};
+use outbox_relay::{EventBridgeBus, Relay};
+use shared::config::process_env;
+use shared::retry::RetryPolicy;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    shared::telemetry::init();
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let bus = EventBridgeBus::new(aws_sdk_eventbridge::Client::new(&sdk), &process_env)?;
+    let relay = Relay { bus, retry: RetryPolicy::default() };
+    run(service_fn(|event: LambdaEvent<Event>| async {
+        Ok::<_, Error>(outbox_relay::handle(&relay, event.payload).await)
+    }))
+    .await
+}

@@ -1,0 +1,11 @@
+//! Projection of the sales per day: orders placed, completed, cancelled, and revenue (Order events).
+//!
+//! Subscribed through its own EventBridge rule and SQS queue (with a DLQ): idempotent and
+//! ordered per stream, whatever order and however often the bus delivers.
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::readmodel::runtime::ProjectionLambda;
+
+pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchResponse {
+    lambda.handle(batch, |event| async move { lambda.models.project_sales(&lambda.events, &event).await }).await
+}

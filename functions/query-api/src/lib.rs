@@ -1,0 +1,609 @@
+//! Query API: the read side of CQRS over HTTP (API Gateway HTTP API, payload 2.0).
+//!
+//! | Route | Answer |
+//! | --- | --- |
+//! | `GET /orders/{id}` | the order's [`OrderView`] |
+//! | `GET /customers/{id}/orders?status=&cursor=&limit=` | the customer's orders, newest first ([`CustomerOrder`]) |
+//! | `GET /streams/{stream}/events?after=&limit=` | a page of a stream's events, for clients that poll and catch up |
+//! | `GET /streams/{stream}/lag` | how far each read model of the stream is behind the event store |
+//!
+//! Read models come from the read model table (`READ_MODEL_TABLE`, see [`shared::readmodel`]);
+//! events and heads from the event store. Every error is JSON `{"error": …}`; a failure of
+//! the storage is logged and answered `500 {"error":"internal error"}`, never with its detail.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::DisplayErrorContext;
+use aws_sdk_dynamodb::types::AttributeValue;
+use base64::Engine;
+use base64::engine::general_purpose::{URL_SAFE_NO_PAD, URL_SAFE_NO_PAD_INDIFFERENT};
+use serde::Deserialize;
+use serde_dynamo::aws_sdk_dynamodb_1::from_item;
+use serde_json::{Value, json};
+use shared::config::{ConfigError, Vars, process_env, required};
+use shared::domain::{CustomerId, OrderId};
+use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StoreError, StreamId};
+use shared::readmodel::{CustomerOrder, InventoryLevel, OrderView, ReadModel, order_key};
+
+type Item = HashMap<String, AttributeValue>;
+
+/// The read model table's index for a customer's orders (`gsi1pk`, `gsi1sk`).
+pub const CUSTOMER_INDEX: &str = "byCustomer";
+/// The statuses a customer's orders can be filtered by.
+pub const STATUSES: [&str; 4] = ["Placed", "Completed", "Cancelled", "NeedsManualAction"];
+pub const DEFAULT_ORDERS_LIMIT: u32 = 20;
+pub const MAX_ORDERS_LIMIT: u32 = 100;
+pub const DEFAULT_EVENTS_LIMIT: u32 = 100;
+pub const MAX_EVENTS_LIMIT: u32 = 1000;
+/// A filtered listing keeps querying until its page is full; this bounds the reads one request
+/// may make (each reads up to 1 MB) when few orders match.
+const MAX_QUERY_ROUND_TRIPS: usize = 25;
+
+/// The routes, as declared in `template.yaml` (SAM path syntax).
+pub const ROUTES: [&str; 4] =
+    ["/orders/{id}", "/customers/{id}/orders", "/streams/{stream}/events", "/streams/{stream}/lag"];
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub event_store: EventStoreConfig,
+    pub read_model_table: String,
+}
+
+impl Config {
+    /// `EVENTS_TABLE`, `COMMANDS_TABLE`, `SNAPSHOTS_TABLE` and `READ_MODEL_TABLE`.
+    pub fn from_vars(vars: Vars<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            event_store: EventStoreConfig::from_vars(vars)?,
+            read_model_table: required(vars, "READ_MODEL_TABLE")?,
+        })
+    }
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(&process_env)
+    }
+}
+
+/// What went wrong, as the caller sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method {0} is not allowed here; use GET")]
+    MethodNotAllowed(String),
+    /// The detail is logged, never returned.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::BadRequest(_) => 400,
+            Self::NotFound(_) => 404,
+            Self::MethodNotAllowed(_) => 405,
+            Self::Internal(_) => 500,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+fn sdk_error(operation: &str, e: impl std::error::Error + 'static) -> ApiError {
+    ApiError::Internal(format!("{operation}: {}", DisplayErrorContext(e)))
+}
+
+/// A successful answer: the JSON body and, for a paged answer, its `Link` header.
+#[derive(Debug)]
+struct Reply {
+    body: Value,
+    links: Vec<(String, &'static str)>,
+}
+
+impl Reply {
+    fn json(body: Value) -> Self {
+        Self { body, links: Vec::new() }
+    }
+}
+
+/// A route matched against the request, with its path parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    Order(String),
+    CustomerOrders(String),
+    StreamEvents(String),
+    StreamLag(String),
+}
+
+impl Route {
+    fn from_template(template: &str, param: String) -> Option<Self> {
+        Some(match template {
+            "/orders/{id}" => Self::Order(param),
+            "/customers/{id}/orders" => Self::CustomerOrders(param),
+            "/streams/{stream}/events" => Self::StreamEvents(param),
+            "/streams/{stream}/lag" => Self::StreamLag(param),
+            _ => return None,
+        })
+    }
+}
+
+/// The one path parameter of a template, if `path` matches it segment by segment.
+fn match_template(template: &str, path: &str) -> Option<(String, String)> {
+    let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    if t.len() != p.len() {
+        return None;
+    }
+    let mut param = None;
+    for (t, p) in t.iter().zip(&p) {
+        match t.strip_prefix('{').and_then(|t| t.strip_suffix('}')) {
+            Some(name) if !p.is_empty() => param = Some((name.to_owned(), percent_decode(p, false))),
+            Some(_) => return None,
+            None if t == p => {}
+            None => return None,
+        }
+    }
+    param
+}
+
+/// Decodes `%XX` escapes (and, in a query string, `+` as a space); invalid escapes stay as
+/// they are.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn str_at<'a>(event: &'a Value, pointer: &str) -> Option<&'a str> {
+    event.pointer(pointer).and_then(Value::as_str)
+}
+
+/// The route of a request: API Gateway's `routeKey` and `pathParameters` when it matched one of
+/// ours, else the path itself (a direct invocation, a `$default` route).
+fn resolve(event: &Value) -> Result<Route, ApiError> {
+    let method = str_at(event, "/requestContext/http/method").unwrap_or("GET").to_ascii_uppercase();
+    let path = str_at(event, "/rawPath").or_else(|| str_at(event, "/requestContext/http/path")).unwrap_or("/");
+    let from_route_key = str_at(event, "/routeKey").and_then(|key| key.split_once(' ')).and_then(|(_, template)| {
+        let (name, _) = match_template(template, template)?;
+        let value = str_at(event, &format!("/pathParameters/{name}"))?;
+        Route::from_template(template, value.to_owned())
+    });
+    let route = from_route_key.or_else(|| {
+        ROUTES.iter().find_map(|t| match_template(t, path).and_then(|(_, value)| Route::from_template(t, value)))
+    });
+    match route {
+        None => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
+        Some(_) if method != "GET" => Err(ApiError::MethodNotAllowed(method)),
+        Some(route) => Ok(route),
+    }
+}
+
+/// The query parameters: `queryStringParameters` (API Gateway joins repeated ones with commas),
+/// else parsed from `rawQueryString`.
+fn query_params(event: &Value) -> BTreeMap<String, String> {
+    if let Some(params) = event.get("queryStringParameters").and_then(Value::as_object) {
+        return params.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect();
+    }
+    let mut params = BTreeMap::<String, String>::new();
+    for pair in str_at(event, "/rawQueryString").unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (percent_decode(k, true), percent_decode(v, true));
+        params.entry(k).and_modify(|old| *old = format!("{old},{v}")).or_insert(v);
+    }
+    params
+}
+
+fn whole_number(
+    params: &BTreeMap<String, String>,
+    name: &str,
+    default: u64,
+    range: (u64, u64),
+) -> Result<u64, ApiError> {
+    let Some(raw) = params.get(name) else { return Ok(default) };
+    match raw.trim().parse::<u64>() {
+        Ok(n) if (range.0..=range.1).contains(&n) => Ok(n),
+        _ if range.1 == u64::MAX => Err(ApiError::BadRequest(format!("{name} must be a whole number"))),
+        _ => Err(ApiError::BadRequest(format!("{name} must be a whole number from {} to {}", range.0, range.1))),
+    }
+}
+
+/// The path the client called, up to the canonical route (a stage prefix is kept), so links
+/// work wherever the API is mounted. Only plain characters are echoed back into a header.
+fn base_path(event: &Value, canonical: &str) -> String {
+    let raw = str_at(event, "/rawPath").unwrap_or_default();
+    match raw.strip_suffix(canonical) {
+        Some(prefix) if prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_./~$".contains(c)) => {
+            format!("{prefix}{canonical}")
+        }
+        _ => canonical.to_owned(),
+    }
+}
+
+fn link_header(links: &[(String, &str)]) -> Option<String> {
+    (!links.is_empty())
+        .then(|| links.iter().map(|(url, rel)| format!("<{url}>; rel=\"{rel}\"")).collect::<Vec<_>>().join(", "))
+}
+
+fn http_response(status: u16, body: &Value, extra: &[(&str, String)]) -> Value {
+    let mut headers = json!({ "content-type": "application/json" });
+    for (k, v) in extra {
+        headers[*k] = json!(v);
+    }
+    json!({ "statusCode": status, "headers": headers, "body": body.to_string(), "isBase64Encoded": false })
+}
+
+/// A cursor is the position after the last item returned: the listing's `LastEvaluatedKey`
+/// (table and index keys), as URL-safe base64 of its JSON.
+fn encode_cursor(key: &Item) -> Option<String> {
+    let mut json = serde_json::Map::new();
+    for name in ["pk", "sk", "gsi1pk", "gsi1sk"] {
+        json.insert(name.to_owned(), json!(key.get(name)?.as_s().ok()?));
+    }
+    Some(URL_SAFE_NO_PAD.encode(Value::Object(json).to_string()))
+}
+
+/// Reads a cursor back, refusing anything that is not a position in this customer's listing
+/// (so a forged cursor is a 400, not a failed query).
+fn decode_cursor(cursor: &str, gsi1pk: &str) -> Result<Item, ApiError> {
+    let invalid = || ApiError::BadRequest("invalid cursor".into());
+    let bytes = URL_SAFE_NO_PAD_INDIFFERENT.decode(cursor.trim()).map_err(|_| invalid())?;
+    let key: BTreeMap<String, String> = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    let valid = key.len() == 4
+        && key.get("gsi1pk").map(String::as_str) == Some(gsi1pk)
+        && key.get("sk").map(String::as_str) == Some("CUSTOMER")
+        && key.get("pk").is_some_and(|pk| pk.len() > 6 && pk.starts_with("ORDER#"))
+        && key.get("gsi1sk").is_some_and(|sk| !sk.is_empty())
+        && key.values().all(|v| v.len() <= 1024);
+    if !valid {
+        return Err(invalid());
+    }
+    Ok(key.into_iter().map(|(k, v)| (k, AttributeValue::S(v))).collect())
+}
+
+/// The per-stream versions a read model item recorded.
+#[derive(Deserialize, Default)]
+struct Versions {
+    #[serde(default)]
+    versions: BTreeMap<String, u64>,
+}
+
+/// The query API over an event store and the read model table.
+pub struct QueryApi<S> {
+    store: S,
+    dynamodb: Client,
+    read_model_table: String,
+}
+
+impl QueryApi<DynamoEventStore> {
+    pub fn new(dynamodb: Client, config: Config) -> Self {
+        Self::with_store(DynamoEventStore::new(dynamodb.clone(), config.event_store), dynamodb, config.read_model_table)
+    }
+}
+
+impl<S: EventStore> QueryApi<S> {
+    pub fn with_store(store: S, dynamodb: Client, read_model_table: String) -> Self {
+        Self { store, dynamodb, read_model_table }
+    }
+
+    /// Answers one HTTP API (payload 2.0) event with the HTTP response.
+    pub async fn handle(&self, event: Value) -> Value {
+        let result = match resolve(&event) {
+            Ok(route) => self.answer(&route, &event).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(reply) => {
+                let link = link_header(&reply.links);
+                http_response(200, &reply.body, &link.map(|l| vec![("link", l)]).unwrap_or_default())
+            }
+            Err(e) => {
+                let extra = match &e {
+                    ApiError::Internal(detail) => {
+                        let path = str_at(&event, "/rawPath").unwrap_or_default();
+                        tracing::error!(%detail, %path, "query failed");
+                        vec![]
+                    }
+                    ApiError::MethodNotAllowed(_) => vec![("allow", "GET".to_owned())],
+                    _ => vec![],
+                };
+                http_response(e.status(), &json!({ "error": e.to_string() }), &extra)
+            }
+        }
+    }
+
+    async fn answer(&self, route: &Route, event: &Value) -> Result<Reply, ApiError> {
+        let params = query_params(event);
+        match route {
+            Route::Order(id) => self.order(id).await,
+            Route::CustomerOrders(id) => self.customer_orders(id, &params, event).await,
+            Route::StreamEvents(stream) => self.stream_events(stream, &params, event).await,
+            Route::StreamLag(stream) => self.lag(stream).await,
+        }
+    }
+
+    async fn get(&self, (pk, sk): (String, String), projection: Option<&str>) -> Result<Option<Item>, ApiError> {
+        let mut request = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.read_model_table)
+            .key("pk", AttributeValue::S(pk))
+            .key("sk", AttributeValue::S(sk));
+        if let Some(attribute) = projection {
+            request = request.projection_expression("#p").expression_attribute_names("#p", attribute);
+        }
+        let found = request.send().await.map_err(|e| sdk_error("GetItem", e))?;
+        Ok(found.item)
+    }
+
+    /// `GET /orders/{id}`.
+    async fn order(&self, id: &str) -> Result<Reply, ApiError> {
+        let id = OrderId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let Some(item) = self.get(order_key(id.as_str()), None).await? else {
+            return Err(ApiError::NotFound(format!("order {id} not found")));
+        };
+        // The item's keys (pk, sk) and storage fields (revision) are not part of the view.
+        let view: OrderView =
+            from_item(item).map_err(|e| ApiError::Internal(format!("order view of {id} is malformed: {e}")))?;
+        Ok(Reply::json(json!(view)))
+    }
+
+    /// `GET /customers/{id}/orders`: newest first, optionally one status, paged by cursor.
+    async fn customer_orders(
+        &self,
+        id: &str,
+        params: &BTreeMap<String, String>,
+        event: &Value,
+    ) -> Result<Reply, ApiError> {
+        let customer = CustomerId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let status = match params.get("status") {
+            None => None,
+            Some(s) => Some(
+                *STATUSES
+                    .iter()
+                    .find(|known| **known == s.as_str())
+                    .ok_or_else(|| ApiError::BadRequest(format!("status must be one of {}", STATUSES.join(", "))))?,
+            ),
+        };
+        let limit = whole_number(params, "limit", DEFAULT_ORDERS_LIMIT.into(), (1, MAX_ORDERS_LIMIT.into()))? as usize;
+        let gsi1pk = format!("CUSTOMER#{customer}");
+        let mut start = params.get("cursor").map(|c| decode_cursor(c, &gsi1pk)).transpose()?;
+
+        // One more than the page holds tells whether a next page exists, so a `next` link never
+        // leads to an empty page. A filter applies after DynamoDB's `Limit`: keep querying.
+        let wanted = limit + 1;
+        let mut rows: Vec<Item> = Vec::with_capacity(wanted);
+        let mut round_trips = 0;
+        let mut stopped_at = None;
+        loop {
+            round_trips += 1;
+            let remaining = wanted - rows.len();
+            let page_limit = if status.is_some() { (remaining * 4).clamp(25, 1000) } else { remaining };
+            let mut query = self
+                .dynamodb
+                .query()
+                .table_name(&self.read_model_table)
+                .index_name(CUSTOMER_INDEX)
+                .key_condition_expression("gsi1pk = :pk")
+                .expression_attribute_values(":pk", AttributeValue::S(gsi1pk.clone()))
+                .scan_index_forward(false)
+                .limit(i32::try_from(page_limit).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start.take());
+            if let Some(status) = status {
+                query = query
+                    .filter_expression("#status = :status")
+                    .expression_attribute_names("#status", "status")
+                    .expression_attribute_values(":status", AttributeValue::S(status.to_owned()));
+            }
+            let page = query.send().await.map_err(|e| sdk_error("Query byCustomer", e))?;
+            rows.extend(page.items.unwrap_or_default());
+            start = page.last_evaluated_key;
+            if rows.len() >= wanted || start.is_none() {
+                break;
+            }
+            if round_trips >= MAX_QUERY_ROUND_TRIPS {
+                // Few matches in a long history: answer what was found; the cursor goes on from
+                // where the reading stopped.
+                stopped_at = start.take();
+                break;
+            }
+        }
+        let cursor = if rows.len() > limit {
+            rows.truncate(limit);
+            let last = rows.last().ok_or_else(|| ApiError::Internal("empty page with more rows".into()))?;
+            Some(encode_cursor(last).ok_or_else(|| ApiError::Internal("a listed order has no index keys".into()))?)
+        } else {
+            match stopped_at {
+                Some(key) => {
+                    Some(encode_cursor(&key).ok_or_else(|| ApiError::Internal("unexpected LastEvaluatedKey".into()))?)
+                }
+                None => None,
+            }
+        };
+        let items = rows
+            .into_iter()
+            .map(|item| {
+                let mut order: CustomerOrder =
+                    from_item(item).map_err(|e| ApiError::Internal(format!("customer order is malformed: {e}")))?;
+                // Index keys are storage, not part of the answer.
+                order.gsi1pk = None;
+                order.gsi1sk = None;
+                Ok(json!(order))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+
+        let mut links = Vec::new();
+        if let Some(cursor) = &cursor {
+            let base = base_path(event, &format!("/customers/{customer}/orders"));
+            let filter = status.map(|s| format!("&status={s}")).unwrap_or_default();
+            links.push((format!("{base}?limit={limit}{filter}&cursor={cursor}"), "next"));
+        }
+        Ok(Reply { body: json!({ "items": items, "nextCursor": cursor }), links })
+    }
+
+    /// `GET /streams/{stream}/events`: a page after `after`, and where the stream's head is.
+    async fn stream_events(
+        &self,
+        stream: &str,
+        params: &BTreeMap<String, String>,
+        event: &Value,
+    ) -> Result<Reply, ApiError> {
+        let stream = StreamId::parse(stream).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let after = whole_number(params, "after", 0, (0, u64::MAX))?;
+        let limit = whole_number(params, "limit", DEFAULT_EVENTS_LIMIT.into(), (1, MAX_EVENTS_LIMIT.into()))?;
+        let events = self.store.read_page(&stream, after, limit as u32).await?;
+        // Read after the page, so the head is never behind what the page returned.
+        let head = self.store.head_version(&stream).await?;
+        if head == 0 {
+            return Err(ApiError::NotFound(format!("stream {stream} has no events")));
+        }
+        let base = base_path(event, &format!("/streams/{stream}/events"));
+        let mut links = Vec::new();
+        if let Some(last) = events.last().map(|e| e.version).filter(|last| *last < head) {
+            links.push((format!("{base}?after={last}&limit={limit}"), "next"));
+        }
+        if after > 0 {
+            links.push((format!("{base}?after={}&limit={limit}", after.saturating_sub(limit)), "prev"));
+        }
+        Ok(Reply { body: json!({ "stream": stream.as_str(), "events": events, "head": head }), links })
+    }
+
+    /// `GET /streams/{stream}/lag`: the head against the version each read model applied.
+    async fn lag(&self, stream: &str) -> Result<Reply, ApiError> {
+        let stream = StreamId::parse(stream).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let models: Vec<(&str, (String, String))> = [
+            (OrderView::NAME, OrderView::key(&stream)),
+            (CustomerOrder::NAME, CustomerOrder::key(&stream)),
+            (InventoryLevel::NAME, InventoryLevel::key(&stream)),
+        ]
+        .into_iter()
+        .filter_map(|(name, key)| key.map(|k| (name, k)))
+        .collect();
+        if models.is_empty() {
+            return Err(ApiError::NotFound(format!("no read model follows {} streams", stream.category())));
+        }
+        // The models first, then the head: a model cannot be seen ahead of the head.
+        let mut applied = BTreeMap::new();
+        for (name, key) in models {
+            let versions = match self.get(key, Some("versions")).await? {
+                None => Versions::default(),
+                Some(item) => from_item(item)
+                    .map_err(|e| ApiError::Internal(format!("{name} versions for {stream} are malformed: {e}")))?,
+            };
+            applied.insert(name, versions.versions.get(stream.as_str()).copied().unwrap_or(0));
+        }
+        let head = self.store.head_version(&stream).await?;
+        if head == 0 {
+            return Err(ApiError::NotFound(format!("stream {stream} has no events")));
+        }
+        let behind: BTreeMap<&str, u64> = applied.iter().map(|(name, v)| (*name, head.saturating_sub(*v))).collect();
+        Ok(Reply::json(json!({ "stream": stream.as_str(), "head": head, "applied": applied, "behind": behind })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(method: &str, path: &str, query: &str) -> Value {
+        json!({
+            "version": "2.0",
+            "routeKey": "$default",
+            "rawPath": path,
+            "rawQueryString": query,
+            "requestContext": { "http": { "method": method, "path": path } },
+        })
+    }
+
+    #[test]
+    fn routes_resolve_from_route_key_or_path() {
+        let by_key = json!({
+            "routeKey": "GET /orders/{id}",
+            "rawPath": "/prod/orders/o-1",
+            "pathParameters": { "id": "o-1" },
+            "requestContext": { "http": { "method": "GET" } },
+        });
+        assert_eq!(resolve(&by_key).unwrap(), Route::Order("o-1".into()));
+        assert_eq!(resolve(&http("GET", "/customers/c-1/orders", "")).unwrap(), Route::CustomerOrders("c-1".into()));
+        assert_eq!(
+            resolve(&http("GET", "/streams/Order-a%3A1/events", "")).unwrap(),
+            Route::StreamEvents("Order-a:1".into())
+        );
+        assert_eq!(resolve(&http("GET", "/streams/Order-1/lag", "")).unwrap(), Route::StreamLag("Order-1".into()));
+        assert!(matches!(resolve(&http("GET", "/nope", "")), Err(ApiError::NotFound(_))));
+        assert!(matches!(resolve(&http("GET", "/orders/", "")), Err(ApiError::NotFound(_))));
+        assert!(matches!(resolve(&http("GET", "/orders/a/b", "")), Err(ApiError::NotFound(_))));
+        assert!(matches!(resolve(&http("DELETE", "/orders/a", "")), Err(ApiError::MethodNotAllowed(_))));
+    }
+
+    #[test]
+    fn query_strings_are_decoded() {
+        let params = query_params(&http("GET", "/x", "status=Placed&limit=5&a=b%20c&a=d&e+f=g+h"));
+        assert_eq!(params["status"], "Placed");
+        assert_eq!(params["a"], "b c,d");
+        assert_eq!(params["e f"], "g h");
+        let given = json!({ "queryStringParameters": { "limit": "7" }, "rawQueryString": "limit=9" });
+        assert_eq!(query_params(&given)["limit"], "7");
+        assert_eq!(percent_decode("100%", false), "100%");
+        assert_eq!(percent_decode("%zz%41", false), "%zzA");
+    }
+
+    #[test]
+    fn numbers_are_bounded() {
+        let params = BTreeMap::from([("limit".to_owned(), "0".to_owned()), ("after".to_owned(), "-1".to_owned())]);
+        assert!(whole_number(&params, "limit", 20, (1, 100)).is_err());
+        assert!(whole_number(&params, "after", 0, (0, u64::MAX)).is_err());
+        assert_eq!(whole_number(&params, "missing", 20, (1, 100)).unwrap(), 20);
+        let params = BTreeMap::from([("limit".to_owned(), "100".to_owned())]);
+        assert_eq!(whole_number(&params, "limit", 20, (1, 100)).unwrap(), 100);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_forgeries_are_refused() {
+        let key: Item = [("pk", "ORDER#o1"), ("sk", "CUSTOMER"), ("gsi1pk", "CUSTOMER#c1"), ("gsi1sk", "2026#o1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), AttributeValue::S(v.to_owned())))
+            .collect();
+        let cursor = encode_cursor(&key).unwrap();
+        assert!(cursor.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{cursor}");
+        assert_eq!(decode_cursor(&cursor, "CUSTOMER#c1").unwrap(), key);
+        assert!(decode_cursor(&cursor, "CUSTOMER#other").is_err(), "another customer's cursor");
+        assert!(decode_cursor("not base64!", "CUSTOMER#c1").is_err());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("[1]"), "CUSTOMER#c1").is_err());
+        let forged = URL_SAFE_NO_PAD.encode(r#"{"pk":"x","sk":"CUSTOMER","gsi1pk":"CUSTOMER#c1","gsi1sk":"s"}"#);
+        assert!(decode_cursor(&forged, "CUSTOMER#c1").is_err());
+    }
+
+    #[test]
+    fn links_keep_a_stage_prefix_but_echo_nothing_odd() {
+        let event = json!({ "rawPath": "/prod/streams/Order-1/events" });
+        assert_eq!(base_path(&event, "/streams/Order-1/events"), "/prod/streams/Order-1/events");
+        let event = json!({ "rawPath": "/a>b/streams/Order-1/events" });
+        assert_eq!(base_path(&event, "/streams/Order-1/events"), "/streams/Order-1/events");
+        let links = vec![("/x?after=3".to_owned(), "next"), ("/x?after=0".to_owned(), "prev")];
+        assert_eq!(link_header(&links).unwrap(), r#"</x?after=3>; rel="next", </x?after=0>; rel="prev""#);
+    }
+}

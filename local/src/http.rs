@@ -1,0 +1,676 @@
+//! Local HTTP serving of the template's `HttpApi` events: what API Gateway's HTTP API does in
+//! front of the functions, in process.
+//!
+//! Every `HttpApi` entry of a function's `Events` (resolved by the provisioner) becomes a route:
+//! `Method` (`ANY` matches every method) and `Path` in SAM syntax, where `{name}` matches one
+//! segment and `{name+}` the rest of the path; an event with neither is the `$default` route.
+//! A request is turned into an API Gateway HTTP API payload 2.0 event (`routeKey`, `rawPath`,
+//! `rawQueryString`, lower-cased `headers`, `cookies`, `queryStringParameters`,
+//! `pathParameters`, `requestContext`, `body`), the function is invoked in process and its
+//! response (`statusCode`, `headers`, `cookies`, `body`, `isBase64Encoded`; or any other JSON,
+//! which means 200 with that JSON) is written back. As on AWS, the most specific route wins, a
+//! function error is a 500, and an invocation is bounded by the function's `Timeout` (at most
+//! 30 s, the HTTP API integration limit; then 503).
+//!
+//! Differences from API Gateway, by design: a path that a route serves for other methods gets
+//! `405` with `Allow` (API Gateway answers 404), and errors of the server itself are JSON
+//! `{"error": …}`. No authorizers, CORS, throttling or stages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, error, info, warn};
+
+use crate::Stack;
+use crate::runner::BoxFuture;
+
+/// A function invoked over HTTP: takes the payload 2.0 event, returns the response JSON.
+pub type HttpFn = Arc<dyn Fn(Value) -> BoxFuture<Value> + Send + Sync>;
+
+/// Wraps an async closure as an [`HttpFn`].
+pub fn http_fn<F, Fut>(f: F) -> HttpFn
+where
+    F: Fn(Value) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Value> + Send + 'static,
+{
+    Arc::new(move |event| Box::pin(f(event)))
+}
+
+/// API Gateway's payload limit.
+const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// Lambda's default function timeout.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The HTTP API integration timeout.
+const MAX_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long requests under way may finish once the server is stopped.
+const DRAIN: Duration = Duration::from_secs(35);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param(String),
+    Greedy(String),
+}
+
+/// One `HttpApi` event of a function.
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    pub function: String,
+    pub event: String,
+    /// Upper case; `ANY` for every method.
+    pub method: String,
+    /// SAM syntax (`/orders/{id}`); `None` for the `$default` route.
+    pub path: Option<String>,
+    /// `ApiId`, resolved (the API's name locally).
+    pub api_id: Option<String>,
+    pub timeout: Duration,
+    segments: Vec<Segment>,
+}
+
+impl HttpRoute {
+    /// `GET /orders/{id}`, or `$default`.
+    pub fn route_key(&self) -> String {
+        match &self.path {
+            Some(path) => format!("{} {path}", self.method),
+            None => "$default".into(),
+        }
+    }
+
+    fn accepts(&self, method: &str) -> bool {
+        self.method == "ANY" || self.method == method
+    }
+
+    /// The path parameters, if `path` (as sent, percent-encoded) matches.
+    fn matches(&self, path: &str) -> Option<BTreeMap<String, String>> {
+        if self.path.is_none() {
+            return Some(BTreeMap::new());
+        }
+        let parts: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+        let mut params = BTreeMap::new();
+        for (i, segment) in self.segments.iter().enumerate() {
+            match segment {
+                Segment::Literal(literal) => {
+                    if parts.get(i) != Some(&literal.as_str()) {
+                        return None;
+                    }
+                }
+                Segment::Param(name) => match parts.get(i) {
+                    Some(part) if !part.is_empty() => {
+                        params.insert(name.clone(), percent_decode(part, false));
+                    }
+                    _ => return None,
+                },
+                Segment::Greedy(name) => {
+                    let rest = parts.get(i..).filter(|rest| !rest.is_empty() && !rest[0].is_empty())?;
+                    params.insert(name.clone(), percent_decode(&rest.join("/"), false));
+                    return Some(params);
+                }
+            }
+        }
+        (parts.len() == self.segments.len()).then_some(params)
+    }
+
+    /// How specific the route is: literal segments first, then a fixed length, then an exact
+    /// method; the `$default` route last.
+    fn specificity(&self) -> (bool, usize, bool, usize, bool) {
+        let literals = self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count();
+        let greedy = self.segments.iter().any(|s| matches!(s, Segment::Greedy(_)));
+        (self.path.is_some(), literals, !greedy, self.segments.len(), self.method != "ANY")
+    }
+}
+
+impl fmt::Display for HttpRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {} ({})", self.route_key(), self.function, self.event)
+    }
+}
+
+fn parse_path(path: &str) -> anyhow::Result<Vec<Segment>> {
+    let Some(rest) = path.strip_prefix('/') else { bail!("Path {path:?} must start with /") };
+    if rest.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    let mut segments = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let segment = match part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            Some(name) if name.ends_with('+') && i + 1 == parts.len() => {
+                Segment::Greedy(name.trim_end_matches('+').to_owned())
+            }
+            Some(name) if !name.is_empty() && !name.contains(['+', '{', '}']) => Segment::Param(name.to_owned()),
+            Some(_) => bail!("Path {path:?}: bad parameter {part:?}"),
+            None if part.contains(['{', '}']) => bail!("Path {path:?}: bad segment {part:?}"),
+            None => Segment::Literal((*part).to_owned()),
+        };
+        segments.push(segment);
+    }
+    Ok(segments)
+}
+
+/// Every `HttpApi` event of the stack's functions, in a stable order.
+pub fn routes(stack: &Stack) -> anyhow::Result<Vec<HttpRoute>> {
+    let mut routes: Vec<HttpRoute> = Vec::new();
+    for (function, props) in &stack.function_properties {
+        let timeout = match props.get("Timeout") {
+            None | Some(Value::Null) => DEFAULT_TIMEOUT,
+            Some(v) => {
+                let seconds = v.as_u64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()));
+                Duration::from_secs(seconds.filter(|s| *s > 0).with_context(|| format!("{function}: Timeout {v}"))?)
+            }
+        };
+        for (event, spec) in props.get("Events").and_then(Value::as_object).into_iter().flatten() {
+            if spec.get("Type").and_then(Value::as_str) != Some("HttpApi") {
+                continue;
+            }
+            let p = spec.get("Properties").unwrap_or(&Value::Null);
+            let context = || format!("{function}.{event} (HttpApi)");
+            let path = p.get("Path").and_then(Value::as_str).map(str::to_owned);
+            let method = p.get("Method").and_then(Value::as_str).map(str::to_ascii_uppercase);
+            let (path, method) = match (path, method) {
+                (Some(path), Some(method)) => (Some(path), method),
+                (None, None) => (None, "ANY".to_owned()),
+                _ => bail!("{}: Path and Method go together", context()),
+            };
+            let segments = match &path {
+                Some(path) => parse_path(path).with_context(context)?,
+                None => Vec::new(),
+            };
+            let route = HttpRoute {
+                function: function.clone(),
+                event: event.clone(),
+                method,
+                path,
+                api_id: p.get("ApiId").and_then(Value::as_str).map(str::to_owned),
+                timeout: timeout.min(MAX_TIMEOUT),
+                segments,
+            };
+            if let Some(other) =
+                routes.iter().find(|r| r.route_key() == route.route_key() && r.segments == route.segments)
+            {
+                bail!("{} and {} declare the same route {}", other.function, route.function, route.route_key());
+            }
+            routes.push(route);
+        }
+    }
+    routes.sort_by_key(|r| (r.path.clone(), r.method.clone()));
+    Ok(routes)
+}
+
+struct Served {
+    route: HttpRoute,
+    handler: HttpFn,
+}
+
+struct State {
+    routes: Vec<Served>,
+    port: u16,
+}
+
+/// The running server.
+pub struct HttpHandle {
+    addr: SocketAddr,
+    routes: Vec<String>,
+    skipped: Vec<String>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl HttpHandle {
+    /// Where it listens (the port the OS chose, when asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:3000`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Human-readable, one per route served.
+    pub fn routes(&self) -> &[String] {
+        &self.routes
+    }
+
+    /// Routes not served (their function has no handler), and why.
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped
+    }
+
+    /// Stops accepting, lets requests under way finish (bounded), and waits for the end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            error!(error = %e, "the HTTP server task ended abnormally");
+        }
+    }
+}
+
+/// Serves the stack's `HttpApi` routes on `addr` with the given handlers (by logical id).
+/// Routes of functions without a handler are listed in [`HttpHandle::skipped`]; a handler for a
+/// function the stack does not have is an error. Dropping the handle stops the server too.
+pub async fn serve(stack: &Stack, handlers: HashMap<String, HttpFn>, addr: SocketAddr) -> anyhow::Result<HttpHandle> {
+    if let Some(unknown) = handlers.keys().find(|f| !stack.function_properties.contains_key(*f)) {
+        bail!("an HTTP handler is given for {unknown}, which is not an AWS::Serverless::Function of the stack");
+    }
+    let mut served = Vec::new();
+    let mut skipped = Vec::new();
+    for route in routes(stack)? {
+        match handlers.get(&route.function) {
+            Some(handler) => served.push(Served { route, handler: handler.clone() }),
+            None => skipped.push(format!("{route}: no HTTP handler for {}", route.function)),
+        }
+    }
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let addr = listener.local_addr()?;
+    let routes = served.iter().map(|s| s.route.to_string()).collect();
+    let state = Arc::new(State { routes: served, port: addr.port() });
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(accept(listener, state, stopped));
+    info!(%addr, "serving the HTTP API");
+    Ok(HttpHandle { addr, routes, skipped, stop, task })
+}
+
+async fn accept(listener: TcpListener, state: Arc<State>, stopped: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    loop {
+        let mut stop = stopped.clone();
+        tokio::select! {
+            () = stop_requested(&mut stop) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let state = state.clone();
+                    let mut stop = stopped.clone();
+                    connections.spawn(async move {
+                        let service = service_fn(move |request| respond(state.clone(), request, peer));
+                        let mut builder = http1::Builder::new();
+                        builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+                        let connection = builder.serve_connection(TokioIo::new(stream), service);
+                        tokio::pin!(connection);
+                        tokio::select! {
+                            done = connection.as_mut() => {
+                                if let Err(e) = done {
+                                    debug!(%peer, error = %e, "connection ended with an error");
+                                }
+                            }
+                            () = stop_requested(&mut stop) => {
+                                connection.as_mut().graceful_shutdown();
+                                let _ = connection.await;
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(DRAIN, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!("requests still under way after {} s: aborted", DRAIN.as_secs());
+        connections.abort_all();
+    }
+}
+
+/// Returns once a stop is requested (or the handle is gone).
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn error_response(status: StatusCode, message: &str, extra: &[(&str, String)]) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(json!({ "error": message }).to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (name, value) in extra {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(*name), HeaderValue::try_from(value.as_str())) {
+            headers.insert(name, value);
+        }
+    }
+    response
+}
+
+async fn respond(
+    state: Arc<State>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = request.method().as_str().to_ascii_uppercase();
+    let path = request.uri().path().to_owned();
+    let candidates: Vec<(&Served, BTreeMap<String, String>)> =
+        state.routes.iter().filter_map(|s| s.route.matches(&path).map(|params| (s, params))).collect();
+    let chosen = candidates
+        .iter()
+        .filter(|(s, _)| s.route.accepts(&method))
+        .max_by_key(|(s, _)| s.route.specificity())
+        .map(|(s, params)| (*s, params.clone()));
+    let Some((served, path_parameters)) = chosen else {
+        if candidates.is_empty() {
+            return Ok(error_response(StatusCode::NOT_FOUND, &format!("no route for {method} {path}"), &[]));
+        }
+        let mut allow: Vec<&str> = candidates.iter().map(|(s, _)| s.route.method.as_str()).collect();
+        allow.sort_unstable();
+        allow.dedup();
+        let message = format!("method {method} is not allowed for {path}");
+        return Ok(error_response(StatusCode::METHOD_NOT_ALLOWED, &message, &[("allow", allow.join(", "))]));
+    };
+    let route = &served.route;
+    let (parts, body) = request.into_parts();
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Ok(error_response(StatusCode::PAYLOAD_TOO_LARGE, "the body is larger than 10 MB", &[]));
+        }
+        Err(e) => {
+            debug!(error = %e, "reading the request body failed");
+            return Ok(error_response(StatusCode::BAD_REQUEST, "the request body could not be read", &[]));
+        }
+    };
+    let event = api_event(route, &parts, &body, path_parameters, peer, state.port);
+    let started = std::time::Instant::now();
+    let mut invocation = tokio::spawn((served.handler)(event));
+    let outcome = tokio::time::timeout(route.timeout, &mut invocation).await;
+    let response = match outcome {
+        Err(_) => {
+            invocation.abort();
+            warn!(route = %route, timeout_s = route.timeout.as_secs_f64(), "the function timed out");
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", &[])
+        }
+        Ok(Err(e)) => {
+            error!(route = %route, error = %e, "the function failed");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", &[])
+        }
+        Ok(Ok(answer)) => to_response(answer).unwrap_or_else(|e| {
+            error!(route = %route, error = %e, "the function's response is malformed");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", &[])
+        }),
+    };
+    info!(%method, %path, route = %route.route_key(), status = response.status().as_u16(),
+          ms = started.elapsed().as_millis() as u64, "request");
+    Ok(response)
+}
+
+/// The payload 2.0 event API Gateway would send for this request and route.
+fn api_event(
+    route: &HttpRoute,
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    path_parameters: BTreeMap<String, String>,
+    peer: SocketAddr,
+    port: u16,
+) -> Value {
+    let mut headers = serde_json::Map::new();
+    let mut cookies = Vec::new();
+    for (name, value) in &parts.headers {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        if name == hyper::header::COOKIE {
+            cookies.extend(value.split(';').map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned));
+            continue;
+        }
+        // Header names arrive lower-cased; repeated headers are joined with commas.
+        match headers.get_mut(name.as_str()) {
+            Some(Value::String(existing)) => {
+                existing.push(',');
+                existing.push_str(&value);
+            }
+            _ => {
+                headers.insert(name.as_str().to_owned(), json!(value));
+            }
+        }
+    }
+    headers.entry("x-forwarded-for").or_insert_with(|| json!(peer.ip().to_string()));
+    headers.entry("x-forwarded-port").or_insert_with(|| json!(port.to_string()));
+    headers.entry("x-forwarded-proto").or_insert_with(|| json!("http"));
+    let host = headers.get("host").and_then(Value::as_str).map_or_else(|| format!("127.0.0.1:{port}"), str::to_owned);
+    let user_agent = headers.get("user-agent").and_then(Value::as_str).unwrap_or_default().to_owned();
+
+    let raw_query = parts.uri.query().unwrap_or_default().to_owned();
+    let mut query = serde_json::Map::new();
+    for pair in raw_query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (percent_decode(k, true), percent_decode(v, true));
+        match query.get_mut(&k) {
+            Some(Value::String(existing)) => {
+                existing.push(',');
+                existing.push_str(&v);
+            }
+            _ => {
+                query.insert(k, json!(v));
+            }
+        }
+    }
+
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let path = parts.uri.path();
+    let mut event = json!({
+        "version": "2.0",
+        "routeKey": route.route_key(),
+        "rawPath": path,
+        "rawQueryString": raw_query,
+        "headers": headers,
+        "requestContext": {
+            "accountId": "000000000000",
+            "apiId": route.api_id.clone().unwrap_or_else(|| "local".into()),
+            "domainName": host,
+            "domainPrefix": host.split(['.', ':']).next().unwrap_or_default(),
+            "http": {
+                "method": parts.method.as_str(),
+                "path": path,
+                "protocol": format!("{:?}", parts.version),
+                "sourceIp": peer.ip().to_string(),
+                "userAgent": user_agent,
+            },
+            "requestId": format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            "routeKey": route.route_key(),
+            "stage": "$default",
+            "time": clf_time(now.as_secs() as i64),
+            "timeEpoch": now.as_millis() as u64,
+        },
+        "isBase64Encoded": false,
+    });
+    if !cookies.is_empty() {
+        event["cookies"] = json!(cookies);
+    }
+    if !query.is_empty() {
+        event["queryStringParameters"] = Value::Object(query);
+    }
+    if !path_parameters.is_empty() {
+        event["pathParameters"] = json!(path_parameters);
+    }
+    if !body.is_empty() {
+        match std::str::from_utf8(body) {
+            Ok(text) => event["body"] = json!(text),
+            // API Gateway sends bodies that are not text as base64.
+            Err(_) => {
+                event["body"] = json!(STANDARD.encode(body));
+                event["isBase64Encoded"] = json!(true);
+            }
+        }
+    }
+    event
+}
+
+/// `22/Nov/2026:03:00:00 +0000`, as `requestContext.time` has it.
+fn clf_time(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!(
+            "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
+            t.day(),
+            &t.month().to_string()[..3],
+            t.year(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => unix.to_string(),
+    }
+}
+
+fn header_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// The function's answer as an HTTP response (payload 2.0 response format).
+fn to_response(answer: Value) -> anyhow::Result<Response<Full<Bytes>>> {
+    let Some(status) = answer.get("statusCode") else {
+        // Any other JSON is the body of a 200.
+        let mut response = Response::new(Full::new(Bytes::from(answer.to_string())));
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return Ok(response);
+    };
+    let status = header_text(status).and_then(|s| s.parse::<u16>().ok()).context("statusCode is not a number")?;
+    let status = StatusCode::from_u16(status).with_context(|| format!("statusCode {status} is not an HTTP status"))?;
+    let body = match answer.get("body") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(text)) if answer.get("isBase64Encoded") == Some(&Value::Bool(true)) => {
+            STANDARD.decode(text).context("the body is not base64")?
+        }
+        Some(Value::String(text)) => text.clone().into_bytes(),
+        Some(other) => other.to_string().into_bytes(),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    for (name, value) in answer.get("headers").and_then(Value::as_object).into_iter().flatten() {
+        let name = HeaderName::try_from(name.as_str()).with_context(|| format!("header name {name:?}"))?;
+        let value = header_text(value).with_context(|| format!("header {name}"))?;
+        headers.insert(name.clone(), HeaderValue::try_from(value).with_context(|| format!("header {name}"))?);
+    }
+    for (name, values) in answer.get("multiValueHeaders").and_then(Value::as_object).into_iter().flatten() {
+        let name = HeaderName::try_from(name.as_str()).with_context(|| format!("header name {name:?}"))?;
+        for value in values.as_array().into_iter().flatten().filter_map(header_text) {
+            headers.append(name.clone(), HeaderValue::try_from(value).with_context(|| format!("header {name}"))?);
+        }
+    }
+    for cookie in answer.get("cookies").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        headers.append(hyper::header::SET_COOKIE, HeaderValue::try_from(cookie).context("cookie")?);
+    }
+    Ok(response)
+}
+
+/// Decodes `%XX` escapes (and, in a query string, `+` as a space); invalid escapes stay.
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(method: &str, path: Option<&str>) -> HttpRoute {
+        HttpRoute {
+            function: "F".into(),
+            event: "E".into(),
+            method: method.into(),
+            path: path.map(str::to_owned),
+            api_id: None,
+            timeout: DEFAULT_TIMEOUT,
+            segments: path.map(|p| parse_path(p).unwrap()).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn sam_paths_match_segments() {
+        let r = route("GET", Some("/orders/{id}"));
+        assert_eq!(r.matches("/orders/o%2D1").unwrap()["id"], "o-1");
+        assert!(r.matches("/orders/").is_none());
+        assert!(r.matches("/orders").is_none());
+        assert!(r.matches("/orders/a/b").is_none());
+        let r = route("GET", Some("/customers/{id}/orders"));
+        assert_eq!(r.matches("/customers/c1/orders").unwrap()["id"], "c1");
+        assert!(r.matches("/customers/c1/payments").is_none());
+        let greedy = route("ANY", Some("/files/{proxy+}"));
+        assert_eq!(greedy.matches("/files/a/b.txt").unwrap()["proxy"], "a/b.txt");
+        assert!(greedy.matches("/files").is_none());
+        assert!(route("ANY", None).matches("/anything").is_some());
+        assert!(parse_path("orders").is_err());
+        assert!(parse_path("/orders/{}").is_err());
+        assert!(parse_path("/a/{x+}/b").is_err());
+    }
+
+    #[test]
+    fn the_most_specific_route_wins() {
+        let literal = route("GET", Some("/orders/latest"));
+        let param = route("GET", Some("/orders/{id}"));
+        let any = route("ANY", Some("/orders/{id}"));
+        let default = route("ANY", None);
+        assert!(literal.specificity() > param.specificity());
+        assert!(param.specificity() > any.specificity());
+        assert!(any.specificity() > default.specificity());
+    }
+
+    #[test]
+    fn responses_follow_the_payload_2_format() {
+        let r = to_response(json!({
+            "statusCode": 201,
+            "headers": { "content-type": "application/json", "x-n": 3 },
+            "cookies": ["a=1"],
+            "body": "{\"ok\":true}",
+        }))
+        .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.headers()["x-n"], "3");
+        assert_eq!(r.headers()["set-cookie"], "a=1");
+        let plain = to_response(json!({ "hello": "world" })).unwrap();
+        assert_eq!(plain.status(), 200);
+        assert_eq!(plain.headers()["content-type"], "application/json");
+        let binary = to_response(json!({ "statusCode": "200", "body": "aGk=", "isBase64Encoded": true })).unwrap();
+        assert_eq!(binary.status(), 200);
+        assert!(to_response(json!({ "statusCode": "nope" })).is_err());
+        assert!(to_response(json!({ "statusCode": 200, "headers": { "bad name": "x" } })).is_err());
+    }
+
+    #[test]
+    fn request_time_is_in_common_log_format() {
+        assert_eq!(clf_time(1_795_143_600), "20/Nov/2026:03:00:00 +0000");
+        assert_eq!(clf_time(1_767_225_599), "31/Dec/2025:23:59:59 +0000");
+    }
+}

@@ -1,0 +1,105 @@
+use serde_json::json;
+
+use super::*;
+
+fn event(stream: &str, version: u64, event_type: &str, payload: Value, at: &str) -> RecordedEvent {
+    RecordedEvent {
+        stream_id: stream.into(),
+        version,
+        event_id: format!("{stream}-{version}"),
+        event_type: event_type.into(),
+        schema_version: 1,
+        payload,
+        correlation_id: "c".into(),
+        causation_id: None,
+        idempotency_key: None,
+        recorded_at: at.into(),
+    }
+}
+
+fn order_events() -> Vec<RecordedEvent> {
+    vec![
+        event(
+            "Order-o1",
+            1,
+            "OrderPlaced",
+            json!({ "orderId": "o1", "customerId": "c1", "currency": "EUR", "lines": [{"sku": "A"}], "total": { "amountMinor": 500, "currency": "EUR" } }),
+            "2026-11-22T10:00:00.000Z",
+        ),
+        event("Payment-o1", 1, "PaymentRequested", json!({}), "2026-11-22T10:00:01.000Z"),
+        event("Payment-o1", 2, "PaymentCharged", json!({ "paymentId": "pay_1" }), "2026-11-22T10:00:02.000Z"),
+        event(
+            "Shipment-o1",
+            1,
+            "ShipmentCreated",
+            json!({ "shipmentId": "shp_1", "carrier": "sim" }),
+            "2026-11-22T10:00:03.000Z",
+        ),
+        event("Order-o1", 2, "OrderCompleted", json!({}), "2026-11-22T10:00:04.000Z"),
+    ]
+}
+
+/// Feeds events as a consumer would: a gap is filled from `all` (the store), then retried.
+fn project(order: &[RecordedEvent], all: &[RecordedEvent]) -> OrderView {
+    let mut view = OrderView::default();
+    for e in order {
+        if let Applied::Gap { applied } = view.apply_next(e) {
+            for missing in
+                all.iter().filter(|m| m.stream_id == e.stream_id && m.version > applied && m.version <= e.version)
+            {
+                view.apply_next(missing);
+            }
+        }
+    }
+    view
+}
+
+#[test]
+fn duplicates_and_out_of_order_delivery_end_identical_to_a_clean_run() {
+    let all = order_events();
+    let clean = project(&all, &all);
+    assert_eq!(clean.status, "Completed");
+    assert_eq!(clean.payment_id.as_deref(), Some("pay_1"));
+    assert_eq!(clean.timeline.len(), 5);
+    let mut shuffled = all.clone();
+    shuffled.reverse();
+    shuffled.extend(all.clone());
+    assert_eq!(project(&shuffled, &all), clean);
+}
+
+#[test]
+fn an_older_or_repeated_event_changes_nothing_and_a_gap_is_reported() {
+    let all = order_events();
+    let mut view = OrderView::default();
+    assert_eq!(view.apply_next(&all[0]), Applied::Applied);
+    assert_eq!(view.apply_next(&all[0]), Applied::AlreadyApplied);
+    assert_eq!(view.apply_next(&all[2]), Applied::Gap { applied: 0 });
+    assert_eq!(view.versions["Order-o1"], 1);
+}
+
+#[test]
+fn inventory_levels_follow_reservations() {
+    let mut level = InventoryLevel::default();
+    for (v, t, q) in [
+        (1, "InventoryRestocked", 10),
+        (2, "InventoryReserved", 3),
+        (3, "InventoryReleased", 1),
+        (4, "InventoryCommitted", 2),
+    ] {
+        level.apply_next(&event("Inventory-SKU-1", v, t, json!({ "quantity": q }), "2026-11-22T10:00:00Z"));
+    }
+    assert_eq!((level.sku.as_str(), level.available, level.reserved), ("SKU-1", 8, 0));
+}
+
+#[test]
+fn daily_sales_count_orders_and_revenue_of_completed_ones() {
+    let all = order_events();
+    let mut day = DailySales::default();
+    for e in &all {
+        if let Some(delta) = SalesDelta::of(e, Some(&all[0])) {
+            day.add(&delta);
+        }
+    }
+    assert_eq!((day.day.as_str(), day.placed, day.completed, day.cancelled), ("2026-11-22", 1, 1, 0));
+    assert_eq!(day.revenue_minor["EUR"], 500);
+}
