@@ -115,13 +115,13 @@ impl HttpRoute {
                 }
                 Segment::Param(name) => match parts.get(i) {
                     Some(part) if !part.is_empty() => {
-                        params.insert(name.clone(), percent_decode(part, false));
+                        params.insert(name.clone(), query_api::percent_decode(part, false));
                     }
                     _ => return None,
                 },
                 Segment::Greedy(name) => {
                     let rest = parts.get(i..).filter(|rest| !rest.is_empty() && !rest[0].is_empty())?;
-                    params.insert(name.clone(), percent_decode(&rest.join("/"), false));
+                    params.insert(name.clone(), query_api::percent_decode(&rest.join("/"), false));
                     return Some(params);
                 }
             }
@@ -451,7 +451,7 @@ fn api_event(
     let mut query = serde_json::Map::new();
     for pair in raw_query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (percent_decode(k, true), percent_decode(v, true));
+        let (k, v) = (query_api::percent_decode(k, true), query_api::percent_decode(v, true));
         match query.get_mut(&k) {
             Some(Value::String(existing)) => {
                 existing.push(',');
@@ -574,31 +574,6 @@ fn to_response(answer: Value) -> anyhow::Result<Response<Full<Bytes>>> {
         headers.append(hyper::header::SET_COOKIE, HeaderValue::try_from(cookie).context("cookie")?);
     }
     Ok(response)
-}
-
-/// Decodes `%XX` escapes (and, in a query string, `+` as a space); invalid escapes stay.
-fn percent_decode(s: &str, plus_is_space: bool) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' if plus_is_space => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -154,28 +154,8 @@ fn match_template(template: &str, path: &str) -> Option<(String, String)> {
 /// Decodes `%XX` escapes (and, in a query string, `+` as a space); invalid escapes stay as
 /// they are.
 pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' if plus_is_space => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let s = if plus_is_space { s.replace('+', " ") } else { s.to_owned() };
+    percent_encoding::percent_decode_str(&s).decode_utf8_lossy().into_owned()
 }
 
 fn str_at<'a>(event: &'a Value, pointer: &str) -> Option<&'a str> {
