@@ -82,3 +82,23 @@ fn every_sqs_event_source_follows_the_aws_advice() {
         }
     }
 }
+
+#[test]
+fn every_task_of_the_saga_has_a_timeout_and_a_heartbeat_and_jittered_retries() {
+    let asl: Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("statemachine/order-saga.asl.json")).expect("asl"),
+    )
+    .expect("json");
+    let states = asl["States"].as_object().expect("states");
+    let tasks: Vec<_> = states.iter().filter(|(_, s)| s["Type"] == "Task").collect();
+    assert!(tasks.len() >= 10);
+    for (name, task) in tasks {
+        let timeout = task["TimeoutSeconds"].as_u64().unwrap_or_else(|| panic!("{name}: TimeoutSeconds"));
+        let heartbeat = task["HeartbeatSeconds"].as_u64().unwrap_or_else(|| panic!("{name}: HeartbeatSeconds"));
+        assert!(heartbeat < timeout, "{name}: the heartbeat must fire before the timeout");
+        for retry in task["Retry"].as_array().unwrap_or_else(|| panic!("{name}: Retry")) {
+            assert_eq!(retry["JitterStrategy"], "FULL", "{name}");
+            assert!(retry["MaxAttempts"].as_u64().is_some_and(|n| n > 0), "{name}");
+        }
+    }
+}

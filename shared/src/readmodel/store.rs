@@ -67,7 +67,14 @@ fn request_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::
     StoreError::Request { operation, message: DisplayErrorContext(&e).to_string(), retryable }
 }
 
-const ATTEMPTS: u32 = 20;
+/// Lost conditional writes are retried after a fully jittered pause: projections of one item
+/// run concurrently (several pollers, redeliveries), and a tight loop would keep colliding.
+const RETRY: crate::retry::RetryPolicy = crate::retry::RetryPolicy {
+    max_attempts: 30,
+    base_delay: std::time::Duration::from_millis(5),
+    max_delay: std::time::Duration::from_millis(500),
+};
+const ATTEMPTS: u32 = RETRY.max_attempts;
 
 #[derive(Clone)]
 pub struct ReadModelStore {
@@ -159,7 +166,10 @@ impl ReadModelStore {
     ) -> Result<Projected, ProjectionError> {
         let Ok(stream) = StreamId::parse(&event.stream_id) else { return Ok(Projected::Ignored) };
         let Some(key) = M::key(&stream) else { return Ok(Projected::Ignored) };
-        for _ in 0..ATTEMPTS {
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(RETRY.delay(attempt - 1)).await;
+            }
             let (mut model, revision) = match self.get::<M>(&key).await? {
                 Some((model, revision)) => (model, Some(revision)),
                 None => (M::default(), None),
@@ -220,7 +230,10 @@ impl ReadModelStore {
             ("pk".to_owned(), AttributeValue::S(key.0.clone())),
             ("sk".to_owned(), AttributeValue::S(format!("APPLIED#{}#{}", event.stream_id, event.version))),
         ]);
-        for _ in 0..ATTEMPTS {
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(RETRY.delay(attempt - 1)).await;
+            }
             let (mut sales, revision) = match self.get::<DailySales>(&key).await? {
                 Some((sales, revision)) => (sales, Some(revision)),
                 None => (DailySales::default(), None),
