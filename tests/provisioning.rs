@@ -183,5 +183,7 @@ async fn every_supported_type_is_created_and_behaves_and_the_rest_is_named() {
     assert_eq!(status(&again, "Ledger"), &Status::Exists);
     assert_eq!(status(&again, "Bus"), &Status::Exists);
     assert_eq!(status(&again, "Flow"), &Status::Updated);
+    assert_eq!(status(&stack, "OrdersRule"), &Status::Created);
+    assert_eq!(status(&again, "OrdersRule"), &Status::Updated);
     assert_eq!(again.resources["WorkQueue"].reference, work_url);
 }

@@ -600,6 +600,8 @@ async fn rule(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
     let client = &ctx.clients.events;
     let name = ctx.name("Name", 64);
     let bus = ctx.str("EventBusName");
+    // PutRule creates or updates alike: ask first, to report which it was.
+    let existed = client.describe_rule().name(&name).set_event_bus_name(bus.clone()).send().await.is_ok();
     let put = client
         .put_rule()
         .name(&name)
@@ -632,7 +634,8 @@ async fn rule(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
         Some(b) if b != "default" => format!("{}|{name}", b.rsplit('/').next().unwrap_or(b)),
         _ => name,
     };
-    Ok(Some((Status::Updated, resolved(reference, &[("Arn", put.rule_arn().map(str::to_owned))]))))
+    let status = if existed { Status::Updated } else { Status::Created };
+    Ok(Some((status, resolved(reference, &[("Arn", put.rule_arn().map(str::to_owned))]))))
 }
 
 fn target(t: &Value) -> anyhow::Result<eb::Target> {
