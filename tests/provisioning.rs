@@ -69,10 +69,17 @@ async fn every_supported_type_is_created_and_behaves_and_the_rest_is_named() {
     let stack = provision(&aws, "tests/fixtures/provisioning.yaml", &stack_name).await;
     let report = local_env::report(&stack);
 
-    // Nothing failed; the alarm is reported by name as not created; stand-ins are marked
+    // Nothing failed; the SNS topic is reported by name as not created; stand-ins are marked
     assert!(stack.failed().is_empty(), "{report}");
-    assert_eq!(status(&stack, "WorkAlarm"), &Status::Unsupported);
-    assert!(report.contains("Not created locally: WorkAlarm (AWS::CloudWatch::Alarm)"), "{report}");
+    assert_eq!(status(&stack, "Alerts"), &Status::Unsupported);
+    assert!(report.contains("Not created locally: Alerts (AWS::SNS::Topic)"), "{report}");
+    // The alarm watches the DLQ's depth on CloudWatch
+    assert_eq!(status(&stack, "WorkAlarm"), &Status::Created);
+    let alarms = aws.cloudwatch().describe_alarms().alarm_names(&stack.resources["WorkAlarm"].reference).send().await;
+    let alarm = alarms.expect("describe alarms").metric_alarms().first().cloned().expect("the alarm exists");
+    assert_eq!(alarm.metric_name(), Some("ApproximateNumberOfMessagesVisible"));
+    assert_eq!(alarm.dimensions()[0].value(), Some(format!("{stack_name}-work-dlq").as_str()));
+    assert_eq!(alarm.threshold(), Some(0.0));
     assert!(matches!(status(&stack, "Worker"), Status::Local(_)));
     assert!(matches!(status(&stack, "WorkerRole"), Status::Local(_)));
 

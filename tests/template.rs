@@ -102,3 +102,32 @@ fn every_task_of_the_saga_has_a_timeout_and_a_heartbeat_and_jittered_retries() {
         }
     }
 }
+
+#[test]
+fn every_dead_letter_queue_has_a_depth_alarm() {
+    let t = template();
+    // Queues that receive what failed: redrive targets, rule DLQs, stream OnFailure destinations,
+    // and the manual-action queue.
+    let mut dead_letter = BTreeSet::new();
+    let text = serde_json::to_string(&t.resources.values().map(|r| &r.properties).collect::<Vec<_>>()).expect("json");
+    for key in ["deadLetterTargetArn", "DeadLetterConfig", "Destination"] {
+        for part in text.split(&format!("\"{key}\"")).skip(1) {
+            if let Some(id) = part.split("\"Fn::GetAtt\":[\"").nth(1).and_then(|r| r.split('"').next()) {
+                dead_letter.insert(id.to_owned());
+            }
+        }
+    }
+    dead_letter.insert("ManualActionQueue".to_owned());
+    dead_letter.retain(|id| t.resources.get(id).is_some_and(|r| r.kind == "AWS::SQS::Queue"));
+    assert!(dead_letter.len() >= 15, "{dead_letter:?}");
+    let watched: BTreeSet<String> = t
+        .resources
+        .values()
+        .filter(|r| {
+            r.kind == "AWS::CloudWatch::Alarm" && r.properties["MetricName"] == "ApproximateNumberOfMessagesVisible"
+        })
+        .filter_map(|r| r.properties["Dimensions"][0]["Value"]["Fn::GetAtt"][0].as_str().map(str::to_owned))
+        .collect();
+    let unwatched: Vec<_> = dead_letter.difference(&watched).collect();
+    assert!(unwatched.is_empty(), "dead-letter queues without a depth alarm: {unwatched:?}");
+}

@@ -19,6 +19,7 @@ pub struct Clients {
     pub sqs: aws_sdk_sqs::Client,
     pub events: aws_sdk_eventbridge::Client,
     pub sfn: aws_sdk_sfn::Client,
+    pub cloudwatch: aws_sdk_cloudwatch::Client,
 }
 
 impl Clients {
@@ -28,6 +29,7 @@ impl Clients {
             sqs: aws_sdk_sqs::Client::new(config),
             events: aws_sdk_eventbridge::Client::new(config),
             sfn: aws_sdk_sfn::Client::new(config),
+            cloudwatch: aws_sdk_cloudwatch::Client::new(config),
         }
     }
 }
@@ -252,6 +254,7 @@ async fn create(kind: &str, ctx: Ctx<'_>) -> anyhow::Result<Created> {
         "AWS::Events::Rule" => rule(&ctx).await,
         "AWS::Events::Archive" => archive(&ctx).await,
         "AWS::StepFunctions::StateMachine" | "AWS::Serverless::StateMachine" => state_machine(&ctx).await,
+        "AWS::CloudWatch::Alarm" => alarm(&ctx).await,
         "AWS::Serverless::Function" | "AWS::Lambda::Function" => {
             let name = ctx.name("FunctionName", 64);
             let arn = ctx.arn("lambda", &format!("function:{name}"));
@@ -789,4 +792,54 @@ async fn state_machine(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
         Err(e) => return Err(anyhow!(e).context(format!("DescribeStateMachine {name}"))),
     };
     Ok(Some((status, resolved(arn.clone(), &[("Arn", Some(arn)), ("Name", Some(name))]))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// CloudWatch
+
+async fn alarm(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
+    use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, Statistic};
+    let client = &ctx.clients.cloudwatch;
+    let name = ctx.name("AlarmName", 255);
+    let number =
+        |k: &str| ctx.str(k).map(|v| v.parse::<f64>()).transpose().with_context(|| format!("{k} is not a number"));
+    let whole = |k: &str| {
+        ctx.str(k).map(|v| v.parse::<i32>()).transpose().with_context(|| format!("{k} is not a whole number"))
+    };
+    let dimensions = ctx.props.get("Dimensions").and_then(Value::as_array).map(|ds| {
+        ds.iter()
+            .map(|d| {
+                let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_owned);
+                Dimension::builder().set_name(s("Name")).set_value(s("Value")).build()
+            })
+            .collect()
+    });
+    let existed = client
+        .describe_alarms()
+        .alarm_names(&name)
+        .send()
+        .await
+        .context("DescribeAlarms")?
+        .metric_alarms()
+        .iter()
+        .any(|a| a.alarm_name() == Some(name.as_str()));
+    client
+        .put_metric_alarm()
+        .alarm_name(&name)
+        .set_alarm_description(ctx.str("AlarmDescription"))
+        .set_namespace(ctx.str("Namespace"))
+        .set_metric_name(ctx.str("MetricName"))
+        .set_dimensions(dimensions)
+        .set_statistic(ctx.str("Statistic").map(|s| Statistic::from(s.as_str())))
+        .set_period(whole("Period")?)
+        .set_evaluation_periods(whole("EvaluationPeriods")?)
+        .set_threshold(number("Threshold")?)
+        .set_comparison_operator(ctx.str("ComparisonOperator").map(|c| ComparisonOperator::from(c.as_str())))
+        .set_treat_missing_data(ctx.str("TreatMissingData"))
+        .send()
+        .await
+        .with_context(|| format!("PutMetricAlarm {name}"))?;
+    let arn = ctx.arn("cloudwatch", &format!("alarm:{name}"));
+    let status = if existed { Status::Updated } else { Status::Created };
+    Ok(Some((status, resolved(name, &[("Arn", Some(arn))]))))
 }

@@ -96,6 +96,12 @@ impl LocalAws {
         aws_sdk_dynamodbstreams::Client::from_conf(b.build())
     }
 
+    pub fn cloudwatch(&self) -> aws_sdk_cloudwatch::Client {
+        let mut b = aws_sdk_cloudwatch::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("CLOUDWATCH"));
+        aws_sdk_cloudwatch::Client::from_conf(b.build())
+    }
+
     pub fn sfn(&self) -> aws_sdk_sfn::Client {
         let mut b = aws_sdk_sfn::config::Builder::from(&self.config);
         b.set_endpoint_url(self.endpoint("SFN"));
@@ -104,7 +110,13 @@ impl LocalAws {
 
     /// Clients for the provisioner, each pointed at its own emulator.
     pub fn provisioning_clients(&self) -> local_env::Clients {
-        local_env::Clients { dynamodb: self.dynamodb(), sqs: self.sqs(), events: self.eventbridge(), sfn: self.sfn() }
+        local_env::Clients {
+            dynamodb: self.dynamodb(),
+            sqs: self.sqs(),
+            events: self.eventbridge(),
+            sfn: self.sfn(),
+            cloudwatch: self.cloudwatch(),
+        }
     }
 
     pub fn event_store_config(&self) -> EventStoreConfig {
