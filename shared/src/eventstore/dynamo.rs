@@ -203,6 +203,42 @@ impl DynamoEventStore {
         }
         .into())
     }
+    /// Events after `after_version`, in order, strongly consistent: all of them, or the first
+    /// `limit`. A page stops at 1 MB (or `Limit` items), so LastEvaluatedKey is followed until
+    /// the stream ends or the limit is reached.
+    async fn query_after(
+        &self,
+        stream: &StreamId,
+        after_version: u64,
+        limit: Option<usize>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut events = Vec::with_capacity(limit.unwrap_or(0).min(1000));
+        let mut start_key = None;
+        loop {
+            let remaining = limit.map(|l| i32::try_from(l - events.len()).unwrap_or(i32::MAX));
+            let page = self
+                .client
+                .query()
+                .table_name(&self.config.events_table)
+                .consistent_read(true)
+                .key_condition_expression("streamId = :s AND #v > :after")
+                .expression_attribute_names("#v", "version")
+                .expression_attribute_values(":s", s(stream.as_str()))
+                .expression_attribute_values(":after", n(after_version))
+                .set_limit(remaining)
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(|e| request_error("Query", e))?;
+            for item in page.items.unwrap_or_default() {
+                events.push(from_item(item).map_err(|e| StoreError::Corrupt(format!("event in {stream}: {e}")))?);
+            }
+            start_key = page.last_evaluated_key;
+            if start_key.is_none() || limit.is_some_and(|l| events.len() >= l) {
+                return Ok(events);
+            }
+        }
+    }
 }
 
 fn decode_record(item: Item) -> Result<Committed, StoreError> {
@@ -321,31 +357,7 @@ impl EventStore for DynamoEventStore {
     }
 
     async fn load(&self, stream: &StreamId, after_version: u64) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut events = Vec::new();
-        let mut start_key = None;
-        // Each page is at most 1 MB: follow LastEvaluatedKey to the end of the stream.
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.config.events_table)
-                .consistent_read(true)
-                .key_condition_expression("streamId = :s AND #v > :after")
-                .expression_attribute_names("#v", "version")
-                .expression_attribute_values(":s", s(stream.as_str()))
-                .expression_attribute_values(":after", n(after_version))
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(|e| request_error("Query", e))?;
-            for item in page.items.unwrap_or_default() {
-                events.push(from_item(item).map_err(|e| StoreError::Corrupt(format!("event in {stream}: {e}")))?);
-            }
-            start_key = page.last_evaluated_key;
-            if start_key.is_none() {
-                return Ok(events);
-            }
-        }
+        self.query_after(stream, after_version, None).await
     }
 
     async fn read_page(
@@ -354,35 +366,7 @@ impl EventStore for DynamoEventStore {
         after_version: u64,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let limit = limit.max(1) as usize;
-        let mut events = Vec::with_capacity(limit.min(1000));
-        let mut start_key = None;
-        // `Limit` caps the items read; a 1 MB page can still stop short of it, so continue from
-        // LastEvaluatedKey until the page is full or the stream ends.
-        while events.len() < limit {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.config.events_table)
-                .consistent_read(true)
-                .key_condition_expression("streamId = :s AND #v > :after")
-                .expression_attribute_names("#v", "version")
-                .expression_attribute_values(":s", s(stream.as_str()))
-                .expression_attribute_values(":after", n(after_version))
-                .limit(i32::try_from(limit - events.len()).unwrap_or(i32::MAX))
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(|e| request_error("Query", e))?;
-            for item in page.items.unwrap_or_default() {
-                events.push(from_item(item).map_err(|e| StoreError::Corrupt(format!("event in {stream}: {e}")))?);
-            }
-            start_key = page.last_evaluated_key;
-            if start_key.is_none() {
-                break;
-            }
-        }
-        Ok(events)
+        self.query_after(stream, after_version, Some(limit.max(1) as usize)).await
     }
 
     async fn head_version(&self, stream: &StreamId) -> Result<u64, StoreError> {
