@@ -393,8 +393,10 @@ async fn a_compensation_that_keeps_failing_ends_in_needs_manual_action_and_the_q
 async fn every_sample_event_is_accepted_by_its_function() {
     // The samples in events/ are what `cargo lambda invoke --data-file` sends: each must be
     // handled by its function with no per-message failure (their task tokens are not live, which
-    // a handler treats as an already-closed task).
-    let env = SagaEnv::start().await;
+    // a handler treats as an already-closed task). Nothing runs live: the saga-starter sample
+    // really starts a saga for the samples' order, whose steps would otherwise race the step
+    // samples for that same order in an order that depends on the directory listing.
+    let env = SagaEnv::start_with(|_, _, _| HashMap::new()).await;
     let handlers = local_env::functions::handlers(&env.stack, &env.clients).expect("handlers");
     let by_crate: HashMap<String, Handler> = handlers
         .into_iter()
@@ -402,11 +404,15 @@ async fn every_sample_event_is_accepted_by_its_function() {
         .collect();
     let events = workspace_root().join("events");
     let mut checked = 0;
-    for dir in std::fs::read_dir(&events).expect("events/") {
-        let dir = dir.expect("entry").path();
+    // Sorted, so every clone runs the samples in the same order.
+    let sorted = |dir: &std::path::Path| {
+        let mut paths: Vec<_> = std::fs::read_dir(dir).expect("listing").map(|e| e.expect("entry").path()).collect();
+        paths.sort();
+        paths
+    };
+    for dir in sorted(&events) {
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-        for file in std::fs::read_dir(&dir).expect("samples") {
-            let path = file.expect("file").path();
+        for path in sorted(&dir) {
             let sample: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
             if name == "query-api" {
                 continue; // an HTTP function: its samples are checked by tests/query_api.rs
