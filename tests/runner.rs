@@ -30,13 +30,7 @@ async fn provision(aws: &LocalAws) -> Stack {
 }
 
 fn clients(aws: &LocalAws) -> RunnerClients {
-    let endpoint = ["AWS_ENDPOINT_URL_DYNAMODB_STREAMS", "AWS_ENDPOINT_URL_DYNAMODB"]
-        .iter()
-        .find_map(|k| aws.vars.get(*k).cloned())
-        .expect("a DynamoDB Streams endpoint");
-    let mut streams = aws_sdk_dynamodbstreams::config::Builder::from(aws.sdk_config());
-    streams.set_endpoint_url(Some(endpoint));
-    RunnerClients { sqs: aws.sqs(), streams: aws_sdk_dynamodbstreams::Client::from_conf(streams.build()) }
+    RunnerClients { sqs: aws.sqs(), streams: aws.dynamodb_streams() }
 }
 
 /// Polls `done` until it holds or the time is up.

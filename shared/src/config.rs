@@ -21,11 +21,3 @@ pub fn process_env(name: &str) -> Option<String> {
 pub fn required(vars: Vars<'_>, name: &str) -> Result<String, ConfigError> {
     vars(name).filter(|v| !v.trim().is_empty()).ok_or_else(|| ConfigError::Missing(name.to_owned()))
 }
-
-pub fn required_env(name: &str) -> Result<String, ConfigError> {
-    required(&process_env, name)
-}
-
-pub fn optional_env(name: &str) -> Option<String> {
-    process_env(name)
-}

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::size::item_size;
 use super::{
     AppendError, AppendOutcome, Committed, EventStore, MAX_ITEM_BYTES, MAX_TRANSACT_ACTIONS, MAX_TRANSACTION_BYTES,
-    NewEvent, RecordedEvent, Snapshot, StoreError, StreamId, now_rfc3339, validate_idempotency_key,
+    NewEvent, RecordedEvent, Snapshot, StoreError, StreamId, record_events, validate_idempotency_key,
 };
 use crate::config::{ConfigError, Vars, process_env, required};
 
@@ -102,40 +102,18 @@ impl DynamoEventStore {
         events: Vec<NewEvent>,
         idempotency_key: Option<&str>,
     ) -> Result<(Vec<Item>, Option<Item>, Committed), AppendError> {
-        let recorded_at = now_rfc3339();
-        let mut items = Vec::with_capacity(events.len());
-        let mut event_ids = Vec::with_capacity(events.len());
+        let (recorded, committed) = record_events(stream, expected_version, events, idempotency_key);
+        let mut items = Vec::with_capacity(recorded.len());
         let mut total_bytes = 0;
-        for (index, event) in events.into_iter().enumerate() {
-            let event_id = Uuid::new_v4().to_string();
-            let record = RecordedEvent {
-                stream_id: stream.to_string(),
-                version: expected_version + 1 + index as u64,
-                correlation_id: event.metadata.correlation_id.unwrap_or_else(|| event_id.clone()),
-                event_id: event_id.clone(),
-                event_type: event.event_type,
-                schema_version: event.schema_version,
-                payload: event.payload,
-                causation_id: event.metadata.causation_id,
-                idempotency_key: idempotency_key.map(str::to_owned),
-                recorded_at: recorded_at.clone(),
-            };
-            let item: Item = to_item(&record).map_err(|e| AppendError::Encode { index, message: e.to_string() })?;
+        for (index, record) in recorded.iter().enumerate() {
+            let item: Item = to_item(record).map_err(|e| AppendError::Encode { index, message: e.to_string() })?;
             let bytes = item_size(&item);
             if bytes > MAX_ITEM_BYTES {
                 return Err(AppendError::EventTooLarge { index, bytes, max: MAX_ITEM_BYTES });
             }
             total_bytes += bytes;
             items.push(item);
-            event_ids.push(event_id);
         }
-        let committed = Committed {
-            stream_id: stream.to_string(),
-            first_version: expected_version + 1,
-            last_version: expected_version + items.len() as u64,
-            event_ids,
-            recorded_at,
-        };
         let record = match idempotency_key {
             None => None,
             Some(key) => {

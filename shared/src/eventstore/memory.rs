@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::{
     AppendError, AppendOutcome, Committed, EventStore, MAX_TRANSACT_ACTIONS, NewEvent, RecordedEvent, Snapshot,
-    StoreError, StreamId, now_rfc3339, validate_idempotency_key,
+    StoreError, StreamId, record_events, validate_idempotency_key,
 };
 
 #[derive(Default)]
@@ -74,33 +74,7 @@ impl EventStore for InMemoryEventStore {
         if head != expected_version || injected {
             return Err(AppendError::Conflict { stream: stream.to_string(), expected: expected_version, actual: head });
         }
-        let recorded_at = now_rfc3339();
-        let recorded: Vec<RecordedEvent> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let event_id = uuid::Uuid::new_v4().to_string();
-                RecordedEvent {
-                    stream_id: stream.to_string(),
-                    version: expected_version + 1 + i as u64,
-                    correlation_id: e.metadata.correlation_id.unwrap_or_else(|| event_id.clone()),
-                    event_id,
-                    event_type: e.event_type,
-                    schema_version: e.schema_version,
-                    payload: e.payload,
-                    causation_id: e.metadata.causation_id,
-                    idempotency_key: idempotency_key.map(str::to_owned),
-                    recorded_at: recorded_at.clone(),
-                }
-            })
-            .collect();
-        let committed = Committed {
-            stream_id: stream.to_string(),
-            first_version: expected_version + 1,
-            last_version: expected_version + recorded.len() as u64,
-            event_ids: recorded.iter().map(|e| e.event_id.clone()).collect(),
-            recorded_at,
-        };
+        let (recorded, committed) = record_events(stream, expected_version, events, idempotency_key);
         state.streams.entry(stream.to_string()).or_default().extend(recorded);
         if let Some(key) = idempotency_key {
             state.commands.insert(key.to_owned(), committed.clone());

@@ -278,6 +278,45 @@ pub trait EventStore: Send + Sync {
     fn save_snapshot(&self, snapshot: Snapshot) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
+/// The envelopes an append of `events` after `expected_version` records, and its summary: one
+/// place for ids, versions and metadata defaults, whatever the adapter.
+pub(crate) fn record_events(
+    stream: &StreamId,
+    expected_version: u64,
+    events: Vec<NewEvent>,
+    idempotency_key: Option<&str>,
+) -> (Vec<RecordedEvent>, Committed) {
+    let recorded_at = now_rfc3339();
+    let recorded: Vec<RecordedEvent> = events
+        .into_iter()
+        .zip(expected_version + 1..)
+        .map(|(e, version)| {
+            let event_id = uuid::Uuid::new_v4().to_string();
+            RecordedEvent {
+                stream_id: stream.to_string(),
+                version,
+                // An event without a flow of its own correlates with itself.
+                correlation_id: e.metadata.correlation_id.unwrap_or_else(|| event_id.clone()),
+                event_id,
+                event_type: e.event_type,
+                schema_version: e.schema_version,
+                payload: e.payload,
+                causation_id: e.metadata.causation_id,
+                idempotency_key: idempotency_key.map(str::to_owned),
+                recorded_at: recorded_at.clone(),
+            }
+        })
+        .collect();
+    let committed = Committed {
+        stream_id: stream.to_string(),
+        first_version: expected_version + 1,
+        last_version: expected_version + recorded.len() as u64,
+        event_ids: recorded.iter().map(|e| e.event_id.clone()).collect(),
+        recorded_at,
+    };
+    (recorded, committed)
+}
+
 pub(crate) fn validate_idempotency_key(key: &str) -> Result<(), AppendError> {
     if key.is_empty() {
         return Err(AppendError::InvalidIdempotencyKey("must not be empty"));
