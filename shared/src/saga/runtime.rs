@@ -35,17 +35,32 @@ pub trait TaskCallback: Send + Sync {
     ) -> impl Future<Output = Result<Delivery, CallbackError>> + Send;
 }
 
-fn closed_or<E: aws_sdk_sfn::error::ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+/// A callback error saying the task has ended: AWS answers `TaskTimedOut` or
+/// `TaskDoesNotExist`, LocalStack `InvalidToken`. Matched on the SDK's typed variants.
+trait TaskClosed {
+    fn task_closed(&self) -> bool;
+}
+
+impl TaskClosed for aws_sdk_sfn::operation::send_task_success::SendTaskSuccessError {
+    fn task_closed(&self) -> bool {
+        self.is_task_timed_out() || self.is_task_does_not_exist() || self.is_invalid_token()
+    }
+}
+
+impl TaskClosed for aws_sdk_sfn::operation::send_task_failure::SendTaskFailureError {
+    fn task_closed(&self) -> bool {
+        self.is_task_timed_out() || self.is_task_does_not_exist() || self.is_invalid_token()
+    }
+}
+
+/// A redelivered command finds its task ended, and that is fine: nothing to answer.
+fn closed_or<E: TaskClosed + std::error::Error + 'static, R: std::fmt::Debug>(
     result: Result<(), aws_sdk_sfn::error::SdkError<E, R>>,
 ) -> Result<Delivery, CallbackError> {
     match result {
         Ok(()) => Ok(Delivery::Delivered),
-        Err(e) => match e.as_service_error().and_then(|s| s.code()) {
-            // AWS answers TaskTimedOut or TaskDoesNotExist, LocalStack InvalidToken, for a task
-            // that has ended: a redelivered command finds it so, and that is fine.
-            Some("TaskTimedOut" | "TaskDoesNotExist" | "InvalidToken") => Ok(Delivery::AlreadyClosed),
-            _ => Err(CallbackError(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string())),
-        },
+        Err(e) if e.as_service_error().is_some_and(TaskClosed::task_closed) => Ok(Delivery::AlreadyClosed),
+        Err(e) => Err(CallbackError(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string())),
     }
 }
 
