@@ -11,7 +11,6 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
     ProjectionType, ScalarAttributeType,
 };
-use local_env::runner::Handler;
 use outbox_relay::{Bus, BusEntry, EventBridgeBus, Relay};
 use serde_json::{Value, json};
 use shared::aggregate::{CommandContext, Repository};
@@ -23,6 +22,7 @@ use shared::readmodel::OrderView;
 use shared::readmodel::runtime::ProjectionLambda;
 use shared::readmodel::store::ReadModelStore;
 use shared::retry::RetryPolicy;
+use system_tests::invoke::{Except, Replace};
 use system_tests::saga::SagaEnv;
 use system_tests::{LocalAws, unique};
 
@@ -78,9 +78,13 @@ async fn every_event_reaches_the_bus_exactly_once_per_stream_position_despite_pa
     // Given the relay publishing through a bus that refuses some entries once
     let injected = Arc::new(AtomicU32::new(0));
     let counter = injected.clone();
-    let env = SagaEnv::start_with(move |stack, clients, mut handlers| {
-        let inner =
-            EventBridgeBus { client: clients.events.clone(), bus_name: stack.outputs["OrderEventsBusName"].clone() };
+    // (the relay's own binary cannot be handed a faulty bus: it runs in this process, over the
+    // real EventBridge, fed by the real stream mapping; every other function is its binary)
+    let aws = LocalAws::load().await;
+    let events_client = aws.eventbridge();
+    let env = SagaEnv::start_with(move |stack, service| {
+        let bus_name = stack.outputs["OrderEventsBusName"].clone();
+        let inner = EventBridgeBus { client: events_client, bus_name };
         let bus = FlakyBus { inner, refused: Mutex::new(HashSet::new()), injected: counter };
         let retry = RetryPolicy {
             max_attempts: 10,
@@ -88,14 +92,17 @@ async fn every_event_reaches_the_bus_exactly_once_per_stream_position_despite_pa
             max_delay: Duration::from_millis(50),
         };
         let relay = Arc::new(Relay { bus, retry });
-        handlers.insert(
-            "OutboxRelayFunction".into(),
-            Handler::dynamodb_stream(move |event| {
+        Arc::new(Replace {
+            inner: service,
+            function: "OutboxRelayFunction",
+            handle: move |event: Value| {
                 let relay = relay.clone();
-                async move { Ok(outbox_relay::handle(&relay, event).await) }
-            }),
-        );
-        handlers
+                async move {
+                    let event = serde_json::from_value(event).map_err(|e| e.to_string())?;
+                    serde_json::to_value(outbox_relay::handle(&relay, event).await).map_err(|e| e.to_string())
+                }
+            },
+        })
     })
     .await;
     let capture = capture_queue(&env.aws, &env.stack.outputs["OrderEventsBusName"], "order-saga.Tally").await;
@@ -311,11 +318,7 @@ fn as_bus_message(event: &RecordedEvent, n: usize) -> SqsMessage {
 async fn projections_fed_duplicates_out_of_order_and_the_rebuild_all_equal_the_incremental_run() {
     // Given the system without the saga starter (histories are written directly), and a few
     // hundred orders' histories committed to the store
-    let env = SagaEnv::start_with(|_, _, mut handlers| {
-        handlers.remove("SagaStarterFunction");
-        handlers
-    })
-    .await;
+    let env = SagaEnv::start_with(|_, service| Arc::new(Except { inner: service, function: "SagaStarterFunction" })).await;
     let customers = ["cust-a", "cust-b", "cust-c", "cust-d"];
     let mut orders = Vec::new();
     for chunk in (0..300).collect::<Vec<usize>>().chunks(25) {

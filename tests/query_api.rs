@@ -388,16 +388,14 @@ async fn wrong_methods_are_405_and_unknown_routes_404() {
         assert_clean_error(&env.get(unknown).await, 404);
     }
     // The function answers the same way when invoked directly with a request it has no route for.
-    let handlers = local_env::functions::http_handlers(&env.stack, &env.clients).expect("handlers");
-    let query_api = &handlers[QUERY_API];
     let direct = |method: &str, path: &str| {
         json!({ "version": "2.0", "routeKey": "$default", "rawPath": path, "rawQueryString": "",
                 "requestContext": { "http": { "method": method, "path": path } } })
     };
-    let answer = query_api(direct("DELETE", "/orders/ord-1")).await;
+    let answer = env.service.invoke_json(QUERY_API, &direct("DELETE", "/orders/ord-1")).await.expect("invoked");
     assert_eq!(answer["statusCode"], 405);
     assert_eq!(answer["headers"]["allow"], "GET");
-    let answer = query_api(direct("GET", "/nope")).await;
+    let answer = env.service.invoke_json(QUERY_API, &direct("GET", "/nope")).await.expect("invoked");
     assert_eq!(answer["statusCode"], 404);
     assert!(serde_json::from_str::<Value>(answer["body"].as_str().unwrap()).unwrap()["error"].is_string());
     env.stop().await;
@@ -412,22 +410,21 @@ async fn storage_failures_are_500_without_sdk_text() {
     for table in ["READ_MODEL_TABLE", "EVENTS_TABLE"] {
         vars.insert(table.into(), unique("missing-table-"));
     }
-    let handlers = local_env::functions::http_handlers(&broken, &env.clients).expect("handlers");
-    let server = local_env::http::serve(&broken, handlers, ([127, 0, 0, 1], 0).into()).await.expect("serve");
+    let broken_service = env.aws.lambda_service(&broken);
+    let server = local_env::http::serve(&broken, broken_service.clone(), ([127, 0, 0, 1], 0).into()).await.expect("serve");
     for target in ["/orders/ord-1", "/customers/cust-1/orders", "/streams/Order-1/events", "/streams/Order-1/lag"] {
         let response = request(server.addr(), "GET", target, None).await;
         assert_clean_error(&response, 500);
         assert_eq!(response.json(), json!({ "error": "internal error" }), "{target}");
     }
     server.stop().await;
+    broken_service.shutdown().await;
     env.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_query_api_sample_event_is_accepted() {
     let env = ApiEnv::start().await;
-    let handlers = local_env::functions::http_handlers(&env.stack, &env.clients).expect("handlers");
-    let query_api = &handlers[QUERY_API];
     let routes: HashMap<String, String> =
         local_env::http::routes(&env.stack).expect("routes").into_iter().map(|r| (r.route_key(), r.function)).collect();
     let mut checked = 0;
@@ -436,7 +433,7 @@ async fn every_query_api_sample_event_is_accepted() {
         let sample: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("JSON");
         let route_key = sample["routeKey"].as_str().expect("routeKey");
         assert_eq!(routes.get(route_key).map(String::as_str), Some(QUERY_API), "{}: {route_key}", path.display());
-        let answer = query_api(sample).await;
+        let answer = env.service.invoke_json(QUERY_API, &sample).await.expect("invoked");
         let status = answer["statusCode"].as_u64().expect("statusCode");
         assert!(status == 200 || status == 404, "{}: {answer}", path.display());
         assert_eq!(answer["headers"]["content-type"], "application/json", "{}", path.display());

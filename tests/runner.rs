@@ -1,6 +1,8 @@
-//! The local runner: event source mappings from the template's `Events`, with in-process
-//! handlers, checked through their effects on the emulators (what was handled, what is left on
-//! the queue, what reached the DLQ).
+//! The local runner: event source mappings from the template's `Events`, checked through their
+//! effects on the emulators (what was handled, what is left on the queue, what reached the DLQ).
+//! The functions here are scripted doubles behind the runner's `Invoke` seam, so each test
+//! decides what a function answers; the Lambda service's own behaviour (timeouts, crashes) is
+//! tested with the real binaries in `tests/lambda.rs` and `tests/saga.rs`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,7 +14,9 @@ use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sqs::types::QueueAttributeName;
-use local_env::runner::{Handler, Runner, RunnerClients};
+use local_env::runner::{BoxFuture, Invoke, Runner, RunnerClients};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use local_env::{Options, Stack, Template};
 use system_tests::{LocalAws, unique, workspace_root};
 
@@ -87,20 +91,58 @@ async fn drain(sqs: &aws_sdk_sqs::Client, url: &str, expected: usize, within: Du
     bodies
 }
 
-fn sqs_handler<F, Fut>(f: F) -> HashMap<String, Handler>
+type Scripted = Arc<dyn Fn(Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> + Send + Sync>;
+
+/// Functions by logical id, each answering as its closure says.
+struct Functions(HashMap<String, Scripted>);
+
+impl Invoke for Functions {
+    fn serves(&self, function: &str) -> bool {
+        self.0.contains_key(function)
+    }
+
+    fn invoke(&self, function: &str, payload: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+        match self.0.get(function) {
+            Some(f) => f(payload),
+            None => Box::pin(async move { Err("not served".to_owned()) }),
+        }
+    }
+}
+
+/// A function taking Lambda's event `E` and answering `R` (or a function error).
+fn function<E, R, F, Fut>(id: &str, f: F) -> Arc<dyn Invoke>
+where
+    E: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + 'static,
+    F: Fn(E) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, String>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    let scripted: Scripted = Arc::new(move |payload: Vec<u8>| {
+        let f = f.clone();
+        Box::pin(async move {
+            let event: E = serde_json::from_slice(&payload).map_err(|e| format!("not Lambda's event: {e}"))?;
+            let response = f(event).await?;
+            serde_json::to_vec(&response).map_err(|e| e.to_string())
+        })
+    });
+    Arc::new(Functions(HashMap::from([(id.to_owned(), scripted)])))
+}
+
+fn sqs_handler<F, Fut>(f: F) -> Arc<dyn Invoke>
 where
     F: Fn(SqsEvent) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<SqsBatchResponse, String>> + Send + 'static,
 {
-    HashMap::from([("Worker".to_owned(), Handler::sqs(f))])
+    function("Worker", f)
 }
 
-fn stream_handler<F, Fut>(f: F) -> HashMap<String, Handler>
+fn stream_handler<F, Fut>(f: F) -> Arc<dyn Invoke>
 where
     F: Fn(DynamoDbEvent) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<DynamoDbEventResponse, String>> + Send + 'static,
 {
-    HashMap::from([("Projector".to_owned(), Handler::dynamodb_stream(f))])
+    function("Projector", f)
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -166,7 +208,7 @@ async fn sqs_batch_item_failures_delete_the_rest_and_poison_ends_in_the_dlq() {
     assert!(mappings[0].contains("BatchSize 5") && mappings[0].contains("ReportBatchItemFailures"), "{mappings:?}");
     let skipped = runner.skipped().join("\n");
     assert!(skipped.contains("Worker.Http (HttpApi)"), "{skipped}");
-    assert!(skipped.contains("Projector.Items (DynamoDB): no handler"), "{skipped}");
+    assert!(skipped.contains("Projector.Items (DynamoDB): Projector is not served"), "{skipped}");
     let running = runner.start();
 
     // When 6 messages arrive, 2 of them poison
@@ -340,46 +382,6 @@ async fn a_batch_item_failure_redelivers_from_that_record_on() {
     assert_eq!(*batches.lock().unwrap(), [vec![1, 2, 3], vec![2, 3]]);
 }
 
-/// When an invocation started, and the `n` of each item it got.
-type Call = (Instant, Vec<u32>);
-
-#[tokio::test]
-async fn an_invocation_past_the_timeout_is_a_function_error_and_retried() {
-    // Given a Projector (Timeout: 1) whose first invocation hangs
-    let aws = LocalAws::load().await;
-    let stack = provision(&aws).await;
-    let table = stack.resources["Items"].reference.clone();
-    let id = unique("i");
-    put_item(&aws, &table, &format!("{id}-1"), "wanted", 1).await;
-    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
-    let c = calls.clone();
-    let handlers = stream_handler(move |event: DynamoDbEvent| {
-        let calls = c.clone();
-        async move {
-            let first = {
-                let mut calls = calls.lock().unwrap();
-                calls.push((Instant::now(), items(&event).iter().map(|(item, _)| item.n).collect()));
-                calls.len() == 1
-            };
-            if first {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            }
-            Ok(DynamoDbEventResponse::default())
-        }
-    });
-    let running = Runner::new(&stack, clients(&aws), handlers).expect("runner").start();
-
-    // Then the batch is delivered again once the timeout has cut the first invocation short
-    let c = calls.clone();
-    eventually(Duration::from_secs(15), || c.lock().unwrap().len() >= 2).await;
-    running.stop().await;
-    let calls = calls.lock().unwrap();
-    assert_eq!(calls.len(), 2, "delivered twice");
-    assert_eq!((calls[0].1.as_slice(), calls[1].1.as_slice()), ([1].as_slice(), [1].as_slice()));
-    let gap = calls[1].0 - calls[0].0;
-    assert!(gap >= Duration::from_secs(1) && gap < Duration::from_secs(5), "retried after the 1 s timeout: {gap:?}");
-}
-
 /// The `n` and sequence number of each item of a delivered batch.
 type Batch = Vec<(u32, String)>;
 
@@ -394,18 +396,15 @@ async fn retries_exhausted_skip_the_batch_record_it_on_failure_and_move_on() {
     put_item(&aws, &table, &format!("{id}-1"), "other", 1).await;
     let calls: Arc<Mutex<Vec<Batch>>> = Arc::default();
     let c = calls.clone();
-    let handlers = HashMap::from([(
-        "Auditor".to_owned(),
-        Handler::dynamodb_stream(move |event: DynamoDbEvent| {
-            let calls = c.clone();
-            async move {
-                let items: Batch = items(&event).into_iter().map(|(item, seq)| (item.n, seq)).collect();
-                let fails = items.iter().any(|(n, _)| *n == 1);
-                calls.lock().unwrap().push(items);
-                if fails { Err("always fails".to_owned()) } else { Ok(DynamoDbEventResponse::default()) }
-            }
-        }),
-    )]);
+    let handlers = function("Auditor", move |event: DynamoDbEvent| {
+        let calls = c.clone();
+        async move {
+            let items: Batch = items(&event).into_iter().map(|(item, seq)| (item.n, seq)).collect();
+            let fails = items.iter().any(|(n, _)| *n == 1);
+            calls.lock().unwrap().push(items);
+            if fails { Err("always fails".to_owned()) } else { Ok(DynamoDbEventResponse::default()) }
+        }
+    });
     let runner = Runner::new(&stack, clients(&aws), handlers).expect("runner");
     let mappings = runner.mappings();
     assert!(

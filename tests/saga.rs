@@ -1,20 +1,18 @@
-//! The order saga end to end on the emulators: Step Functions (LocalStack) drives the real step
-//! handlers through real SQS queues; the saga starts from the event store's DynamoDB stream.
-//! Each test has its own stack (tables, queues, state machine).
+//! The order saga end to end on the emulators: Step Functions (LocalStack) drives the step
+//! functions' own binaries (in the local Lambda service) through real SQS queues; the saga starts
+//! from the event store's DynamoDB stream. Each test has its own stack (tables, queues, state
+//! machine).
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
-use aws_sdk_sfn::config::interceptors::BeforeTransmitInterceptorContextRef;
-use aws_sdk_sfn::config::{ConfigBag, Intercept, RuntimeComponents};
-use local_env::functions::{FunctionClients, handler_for};
-use local_env::runner::Handler;
+use local_env::lambda::Faults;
 use serde_json::{Value, json};
 use shared::domain::inventory::{Inventory, Reservation};
 use shared::domain::order::{Order, OrderStatus};
 use shared::domain::payment::Payment;
 use shared::domain::shipment::Shipment;
+use system_tests::invoke::Twice;
 use system_tests::saga::SagaEnv;
 use system_tests::workspace_root;
 
@@ -132,40 +130,10 @@ async fn a_failure_at_each_step_compensates_exactly_the_completed_steps_in_rever
     env.stop().await;
 }
 
-/// Delivers every SQS batch and every stream batch to the handler twice, as at-least-once
-/// delivery may.
-fn twice(handlers: HashMap<String, Handler>) -> HashMap<String, Handler> {
-    handlers
-        .into_iter()
-        .map(|(id, handler)| {
-            let doubled = match handler {
-                Handler::Sqs(inner) => Handler::sqs(move |event| {
-                    let inner = inner.clone();
-                    async move {
-                        let first = inner(event.clone()).await?;
-                        let second = inner(event).await?;
-                        let mut merged = first;
-                        merged.batch_item_failures.extend(second.batch_item_failures);
-                        Ok(merged)
-                    }
-                }),
-                Handler::DynamoDbStream(inner) => Handler::dynamodb_stream(move |event| {
-                    let inner = inner.clone();
-                    async move {
-                        inner(event.clone()).await?;
-                        inner(event).await
-                    }
-                }),
-            };
-            (id, doubled)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_delivered_twice_still_has_exactly_one_effect() {
     // Given every command and stream record delivered twice
-    let env = SagaEnv::start_with(|_, _, handlers| twice(handlers)).await;
+    let env = SagaEnv::start_with(|_, service| Arc::new(Twice(service))).await;
     let mugs = env.repo.load::<Inventory>("SKU-RED-MUG").await.unwrap().state.available;
 
     // When a completing order and a compensated one go through
@@ -247,51 +215,65 @@ async fn fifty_concurrent_orders_for_ten_units_complete_exactly_ten() {
     env.stop().await;
 }
 
-/// Fails the first `SendTaskSuccess` of the client it is on: the handler has done its write
-/// and "dies" before Step Functions hears of it.
-#[derive(Debug, Clone, Default)]
-struct DieBeforeAnswering(Arc<AtomicU32>);
+/// The function's log file, once every line so far is written.
+async fn log_of(env: &SagaEnv, function: &str) -> String {
+    env.service.flush_logs().await;
+    std::fs::read_to_string(env.service.log_file(function).expect("a log file")).unwrap_or_default()
+}
 
-impl Intercept for DieBeforeAnswering {
-    fn name(&self) -> &'static str {
-        "DieBeforeAnswering"
-    }
-
-    fn read_before_transmit(
-        &self,
-        context: &BeforeTransmitInterceptorContextRef<'_>,
-        _: &RuntimeComponents,
-        _: &mut ConfigBag,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let target = context.request().headers().get("x-amz-target").unwrap_or_default();
-        if target.ends_with("SendTaskSuccess") && self.0.fetch_add(1, Ordering::SeqCst) == 0 {
-            return Err("simulated crash before answering Step Functions".into());
-        }
-        Ok(())
-    }
+fn stats_of(env: &SagaEnv, function: &str) -> local_env::lambda::FunctionStats {
+    env.service.stats().into_iter().find(|s| s.logical_id == function).expect("stats")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_handler_that_dies_after_its_write_is_completed_by_the_redelivery() {
-    // Given a charge-payment handler that dies after charging, before answering
-    let crashes = DieBeforeAnswering::default();
-    let seen = crashes.clone();
-    let env = SagaEnv::start_with(move |stack, clients, mut handlers| {
-        let sfn = aws_sdk_sfn::Client::from_conf(clients.sfn.config().to_builder().interceptor(crashes).build());
-        let dying = FunctionClients { sfn, ..clients.clone() };
-        let handler = handler_for(stack, "ChargePaymentFunction", &dying).expect("handler").expect("event-driven");
-        handlers.insert("ChargePaymentFunction".into(), handler);
-        handlers
-    })
-    .await;
+async fn a_charge_killed_after_its_work_is_redelivered_and_charged_once() {
+    // Given the charge-payment binary killed (SIGKILL) once it has charged and answered the
+    // saga, before its answer reaches the event source mapping
+    let env = SagaEnv::start().await;
+    let kill = Faults { kill_after_answer: true, times: Some(1), ..Faults::default() };
+    env.service.set_faults("ChargePaymentFunction", kill).expect("faults");
 
     // When an order goes through
     let id = env.place(env.sample("happy-path")).await;
     let finished = env.finished(&id).await;
 
-    // Then the redelivered command answered with the recorded charge: completed, charged once
+    // Then the crash failed that invocation, the command came back and was handled again
+    let stats = stats_of(&env, "ChargePaymentFunction");
+    assert!(stats.errors >= 1 && stats.invocations >= 2, "{stats:?}");
+    assert!(stats.cold_starts >= 2, "the killed instance was replaced: {stats:?}");
+    let log = log_of(&env, "ChargePaymentFunction").await;
+    assert!(log.contains("Runtime exited with error: signal: killed"), "{log}");
+    assert!(log.contains("Status: error\tError Type: Runtime.ExitError"), "{log}");
+    // And the outcome is unchanged: completed, charged exactly once
     assert_eq!(finished.status, "SUCCEEDED", "{finished:?}");
-    assert!(seen.0.load(Ordering::SeqCst) >= 2, "the first answer was lost, a second one was sent");
+    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Completed);
+    assert_eq!(count(&env.event_types("Payment", &id).await, "PaymentCharged"), 1);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_past_its_timeout_is_killed_redelivered_and_charged_once() {
+    // Given a charge-payment invocation that does its work but answers 12 s later, past the
+    // function's 10 s Timeout
+    let env = SagaEnv::start().await;
+    let timeout = env.service.spec("ChargePaymentFunction").expect("spec").timeout;
+    let slow = Faults { delay: Some(timeout + Duration::from_secs(2)), times: Some(1), ..Faults::default() };
+    env.service.set_faults("ChargePaymentFunction", slow).expect("faults");
+
+    // When an order goes through
+    let id = env.place(env.sample("happy-path")).await;
+    let finished = env.finished(&id).await;
+
+    // Then Lambda's timeout ended that invocation and killed its instance
+    let stats = stats_of(&env, "ChargePaymentFunction");
+    assert_eq!(stats.timeouts, 1, "{stats:?}");
+    let log = log_of(&env, "ChargePaymentFunction").await;
+    let seconds = format!("Task timed out after {:.2} seconds", timeout.as_secs_f64());
+    assert!(log.contains(&seconds), "{log}");
+    assert!(log.contains("Status: timeout"), "{log}");
+    // And the command was handled again, with the same outcome: completed, charged once
+    assert!(stats.invocations >= 2, "{stats:?}");
+    assert_eq!(finished.status, "SUCCEEDED", "{finished:?}");
     assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Completed);
     assert_eq!(count(&env.event_types("Payment", &id).await, "PaymentCharged"), 1);
     env.stop().await;
@@ -386,115 +368,5 @@ async fn a_compensation_that_keeps_failing_ends_in_needs_manual_action_and_the_q
             && p["error"] == "ServiceUnavailable"),
         "{parked:?}"
     );
-    env.stop().await;
-}
-
-/// The task token in the samples: not a live task.
-const SAMPLE_TOKEN: &str = "AQCEAAAAKgAAAA-sample-token";
-
-/// Clients whose Step Functions answers the samples' token as AWS does (`TaskDoesNotExist`,
-/// which a handler treats as an already-closed task); every other call goes to the emulator.
-/// LocalStack 4.9.2 answers an unknown token with a 500 when other executions are in flight
-/// ("'NoneType' object has no attribute 'callback_pool_manager'"), which would make a correct
-/// handler leave the sample for redelivery.
-fn with_aws_answer_to_sample_tokens(clients: &FunctionClients) -> (FunctionClients, [aws_smithy_mocks::Rule; 2]) {
-    use aws_sdk_sfn::operation::send_task_failure::SendTaskFailureError;
-    use aws_sdk_sfn::operation::send_task_success::SendTaskSuccessError;
-    use aws_sdk_sfn::types::error::TaskDoesNotExist;
-    use aws_smithy_mocks::{MockResponseInterceptor, RuleMode, mock};
-    let success = mock!(aws_sdk_sfn::Client::send_task_success)
-        .match_requests(|r| r.task_token() == Some(SAMPLE_TOKEN))
-        .sequence()
-        .error(|| SendTaskSuccessError::TaskDoesNotExist(TaskDoesNotExist::builder().build()))
-        .repeatedly()
-        .build();
-    let failure = mock!(aws_sdk_sfn::Client::send_task_failure)
-        .match_requests(|r| r.task_token() == Some(SAMPLE_TOKEN))
-        .sequence()
-        .error(|| SendTaskFailureError::TaskDoesNotExist(TaskDoesNotExist::builder().build()))
-        .repeatedly()
-        .build();
-    let answers = MockResponseInterceptor::new()
-        .rule_mode(RuleMode::MatchAny)
-        .with_rule(&success)
-        .with_rule(&failure)
-        .allow_passthrough();
-    let sfn = aws_sdk_sfn::Client::from_conf(clients.sfn.config().to_builder().interceptor(answers).build());
-    (FunctionClients { sfn, ..clients.clone() }, [success, failure])
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_sample_event_is_accepted_by_its_function() {
-    // The samples in events/ are what `cargo lambda invoke --data-file` sends: each must be
-    // handled by its function with no per-message failure. Nothing runs live: the saga-starter
-    // sample really starts a saga for the samples' order, whose steps would otherwise race the
-    // step samples for that same order.
-    let env = SagaEnv::start_with(|_, _, _| HashMap::new()).await;
-    let (clients, answered) = with_aws_answer_to_sample_tokens(&env.clients);
-    let handlers = local_env::functions::handlers(&env.stack, &clients).expect("handlers");
-    let by_crate: HashMap<String, Handler> = handlers
-        .into_iter()
-        .filter_map(|(id, h)| local_env::functions::crate_of(&env.stack, &id).map(|c| (c, h)))
-        .collect();
-    let events = workspace_root().join("events");
-    let mut checked = 0;
-    // Sorted, so every clone runs the samples in the same order.
-    let sorted = |dir: &std::path::Path| {
-        let mut paths: Vec<_> = std::fs::read_dir(dir).expect("listing").map(|e| e.expect("entry").path()).collect();
-        paths.sort();
-        paths
-    };
-    for dir in sorted(&events) {
-        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-        for path in sorted(&dir) {
-            let sample: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
-            if name == "query-api" {
-                continue; // an HTTP function: its samples are checked by tests/query_api.rs
-            }
-            if name == "place-order" {
-                let mut sample = sample;
-                if sample.get("requestContext").is_some() {
-                    let mut order: Value = serde_json::from_str(sample["body"].as_str().unwrap_or_default()).unwrap();
-                    order["orderId"] = json!(system_tests::unique("ord-http-"));
-                    sample["body"] = json!(order.to_string());
-                    let answer = env.place_order.invoke(sample).await;
-                    assert!(answer["statusCode"] == 201, "{}: {answer}", path.display());
-                } else {
-                    sample["orderId"] = json!(system_tests::unique("ord-sample-"));
-                    let answer = env.place_order.invoke(sample).await;
-                    assert!(answer.get("error").is_none(), "{}: {answer}", path.display());
-                }
-                checked += 1;
-                continue;
-            }
-            let handler = by_crate.get(&name).unwrap_or_else(|| panic!("no function for events/{name}"));
-            match handler {
-                Handler::Sqs(f) => {
-                    let event = serde_json::from_value(sample).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    let response = f(event).await.expect("invocation");
-                    assert!(
-                        response.batch_item_failures.is_empty(),
-                        "{}: {:?}",
-                        path.display(),
-                        response.batch_item_failures
-                    );
-                }
-                Handler::DynamoDbStream(f) => {
-                    let event = serde_json::from_value(sample).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    let response = f(event).await.expect("invocation");
-                    assert!(
-                        response.batch_item_failures.is_empty(),
-                        "{}: {:?}",
-                        path.display(),
-                        response.batch_item_failures
-                    );
-                }
-            }
-            checked += 1;
-        }
-    }
-    assert!(checked >= 23, "only {checked} samples checked");
-    let answers: usize = answered.iter().map(|r| r.num_calls()).sum();
-    assert!(answers >= 10, "every step sample's answer reached Step Functions ({answers} did)");
     env.stop().await;
 }

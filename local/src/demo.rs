@@ -1,6 +1,7 @@
 //! The local run: sample orders from `events/place-order/` through the whole system (place
-//! order → event store → stream → saga starter → state machine → step Lambdas), then each
-//! order's outcome, events and saga steps, with throughput and p50/p99 latency.
+//! order → event store → stream → saga starter → state machine → step Lambdas), every function
+//! its own binary in the local Lambda service; then each order's outcome, events and saga steps,
+//! with throughput and p50/p99 latency, and each function's figures from its REPORT lines.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,9 +16,12 @@ use shared::domain::order::{Order, OrderStatus};
 use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StreamId};
 
 use crate::Stack;
-use crate::functions::{FunctionClients, PlaceOrder};
 use crate::http_client::request;
+use crate::lambda::{FunctionStats, LambdaService};
 use crate::observe::{quantile, saga_steps, wait_for_saga};
+
+/// The function that places orders (by crate name: the service finds it by its binary).
+pub const PLACE_ORDER: &str = "place-order";
 
 /// Each sample and the outcome it must reach: the demo fails loudly when the system drifts.
 pub const SAMPLES: &[(&str, OrderStatus)] = &[
@@ -65,18 +69,19 @@ struct Placed {
 /// Returns whether every order reached its expected outcome.
 pub async fn run(
     stack: &Stack,
-    clients: &FunctionClients,
+    service: &LambdaService,
+    dynamodb: &aws_sdk_dynamodb::Client,
+    sfn: &aws_sdk_sfn::Client,
     samples: &Path,
     extra: usize,
     api: Option<SocketAddr>,
 ) -> anyhow::Result<bool> {
     let env = stack.environment.clone();
     let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned())?;
-    let store = DynamoEventStore::new(clients.dynamodb.clone(), config);
+    let store = DynamoEventStore::new(dynamodb.clone(), config);
     let repo = Repository::new(store.clone());
     restock(&repo, STOCK).await?;
     let state_machine = stack.outputs.get("OrderSagaArn").context("the stack has no OrderSagaArn output")?.clone();
-    let place_order = PlaceOrder::new(stack, clients)?;
     let run_id = format!("{:x}", fastrand::u32(..));
 
     let mut orders: Vec<(String, OrderStatus)> = SAMPLES.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect();
@@ -89,7 +94,8 @@ pub async fn run(
         let order = sample_order(samples, file, &suffix)?;
         let order_id = order["orderId"].as_str().unwrap_or_default().to_owned();
         let placed_at = now();
-        let answer = place_order.invoke(order).await;
+        // A direct invocation of the place-order binary, as `aws lambda invoke` would make.
+        let answer = service.invoke_json(PLACE_ORDER, &order).await?;
         if answer.get("error").is_some() {
             bail!("placing {order_id} failed: {answer}");
         }
@@ -101,7 +107,7 @@ pub async fn run(
     let mut all_ok = true;
     let mut last_stop = started;
     for p in &placed {
-        let finished = wait_for_saga(&clients.sfn, &state_machine, &p.order_id, Duration::from_secs(180)).await?;
+        let finished = wait_for_saga(sfn, &state_machine, &p.order_id, Duration::from_secs(180)).await?;
         latencies.push(finished.stopped_at - p.placed_at);
         last_stop = last_stop.max(finished.stopped_at);
         let order = repo.load::<Order>(&p.order_id).await?.state;
@@ -121,7 +127,7 @@ pub async fn run(
         if let Some(error) = &finished.error {
             println!("    execution error: {error}");
         }
-        println!("    saga steps: {}", saga_steps(&clients.sfn, &finished.execution_arn).await?.join(" → "));
+        println!("    saga steps: {}", saga_steps(sfn, &finished.execution_arn).await?.join(" → "));
         for category in ["Order", "Payment", "Shipment"] {
             let stream = StreamId::new(category, &p.order_id)?;
             let types: Vec<String> = store.load(&stream, 0).await?.into_iter().map(|e| e.event_type).collect();
@@ -199,4 +205,30 @@ async fn show_read_side(api: SocketAddr, order_id: &str, all: &[&str]) -> anyhow
         println!("    Link: {link}");
     }
     Ok(view.status == 200 && v["status"] == "Completed" && listing.status == 200)
+}
+
+/// Per function, from its invocations' REPORT figures: invocations, cold starts, init p50,
+/// duration p50 and p99, the largest max memory used, errors and timeouts.
+pub fn function_report(stats: &[FunctionStats]) -> String {
+    let mut lines = vec![format!(
+        "{:<34} {:>6} {:>5} {:>9} {:>9} {:>9} {:>7} {:>6}",
+        "Function (REPORT figures)", "calls", "cold", "init p50", "dur p50", "dur p99", "max MB", "errors"
+    )];
+    let mut stats: Vec<&FunctionStats> = stats.iter().filter(|s| s.invocations > 0).collect();
+    stats.sort_by(|a, b| a.logical_id.cmp(&b.logical_id));
+    for s in stats {
+        let errors = if s.timeouts > 0 { format!("{} ({} timed out)", s.errors, s.timeouts) } else { s.errors.to_string() };
+        lines.push(format!(
+            "{:<34} {:>6} {:>5} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>7} {:>6}",
+            s.logical_id,
+            s.invocations,
+            s.cold_starts,
+            quantile(&s.init_ms, 0.5),
+            quantile(&s.duration_ms, 0.5),
+            quantile(&s.duration_ms, 0.99),
+            s.max_memory_used_mb,
+            errors
+        ));
+    }
+    lines.join("\n")
 }

@@ -6,7 +6,8 @@
 //! segment and `{name+}` the rest of the path; an event with neither is the `$default` route.
 //! A request is turned into an API Gateway HTTP API payload 2.0 event (`routeKey`, `rawPath`,
 //! `rawQueryString`, lower-cased `headers`, `cookies`, `queryStringParameters`,
-//! `pathParameters`, `requestContext`, `body`), the function is invoked in process and its
+//! `pathParameters`, `requestContext`, `body`), the function is invoked through the local Lambda
+//! service (its real binary, see [`crate::lambda`]) and its
 //! response (`statusCode`, `headers`, `cookies`, `body`, `isBase64Encoded`; or any other JSON,
 //! which means 200 with that JSON) is written back. As on AWS, the most specific route wins, a
 //! function error is a 500, and an invocation is bounded by the function's `Timeout` (at most
@@ -14,12 +15,12 @@
 //!
 //! Differences from API Gateway, by design: a path that a route serves for other methods gets
 //! `405` with `Allow` (API Gateway answers 404), and errors of the server itself are JSON
-//! `{"error": …}`. No authorizers, CORS, throttling or stages.
+//! `{"error": …}`. No authorizers, CORS, throttling or stages. A function error (including
+//! Lambda's own timeout) is a `500`; the integration's 30 s limit a `503`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -41,24 +42,10 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
 use crate::Stack;
-use crate::runner::BoxFuture;
-
-/// A function invoked over HTTP: takes the payload 2.0 event, returns the response JSON.
-pub type HttpFn = Arc<dyn Fn(Value) -> BoxFuture<Value> + Send + Sync>;
-
-/// Wraps an async closure as an [`HttpFn`].
-pub fn http_fn<F, Fut>(f: F) -> HttpFn
-where
-    F: Fn(Value) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Value> + Send + 'static,
-{
-    Arc::new(move |event| Box::pin(f(event)))
-}
+use crate::runner::Invoke;
 
 /// API Gateway's payload limit.
 const MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
-/// Lambda's default function timeout.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The HTTP API integration timeout.
 const MAX_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long requests under way may finish once the server is stopped.
@@ -82,7 +69,6 @@ pub struct HttpRoute {
     pub path: Option<String>,
     /// `ApiId`, resolved (the API's name locally).
     pub api_id: Option<String>,
-    pub timeout: Duration,
     segments: Vec<Segment>,
 }
 
@@ -115,13 +101,13 @@ impl HttpRoute {
                 }
                 Segment::Param(name) => match parts.get(i) {
                     Some(part) if !part.is_empty() => {
-                        params.insert(name.clone(), query_api::percent_decode(part, false));
+                        params.insert(name.clone(), shared::text::percent_decode(part, false));
                     }
                     _ => return None,
                 },
                 Segment::Greedy(name) => {
                     let rest = parts.get(i..).filter(|rest| !rest.is_empty() && !rest[0].is_empty())?;
-                    params.insert(name.clone(), query_api::percent_decode(&rest.join("/"), false));
+                    params.insert(name.clone(), shared::text::percent_decode(&rest.join("/"), false));
                     return Some(params);
                 }
             }
@@ -170,13 +156,6 @@ fn parse_path(path: &str) -> anyhow::Result<Vec<Segment>> {
 pub fn routes(stack: &Stack) -> anyhow::Result<Vec<HttpRoute>> {
     let mut routes: Vec<HttpRoute> = Vec::new();
     for (function, props) in &stack.function_properties {
-        let timeout = match props.get("Timeout") {
-            None | Some(Value::Null) => DEFAULT_TIMEOUT,
-            Some(v) => {
-                let seconds = v.as_u64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()));
-                Duration::from_secs(seconds.filter(|s| *s > 0).with_context(|| format!("{function}: Timeout {v}"))?)
-            }
-        };
         for (event, spec) in props.get("Events").and_then(Value::as_object).into_iter().flatten() {
             if spec.get("Type").and_then(Value::as_str) != Some("HttpApi") {
                 continue;
@@ -200,7 +179,6 @@ pub fn routes(stack: &Stack) -> anyhow::Result<Vec<HttpRoute>> {
                 method,
                 path,
                 api_id: p.get("ApiId").and_then(Value::as_str).map(str::to_owned),
-                timeout: timeout.min(MAX_TIMEOUT),
                 segments,
             };
             if let Some(other) =
@@ -217,11 +195,11 @@ pub fn routes(stack: &Stack) -> anyhow::Result<Vec<HttpRoute>> {
 
 struct Served {
     route: HttpRoute,
-    handler: HttpFn,
 }
 
 struct State {
     routes: Vec<Served>,
+    functions: Arc<dyn Invoke>,
     port: u16,
 }
 
@@ -250,7 +228,7 @@ impl HttpHandle {
         &self.routes
     }
 
-    /// Routes not served (their function has no handler), and why.
+    /// Routes not served (their function is not served), and why.
     pub fn skipped(&self) -> &[String] {
         &self.skipped
     }
@@ -264,25 +242,23 @@ impl HttpHandle {
     }
 }
 
-/// Serves the stack's `HttpApi` routes on `addr` with the given handlers (by logical id).
-/// Routes of functions without a handler are listed in [`HttpHandle::skipped`]; a handler for a
-/// function the stack does not have is an error. Dropping the handle stops the server too.
-pub async fn serve(stack: &Stack, handlers: HashMap<String, HttpFn>, addr: SocketAddr) -> anyhow::Result<HttpHandle> {
-    if let Some(unknown) = handlers.keys().find(|f| !stack.function_properties.contains_key(*f)) {
-        bail!("an HTTP handler is given for {unknown}, which is not an AWS::Serverless::Function of the stack");
-    }
+/// Serves the stack's `HttpApi` routes on `addr`, invoking their functions through `functions`.
+/// Routes of functions it does not serve are listed in [`HttpHandle::skipped`]. Dropping the
+/// handle stops the server too.
+pub async fn serve(stack: &Stack, functions: Arc<dyn Invoke>, addr: SocketAddr) -> anyhow::Result<HttpHandle> {
     let mut served = Vec::new();
     let mut skipped = Vec::new();
     for route in routes(stack)? {
-        match handlers.get(&route.function) {
-            Some(handler) => served.push(Served { route, handler: handler.clone() }),
-            None => skipped.push(format!("{route}: no HTTP handler for {}", route.function)),
+        if functions.serves(&route.function) {
+            served.push(Served { route });
+        } else {
+            skipped.push(format!("{route}: {} is not served", route.function));
         }
     }
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let addr = listener.local_addr()?;
     let routes = served.iter().map(|s| s.route.to_string()).collect();
-    let state = Arc::new(State { routes: served, port: addr.port() });
+    let state = Arc::new(State { routes: served, functions, port: addr.port() });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(accept(listener, state, stopped));
     info!(%addr, "serving the HTTP API");
@@ -391,22 +367,23 @@ async fn respond(
     };
     let event = api_event(route, &parts, &body, path_parameters, peer, state.port);
     let started = std::time::Instant::now();
-    let mut invocation = tokio::spawn((served.handler)(event));
-    let outcome = tokio::time::timeout(route.timeout, &mut invocation).await;
-    let response = match outcome {
+    let invocation = state.functions.invoke(&route.function, event.to_string().into_bytes());
+    let response = match tokio::time::timeout(MAX_TIMEOUT, invocation).await {
         Err(_) => {
-            invocation.abort();
-            warn!(route = %route, timeout_s = route.timeout.as_secs_f64(), "the function timed out");
+            warn!(route = %route, "the integration timed out after 30 s");
             error_response(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", &[])
         }
         Ok(Err(e)) => {
             error!(route = %route, error = %e, "the function failed");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", &[])
         }
-        Ok(Ok(answer)) => to_response(answer).unwrap_or_else(|e| {
-            error!(route = %route, error = %e, "the function's response is malformed");
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", &[])
-        }),
+        Ok(Ok(answer)) => serde_json::from_slice(&answer)
+            .map_err(anyhow::Error::from)
+            .and_then(to_response)
+            .unwrap_or_else(|e| {
+                error!(route = %route, error = %e, "the function's response is malformed");
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", &[])
+            }),
     };
     info!(%method, %path, route = %route.route_key(), status = response.status().as_u16(),
           ms = started.elapsed().as_millis() as u64, "request");
@@ -451,7 +428,7 @@ fn api_event(
     let mut query = serde_json::Map::new();
     for pair in raw_query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (query_api::percent_decode(k, true), query_api::percent_decode(v, true));
+        let (k, v) = (shared::text::percent_decode(k, true), shared::text::percent_decode(v, true));
         match query.get_mut(&k) {
             Some(Value::String(existing)) => {
                 existing.push(',');
@@ -587,7 +564,6 @@ mod tests {
             method: method.into(),
             path: path.map(str::to_owned),
             api_id: None,
-            timeout: DEFAULT_TIMEOUT,
             segments: path.map(|p| parse_path(p).unwrap()).unwrap_or_default(),
         }
     }

@@ -5,9 +5,9 @@
 pub mod demo;
 pub mod envfile;
 pub mod filter;
-pub mod functions;
 pub mod http;
 pub mod http_client;
+pub mod lambda;
 pub mod observe;
 pub mod provision;
 pub mod runner;

@@ -1,10 +1,13 @@
 //! `local-env provision [--template template.yaml] [--out .local] [--stack-name NAME]
 //!  [--parameter-overrides K=V ...] [--strict]`: creates the template's resources on the emulators.
 //!
-//! `local-env run [--stack .local/stack.json] [--demo] [--orders N]`: runs every function of the
-//! template in process, fed from its event sources as Lambda would; with `--demo`, places the
-//! sample orders of `events/place-order/` (plus N more), reports and exits. While it runs, the
-//! template's HTTP API routes are served on 127.0.0.1:`LOCAL_API_PORT` (default 3000).
+//! `local-env run [--stack .local/stack.json] [--demo] [--orders N] [--release]`: builds every
+//! function's binary and runs it in the local Lambda service (the Runtime API, as Lambda runs
+//! it), fed from its event sources as Lambda would; with `--demo`, places the sample orders of
+//! `events/place-order/` (plus N more), reports and exits. While it runs, the template's HTTP API
+//! routes are served on 127.0.0.1:`LOCAL_API_PORT` (default 3000) and Lambda's Invoke API on
+//! 127.0.0.1:`LOCAL_LAMBDA_PORT` (default 9001). `LOCAL_FUNCTION_LOGS=stderr` also prints every
+//! function's log lines.
 //!
 //! Endpoints and credentials come from the standard AWS variables (`AWS_ENDPOINT_URL*`).
 
@@ -15,7 +18,7 @@ use std::process::ExitCode;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use local_env::functions::FunctionClients;
+use local_env::lambda::{LambdaService, binaries, invoke_api};
 use local_env::runner::{Runner, RunnerClients};
 use local_env::{Clients, Options, Template};
 
@@ -27,7 +30,7 @@ struct Args {
     strict: bool,
 }
 
-const USAGE: &str = "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict]\n       local-env run [--stack .local/stack.json] [--demo] [--orders N]\n       local-env rebuild [--stack .local/stack.json] [--target-table NAME]";
+const USAGE: &str = "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict]\n       local-env run [--stack .local/stack.json] [--demo] [--orders N] [--release]\n       local-env rebuild [--stack .local/stack.json] [--target-table NAME]";
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> anyhow::Result<Args> {
     let mut args = Args {
@@ -75,13 +78,21 @@ async fn provision(argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     Ok(strict_ok && stack.failed().is_empty() && stack.unresolved.is_empty())
 }
 
+fn port(var: &str, default: u16) -> anyhow::Result<u16> {
+    match std::env::var(var) {
+        Ok(p) if !p.trim().is_empty() => p.trim().parse().with_context(|| format!("{var}={p}")),
+        _ => Ok(default),
+    }
+}
+
 async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
-    let (mut stack_path, mut demo, mut extra) = (PathBuf::from(".local/stack.json"), false, 20usize);
+    let (mut stack_path, mut demo, mut extra, mut profile) = (PathBuf::from(".local/stack.json"), false, 20usize, None);
     while let Some(arg) = argv.next() {
         match arg.as_str() {
             "--stack" => stack_path = argv.next().context("--stack needs a path")?.into(),
             "--demo" => demo = true,
             "--orders" => extra = argv.next().context("--orders needs a number")?.parse().context("--orders")?,
+            "--release" => profile = Some("release"),
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
@@ -89,9 +100,21 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         .with_context(|| format!("reading {} (run `scripts/env.sh up` first)", stack_path.display()))?;
     let stack: local_env::Stack = serde_json::from_str(&text).context("parsing the stack")?;
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let clients = FunctionClients::new(&sdk);
-    let handlers = local_env::functions::handlers(&stack, &clients)?;
-    let runner = Runner::new(&stack, RunnerClients::new(&sdk), handlers)?;
+
+    let mut options = local_env::lambda::Options::new(&stack);
+    options.echo_logs = std::env::var("LOCAL_FUNCTION_LOGS").is_ok_and(|v| v == "stderr");
+    let specs = local_env::lambda::FunctionSpec::all(&stack, options.default_concurrency)?;
+    let mut crates: Vec<String> = specs.iter().map(|s| s.crate_name.clone()).collect();
+    crates.sort();
+    crates.dedup();
+    println!("Building {} function binaries ({} profile)…", crates.len(), profile.unwrap_or("dev"));
+    let built = binaries::build(&std::env::current_dir()?, &crates, profile)?;
+    let log_dir = options.log_dir.clone();
+    let service = LambdaService::new(&stack, &built, options, Some(aws_sdk_cloudwatchlogs::Client::new(&sdk)))?;
+    let lambda_api = invoke_api::serve(service.clone(), ([127, 0, 0, 1], port("LOCAL_LAMBDA_PORT", invoke_api::DEFAULT_PORT)?).into()).await?;
+    println!("Lambda service: {} functions, Invoke API on {} (logs in {}/)", specs.len(), lambda_api.url(), log_dir.display());
+
+    let runner = Runner::new(&stack, RunnerClients::new(&sdk), service.clone())?;
     for mapping in runner.mappings() {
         println!("  runs {mapping}");
     }
@@ -99,12 +122,7 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         println!("  skips {skipped}");
     }
     let running = runner.start();
-    let port: u16 = match std::env::var("LOCAL_API_PORT") {
-        Ok(p) if !p.trim().is_empty() => p.trim().parse().context("LOCAL_API_PORT")?,
-        _ => 3000,
-    };
-    let http_handlers = local_env::functions::http_handlers(&stack, &clients)?;
-    let api = match local_env::http::serve(&stack, http_handlers, ([127, 0, 0, 1], port).into()).await {
+    let api = match local_env::http::serve(&stack, service.clone(), ([127, 0, 0, 1], port("LOCAL_API_PORT", 3000)?).into()).await {
         Ok(api) => {
             println!("HTTP API on {}", api.url());
             for route in api.routes() {
@@ -122,12 +140,15 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         }
         Err(e) => {
             running.stop().await;
+            service.shutdown().await;
             return Err(e);
         }
     };
     let ok = if demo {
-        local_env::demo::run(&stack, &clients, Path::new("events/place-order"), extra, api.as_ref().map(|a| a.addr()))
-            .await
+        let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+        let sfn = aws_sdk_sfn::Client::new(&sdk);
+        let samples = Path::new("events/place-order");
+        local_env::demo::run(&stack, &service, &dynamodb, &sfn, samples, extra, api.as_ref().map(|a| a.addr())).await
     } else {
         println!("Running; Ctrl-C stops.");
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
@@ -137,6 +158,11 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         api.stop().await;
     }
     running.stop().await;
+    lambda_api.stop();
+    service.shutdown().await;
+    if demo {
+        println!("\n{}", local_env::demo::function_report(&service.stats()));
+    }
     ok
 }
 

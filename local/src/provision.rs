@@ -1,7 +1,7 @@
 //! Creates the resources of `template.yaml` on the emulators, in dependency order, idempotently:
 //! what exists is kept (queues, rules and state machines are brought up to date). Each resource
-//! type either has a handler, a local stand-in (functions run in the local runner; IAM is not
-//! enforced), or is reported by name as not created.
+//! type either has a handler, a local stand-in (functions run in the local Lambda service; IAM is
+//! not enforced), or is reported by name as not created.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -20,6 +20,7 @@ pub struct Clients {
     pub events: aws_sdk_eventbridge::Client,
     pub sfn: aws_sdk_sfn::Client,
     pub cloudwatch: aws_sdk_cloudwatch::Client,
+    pub logs: aws_sdk_cloudwatchlogs::Client,
 }
 
 impl Clients {
@@ -30,6 +31,7 @@ impl Clients {
             events: aws_sdk_eventbridge::Client::new(config),
             sfn: aws_sdk_sfn::Client::new(config),
             cloudwatch: aws_sdk_cloudwatch::Client::new(config),
+            logs: aws_sdk_cloudwatchlogs::Client::new(config),
         }
     }
 }
@@ -258,7 +260,7 @@ async fn create(kind: &str, ctx: Ctx<'_>) -> anyhow::Result<Created> {
         "AWS::Serverless::Function" | "AWS::Lambda::Function" => {
             let name = ctx.name("FunctionName", 64);
             let arn = ctx.arn("lambda", &format!("function:{name}"));
-            Ok(stand_in("runs in the local runner", name, arn))
+            Ok(stand_in("runs in the local Lambda service", name, arn))
         }
         "AWS::IAM::Role" => {
             let name = ctx.name("RoleName", 64);
@@ -273,15 +275,11 @@ async fn create(kind: &str, ctx: Ctx<'_>) -> anyhow::Result<Created> {
             let name = ctx.generated_name(255);
             Ok(stand_in("permissions are not enforced locally", name.clone(), name))
         }
-        "AWS::Logs::LogGroup" => {
-            let name = ctx.name("LogGroupName", 512);
-            let arn = ctx.arn("logs", &format!("log-group:{name}"));
-            Ok(stand_in("local processes log to their own output", name, arn))
-        }
+        "AWS::Logs::LogGroup" => log_group(&ctx).await,
         "AWS::Serverless::HttpApi" | "AWS::Serverless::Api" => {
             let name = ctx.generated_name(128);
             let arn = ctx.arn("apigateway", &format!("/apis/{name}"));
-            Ok(stand_in("the local runner calls the function in process", name, arn))
+            Ok(stand_in("local-env serves its routes and invokes the functions", name, arn))
         }
         "AWS::Lambda::EventSourceMapping" => {
             let name = ctx.generated_name(255);
@@ -841,5 +839,31 @@ async fn alarm(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
         .with_context(|| format!("PutMetricAlarm {name}"))?;
     let arn = ctx.arn("cloudwatch", &format!("alarm:{name}"));
     let status = if existed { Status::Updated } else { Status::Created };
+    Ok(Some((status, resolved(name, &[("Arn", Some(arn))]))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// CloudWatch Logs
+
+/// A log group (the functions' own ones receive their logs from the local Lambda service).
+async fn log_group(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
+    let client = &ctx.clients.logs;
+    let name = ctx.name("LogGroupName", 512);
+    let status = match client.create_log_group().log_group_name(&name).send().await {
+        Ok(_) => Status::Created,
+        Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_already_exists_exception()) => Status::Exists,
+        Err(e) => return Err(anyhow!(aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e).to_string())),
+    };
+    if let Some(days) = ctx.str("RetentionInDays") {
+        let days: i32 = days.parse().with_context(|| format!("RetentionInDays {days}"))?;
+        client
+            .put_retention_policy()
+            .log_group_name(&name)
+            .retention_in_days(days)
+            .send()
+            .await
+            .map_err(|e| anyhow!(aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e).to_string()))?;
+    }
+    let arn = ctx.arn("logs", &format!("log-group:{name}:*"));
     Ok(Some((status, resolved(name, &[("Arn", Some(arn))]))))
 }

@@ -1,9 +1,9 @@
-//! The local runner: what Lambda's event source mappings do, for the functions of the template,
-//! with in-process handlers.
+//! The local runner: what Lambda's event source mappings do, for the functions of the template.
 //!
-//! Each `AWS::Serverless::Function` with a handler gets one mapping per `SQS` or `DynamoDB`
-//! entry of its `Events` (resolved by the provisioner: queue ARN, stream ARN). The runner knows
-//! nothing about the functions: the caller passes one [`Handler`] per logical id.
+//! Each `AWS::Serverless::Function` the [`Invoke`] serves gets one mapping per `SQS` or
+//! `DynamoDB` entry of its `Events` (resolved by the provisioner: queue ARN, stream ARN). The
+//! runner knows nothing about the functions: it builds Lambda's event, invokes the function by
+//! logical id through the local Lambda service (its real binary) and reads Lambda's response.
 //!
 //! **SQS.** `ScalingConfig.MaximumConcurrency` pollers (at least 2) receive up to `BatchSize`
 //! messages (gathering for `MaximumBatchingWindowInSeconds` when it is set), build a real
@@ -29,10 +29,8 @@
 //! destinations other than SQS and tumbling windows are not modelled; FIFO queues get no
 //! ordering beyond what SQS itself gives.
 //!
-//! Every invocation is bounded by the function's `Timeout` (3 s by default, as on Lambda); a
-//! timed-out or panicking handler counts as a function error. The timeout is read from the
-//! function's own properties: `Globals.Function.Timeout` applies only if the stack's
-//! `function_properties` have the globals merged in.
+//! Timeouts, crashes and function errors are the Lambda service's: each comes back as a function
+//! error, which fails the whole batch (an unreadable response does too, as on Lambda).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -56,44 +54,16 @@ use crate::Stack;
 use crate::filter::Filters;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-/// An invocation error is a function error: the whole batch is retried, as Lambda does.
-pub type InvokeError = String;
-pub type SqsHandlerFn = Arc<dyn Fn(SqsEvent) -> BoxFuture<Result<SqsBatchResponse, InvokeError>> + Send + Sync>;
-pub type DynamoDbStreamHandlerFn =
-    Arc<dyn Fn(DynamoDbEvent) -> BoxFuture<Result<DynamoDbEventResponse, InvokeError>> + Send + Sync>;
 
-/// A function's handler, in process.
-#[derive(Clone)]
-pub enum Handler {
-    Sqs(SqsHandlerFn),
-    DynamoDbStream(DynamoDbStreamHandlerFn),
-}
-
-impl Handler {
-    /// Wraps an async closure taking an [`SqsEvent`].
-    pub fn sqs<F, Fut>(f: F) -> Self
-    where
-        F: Fn(SqsEvent) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<SqsBatchResponse, InvokeError>> + Send + 'static,
-    {
-        Self::Sqs(Arc::new(move |event| Box::pin(f(event))))
-    }
-
-    /// Wraps an async closure taking a DynamoDB stream [`DynamoDbEvent`].
-    pub fn dynamodb_stream<F, Fut>(f: F) -> Self
-    where
-        F: Fn(DynamoDbEvent) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<DynamoDbEventResponse, InvokeError>> + Send + 'static,
-    {
-        Self::DynamoDbStream(Arc::new(move |event| Box::pin(f(event))))
-    }
-
-    fn kind(&self) -> &'static str {
-        match self {
-            Self::Sqs(_) => "an SQS handler",
-            Self::DynamoDbStream(_) => "a DynamoDB stream handler",
-        }
-    }
+/// What the mappings invoke functions through: the local Lambda service
+/// ([`crate::lambda::LambdaService`]), which runs each function's own binary. The runner's own
+/// tests put a double of it here, to script what a function answers.
+pub trait Invoke: Send + Sync {
+    /// Whether `function` (a logical id) can be invoked.
+    fn serves(&self, function: &str) -> bool;
+    /// A synchronous invocation with a JSON payload: the response payload, or the function
+    /// error (a timeout, a crash or an error the function returned), which fails the batch.
+    fn invoke(&self, function: &str, payload: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>>;
 }
 
 /// The clients the runner polls with, each pointed at its emulator.
@@ -110,8 +80,6 @@ impl RunnerClients {
     }
 }
 
-/// Lambda's default function timeout.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a DynamoDB stream is described again, to find new shards.
 const SHARD_DISCOVERY: Duration = Duration::from_secs(3);
 /// The pause after an empty `GetRecords`.
@@ -121,7 +89,6 @@ const GET_RECORDS_LIMIT: i32 = 1000;
 struct Source {
     function: String,
     event: String,
-    timeout: Duration,
     filters: Filters,
     report_batch_item_failures: bool,
     batch_size: usize,
@@ -141,7 +108,6 @@ impl Source {
         if !self.filters.is_empty() {
             parts.push(format!("{} filter(s)", self.filters.len()));
         }
-        parts.push(format!("Timeout {} s", self.timeout.as_secs_f64()));
         parts.join(", ")
     }
 }
@@ -153,7 +119,7 @@ struct SqsMapping {
     account: String,
     window: Duration,
     concurrency: usize,
-    handler: SqsHandlerFn,
+    functions: Arc<dyn Invoke>,
 }
 
 struct StreamMapping {
@@ -164,7 +130,7 @@ struct StreamMapping {
     /// `DestinationConfig.OnFailure` when it is an SQS queue: where a skipped batch is recorded.
     on_failure: Option<Destination>,
     function_arn: String,
-    handler: DynamoDbStreamHandlerFn,
+    functions: Arc<dyn Invoke>,
 }
 
 struct Destination {
@@ -212,24 +178,15 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// One mapping per (function, event) whose function has a handler; events of other types
-    /// (Api, HttpApi, Schedule…), disabled events and functions without a handler are listed in
-    /// [`skipped`](Runner::skipped). A handler for a function the stack does not have, a handler
-    /// of the wrong kind or an invalid event (bad ARN, bad filter pattern) is an error.
-    pub fn new(stack: &Stack, clients: RunnerClients, handlers: HashMap<String, Handler>) -> anyhow::Result<Self> {
+    /// One mapping per (function, event) whose function `functions` serves; events of other
+    /// types (Api, HttpApi, Schedule…), disabled events and functions not served are listed in
+    /// [`skipped`](Runner::skipped). An invalid event (bad ARN, bad filter pattern) is an error.
+    pub fn new(stack: &Stack, clients: RunnerClients, functions: Arc<dyn Invoke>) -> anyhow::Result<Self> {
         let mut mappings = Vec::new();
         let mut skipped = Vec::new();
-        if let Some(unknown) = handlers.keys().find(|f| !stack.function_properties.contains_key(*f)) {
-            bail!("a handler is given for {unknown}, which is not an AWS::Serverless::Function of the stack");
-        }
         let sqs_region = clients.sqs.config().region().map(|r| r.to_string());
         let streams_region = clients.streams.config().region().map(|r| r.to_string());
         for (function, props) in &stack.function_properties {
-            let timeout = match integer(props.get("Timeout")).with_context(|| format!("{function}: Timeout"))? {
-                Some(seconds) if seconds > 0 => Duration::from_secs(seconds as u64),
-                Some(seconds) => bail!("{function}: Timeout {seconds} must be positive"),
-                None => DEFAULT_TIMEOUT,
-            };
             let events = props.get("Events").and_then(Value::as_object);
             let mut used = false;
             for (event, spec) in events.into_iter().flatten() {
@@ -240,10 +197,10 @@ impl Runner {
                     skipped.push(format!("{function}.{event} ({kind}): event type not run by the local runner"));
                     continue;
                 }
-                let Some(handler) = handlers.get(function) else {
-                    skipped.push(format!("{function}.{event} ({kind}): no handler for {function}"));
+                if !functions.serves(function) {
+                    skipped.push(format!("{function}.{event} ({kind}): {function} is not served"));
                     continue;
-                };
+                }
                 if boolean(p.get("Enabled")).with_context(context)? == Some(false) {
                     skipped.push(format!("{function}.{event} ({kind}): Enabled is false"));
                     continue;
@@ -257,15 +214,14 @@ impl Runner {
                     Ok(Source {
                         function: function.clone(),
                         event: event.clone(),
-                        timeout,
                         filters: Filters::from_criteria(p.get("FilterCriteria"))?,
                         report_batch_item_failures: reports_batch_item_failures(p.get("FunctionResponseTypes")),
                         batch_size: batch_size as usize,
                         region: region.clone().unwrap_or_else(|| arn.region.clone()),
                     })
                 };
-                let mapping = match (kind, handler) {
-                    ("SQS", Handler::Sqs(handler)) => {
+                let mapping = match kind {
+                    "SQS" => {
                         let queue_arn = p.get("Queue").and_then(Value::as_str).context("Queue (an ARN) is missing");
                         let queue_arn = queue_arn.with_context(context)?;
                         let arn = Arn::parse(queue_arn, "sqs").with_context(context)?;
@@ -279,10 +235,10 @@ impl Runner {
                             account: arn.account.clone(),
                             window: Duration::from_secs(window.unwrap_or(0).clamp(0, 300) as u64),
                             concurrency: concurrency.unwrap_or(2).max(2) as usize,
-                            handler: handler.clone(),
+                            functions: functions.clone(),
                         }))
                     }
-                    ("DynamoDB", Handler::DynamoDbStream(handler)) => {
+                    _ => {
                         let stream_arn = p.get("Stream").and_then(Value::as_str).context("Stream (an ARN) is missing");
                         let stream_arn = stream_arn.with_context(context)?;
                         let arn = Arn::parse(stream_arn, "dynamodb").with_context(context)?;
@@ -328,15 +284,14 @@ impl Runner {
                             max_retry_attempts: max_retry_attempts.unwrap_or(-1).max(-1),
                             on_failure,
                             function_arn,
-                            handler: handler.clone(),
+                            functions: functions.clone(),
                         }))
                     }
-                    (_, handler) => bail!("{}: {function} was given {}", context(), handler.kind()),
                 };
                 mappings.push(mapping);
             }
-            if !used && handlers.contains_key(function) {
-                skipped.push(format!("{function}: has a handler but no SQS or DynamoDB event to run it"));
+            if !used && functions.serves(function) && events.is_some_and(|e| !e.is_empty()) {
+                debug!(function, "no SQS or DynamoDB event: not run by the runner");
             }
         }
         Ok(Self { mappings, skipped, clients })
@@ -438,26 +393,21 @@ fn sdk_error(mapping: &str, what: &str, attempt: u32, error: &str) {
     }
 }
 
-/// Invokes a handler in its own task, bounded by the timeout: a timeout or a panic is a
-/// function error, as a crashed or timed-out Lambda is.
-async fn invoke<E, R>(
-    handler: Arc<dyn Fn(E) -> BoxFuture<Result<R, InvokeError>> + Send + Sync>,
-    event: E,
-    timeout: Duration,
-) -> Result<R, InvokeError>
-where
-    E: Send + 'static,
-    R: Send + 'static,
-{
-    let mut task = tokio::spawn(async move { handler(event).await });
-    match tokio::time::timeout(timeout, &mut task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(e)) => Err(format!("the handler panicked: {e}")),
-        Err(_) => {
-            task.abort();
-            Err(format!("Task timed out after {:.2} seconds", timeout.as_secs_f64()))
-        }
+/// Invokes `function` with Lambda's event and reads Lambda's response: an empty or `null`
+/// response is a success with nothing reported; a function error or a response that is not the
+/// expected JSON fails the batch.
+async fn invoke<R: serde::de::DeserializeOwned + Default>(
+    functions: &dyn Invoke,
+    function: &str,
+    event: &impl serde::Serialize,
+) -> Result<R, String> {
+    let payload = serde_json::to_vec(event).map_err(|e| format!("the event does not serialize: {e}"))?;
+    let response = functions.invoke(function, payload).await?;
+    let text = std::str::from_utf8(&response).map_err(|_| "the response is not UTF-8".to_owned())?.trim();
+    if text.is_empty() || text == "null" {
+        return Ok(R::default());
     }
+    serde_json::from_str(text).map_err(|e| format!("the response is not a batch response ({e}): {text}"))
 }
 
 struct Arn {
@@ -623,7 +573,7 @@ async fn process_sqs_batch(
     let mut event = SqsEvent::default();
     event.records = records;
     let count = handles.len();
-    let retained: HashSet<String> = match invoke(m.handler.clone(), event, m.source.timeout).await {
+    let retained: HashSet<String> = match invoke::<SqsBatchResponse>(m.functions.as_ref(), &m.source.function, &event).await {
         Err(e) => {
             warn!(mapping = %name, count, error = %e, "function error: the batch returns to the queue");
             return;
@@ -1018,7 +968,7 @@ impl ShardReader {
         // Kept for the failure record, should the batch be skipped.
         let arrivals: Vec<String> =
             event.records.iter().map(|r| r.change.approximate_creation_date_time.to_rfc3339()).collect();
-        let done = match invoke(self.m.handler.clone(), event, self.m.source.timeout).await {
+        let done = match invoke::<DynamoDbEventResponse>(self.m.functions.as_ref(), &self.m.source.function, &event).await {
             Err(e) => {
                 warn!(
                     mapping = %self.name,

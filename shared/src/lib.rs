@@ -8,6 +8,7 @@
 //! - [`readmodel`]: read models (CQRS query side) and their projection onto DynamoDB.
 //! - [`retry`]: bounded exponential backoff with full jitter.
 //! - [`config`]: configuration from the environment.
+//! - [`text`]: percent-decoding for HTTP paths and query strings.
 
 pub mod aggregate;
 pub mod config;
@@ -17,3 +18,4 @@ pub mod readmodel;
 pub mod retry;
 pub mod saga;
 pub mod telemetry;
+pub mod text;

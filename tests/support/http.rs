@@ -1,14 +1,15 @@
 //! The HTTP API as a client sees it: the project's template provisioned under a fresh stack
-//! name, its `HttpApi` routes served by the local HTTP server (`local_env::http`) with the
-//! functions in process, and a minimal HTTP/1.1 client over real TCP.
+//! name, its `HttpApi` routes served by the local HTTP server (`local_env::http`), which invokes
+//! the functions' real binaries through the local Lambda service, and a minimal HTTP/1.1 client
+//! over real TCP.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use local_env::functions::FunctionClients;
-use local_env::http::{HttpFn, HttpHandle};
+use local_env::http::HttpHandle;
+use local_env::lambda::LambdaService;
 use local_env::{Options, Stack, Template};
 use serde::Serialize;
 use serde_json::Value;
@@ -52,35 +53,25 @@ fn provisioned() -> Stack {
 pub struct ApiEnv {
     pub aws: LocalAws,
     pub stack: Stack,
-    pub clients: FunctionClients,
+    pub service: Arc<LambdaService>,
     pub store: DynamoEventStore,
     pub read_model_table: String,
     pub server: HttpHandle,
 }
 
 impl ApiEnv {
-    /// The stack's HTTP API, served on a free port with the project's functions.
+    /// The stack's HTTP API, served on a free port by the project's functions.
     pub async fn start() -> Self {
-        Self::start_with(|_, handlers| handlers).await
-    }
-
-    /// Serves with the handlers as `customise` leaves them (to replace one).
-    pub async fn start_with(
-        customise: impl FnOnce(&Stack, HashMap<String, HttpFn>) -> HashMap<String, HttpFn>,
-    ) -> Self {
         let aws = LocalAws::load().await;
         let stack = provisioned();
-        let clients =
-            FunctionClients { dynamodb: aws.dynamodb(), sqs: aws.sqs(), sfn: aws.sfn(), events: aws.eventbridge() };
-        let handlers = local_env::functions::http_handlers(&stack, &clients).expect("HTTP handlers");
-        let handlers = customise(&stack, handlers);
+        let service = aws.lambda_service(&stack);
         let server =
-            local_env::http::serve(&stack, handlers, ([127, 0, 0, 1], 0).into()).await.expect("serve the HTTP API");
+            local_env::http::serve(&stack, service.clone(), ([127, 0, 0, 1], 0).into()).await.expect("serve the HTTP API");
         let env = stack.functions.get(QUERY_API).cloned().expect("the template has QueryApiFunction");
         let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned()).expect("event store config");
         let store = DynamoEventStore::new(aws.dynamodb(), config);
         let read_model_table = env.get("READ_MODEL_TABLE").cloned().expect("READ_MODEL_TABLE");
-        Self { aws, stack, clients, store, read_model_table, server }
+        Self { aws, stack, service, store, read_model_table, server }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -111,6 +102,7 @@ impl ApiEnv {
 
     pub async fn stop(self) {
         self.server.stop().await;
+        self.service.shutdown().await;
     }
 }
 

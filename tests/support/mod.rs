@@ -5,13 +5,17 @@
 //! the process environment, so `cargo test` works with or without the file sourced.
 
 pub mod http;
+pub mod invoke;
 pub mod saga;
 pub mod tally;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use local_env::Stack;
+use local_env::lambda::{LambdaService, binaries};
 use shared::eventstore::{DynamoEventStore, EventStoreConfig};
 
 pub fn workspace_root() -> PathBuf {
@@ -108,6 +112,12 @@ impl LocalAws {
         aws_sdk_sfn::Client::from_conf(b.build())
     }
 
+    pub fn logs(&self) -> aws_sdk_cloudwatchlogs::Client {
+        let mut b = aws_sdk_cloudwatchlogs::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("CLOUDWATCH_LOGS"));
+        aws_sdk_cloudwatchlogs::Client::from_conf(b.build())
+    }
+
     /// Clients for the provisioner, each pointed at its own emulator.
     pub fn provisioning_clients(&self) -> local_env::Clients {
         local_env::Clients {
@@ -116,7 +126,17 @@ impl LocalAws {
             events: self.eventbridge(),
             sfn: self.sfn(),
             cloudwatch: self.cloudwatch(),
+            logs: self.logs(),
         }
+    }
+
+    /// The stack's functions in the local Lambda service: their own binaries, given the
+    /// emulators' endpoints, logging to CloudWatch Logs and to `.local/logs/<stack>/`.
+    pub fn lambda_service(&self, stack: &Stack) -> Arc<LambdaService> {
+        let mut options = local_env::lambda::Options::new(stack);
+        options.log_dir = workspace_root().join(".local/logs").join(&stack.stack_name);
+        options.aws_env = self.vars.iter().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        LambdaService::new(stack, function_binaries(), options, Some(self.logs())).expect("the Lambda service")
     }
 
     pub fn event_store_config(&self) -> EventStoreConfig {
@@ -136,4 +156,22 @@ impl LocalAws {
 /// An id no earlier run used, so tests never see each other's data.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The binary of every function crate of `template.yaml`, built by cargo once per test binary
+/// (the debug profile: what `cargo test` just built is reused).
+pub fn function_binaries() -> &'static HashMap<String, PathBuf> {
+    static BINARIES: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
+    BINARIES.get_or_init(|| {
+        let template = local_env::Template::load(&workspace_root().join("template.yaml")).expect("template");
+        let mut crates: Vec<String> = template
+            .resources
+            .values()
+            .filter(|r| r.kind == "AWS::Serverless::Function")
+            .filter_map(|r| r.properties.get("CodeUri")?.as_str()?.rsplit('/').next().map(str::to_owned))
+            .collect();
+        crates.sort();
+        crates.dedup();
+        binaries::build(&workspace_root(), &crates, None).expect("the functions' binaries build")
+    })
 }

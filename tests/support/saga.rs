@@ -1,13 +1,14 @@
 //! A whole system per test: the project's template provisioned under a fresh stack name (its
-//! own tables, queues, state machine), every function running in the local runner, and helpers
-//! to place orders and watch their sagas.
+//! own tables, queues, state machine), every function its own binary in the local Lambda
+//! service, fed by the local runner, and helpers to place orders and watch their sagas.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use local_env::functions::{FunctionClients, PlaceOrder};
+use local_env::lambda::LambdaService;
 use local_env::observe::{Finished, saga_steps, wait_for_saga};
-use local_env::runner::{Handler, Runner, RunnerClients, RunnerHandle};
+use local_env::runner::{Invoke, Runner, RunnerClients, RunnerHandle};
 use local_env::{Options, Stack, Template};
 use serde_json::Value;
 use shared::aggregate::Repository;
@@ -18,15 +19,15 @@ use crate::{LocalAws, unique, workspace_root};
 pub struct SagaEnv {
     pub aws: LocalAws,
     pub stack: Stack,
-    pub clients: FunctionClients,
+    pub service: Arc<LambdaService>,
+    pub sfn: aws_sdk_sfn::Client,
     pub repo: Repository<DynamoEventStore>,
-    pub place_order: PlaceOrder,
     running: Option<RunnerHandle>,
     run_id: String,
 }
 
-/// Test settings: redeliveries after 3 s instead of 60 (so a "crashed" handler's message comes
-/// back quickly), two pollers per queue.
+/// Test settings: redeliveries after 3 s instead of 60 (so a crashed or timed-out invocation's
+/// message comes back quickly), two pollers per queue.
 fn overrides() -> HashMap<String, String> {
     HashMap::from([
         ("StepVisibilityTimeout".to_owned(), "3".to_owned()),
@@ -36,13 +37,21 @@ fn overrides() -> HashMap<String, String> {
 
 impl SagaEnv {
     pub async fn start() -> Self {
-        Self::start_with(|_, _, handlers| handlers).await
+        Self::start_with(|_, service| service).await
     }
 
-    /// Starts with the handlers as `customise` leaves them (to wrap or replace one).
-    pub async fn start_with(
-        customise: impl FnOnce(&Stack, &FunctionClients, HashMap<String, Handler>) -> HashMap<String, Handler>,
-    ) -> Self {
+    /// Starts with the runner invoking through what `customise` makes of the Lambda service
+    /// (to deliver twice, say). `None` starts no runner: nothing runs until invoked.
+    pub async fn start_with(customise: impl FnOnce(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>) -> Self {
+        Self::start_inner(Some(customise)).await
+    }
+
+    /// The system provisioned, the functions ready to be invoked, no event source running.
+    pub async fn start_idle() -> Self {
+        Self::start_inner(None::<fn(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>>).await
+    }
+
+    async fn start_inner(customise: Option<impl FnOnce(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>>) -> Self {
         let aws = LocalAws::load().await;
         let template = Template::load(&workspace_root().join("template.yaml")).expect("template");
         let options = Options {
@@ -53,19 +62,18 @@ impl SagaEnv {
         };
         let stack = local_env::provision(&template, &options, &aws.provisioning_clients()).await.expect("provision");
         assert!(stack.failed().is_empty() && stack.unresolved.is_empty(), "{}", local_env::report(&stack));
-        let clients =
-            FunctionClients { dynamodb: aws.dynamodb(), sqs: aws.sqs(), sfn: aws.sfn(), events: aws.eventbridge() };
-        let handlers = local_env::functions::handlers(&stack, &clients).expect("handlers");
-        let handlers = customise(&stack, &clients, handlers);
-        let runner = Runner::new(&stack, RunnerClients { sqs: aws.sqs(), streams: aws.dynamodb_streams() }, handlers)
-            .expect("runner");
+        let service = aws.lambda_service(&stack);
         let env = stack.environment.clone();
         let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned()).expect("event store config");
         let repo = Repository::new(DynamoEventStore::new(aws.dynamodb(), config));
         local_env::demo::restock(&repo, local_env::demo::STOCK).await.expect("restock");
-        let place_order = PlaceOrder::new(&stack, &clients).expect("place order");
-        let running = Some(runner.start());
-        Self { aws, stack, clients, repo, place_order, running, run_id: unique("") }
+        let running = customise.map(|customise| {
+            let functions = customise(&stack, service.clone());
+            let clients = RunnerClients { sqs: aws.sqs(), streams: aws.dynamodb_streams() };
+            Runner::new(&stack, clients, functions).expect("runner").start()
+        });
+        let sfn = aws.sfn();
+        Self { aws, stack, service, sfn, repo, running, run_id: unique("") }
     }
 
     pub fn state_machine(&self) -> &str {
@@ -83,22 +91,20 @@ impl SagaEnv {
             .expect("sample order")
     }
 
-    /// Places an order through the place-order function; returns its id.
+    /// Places an order by invoking the place-order binary directly; returns its id.
     pub async fn place(&self, order: Value) -> String {
         let id = order["orderId"].as_str().expect("orderId").to_owned();
-        let answer = self.place_order.invoke(order).await;
+        let answer = self.service.invoke_json(local_env::demo::PLACE_ORDER, &order).await.expect("place-order answers");
         assert_eq!(answer["orderId"], id.as_str(), "placing failed: {answer}");
         id
     }
 
     pub async fn finished(&self, order_id: &str) -> Finished {
-        wait_for_saga(&self.clients.sfn, self.state_machine(), order_id, Duration::from_secs(90))
-            .await
-            .expect("saga ends")
+        wait_for_saga(&self.sfn, self.state_machine(), order_id, Duration::from_secs(90)).await.expect("saga ends")
     }
 
     pub async fn steps(&self, finished: &Finished) -> Vec<String> {
-        saga_steps(&self.clients.sfn, &finished.execution_arn).await.expect("history")
+        saga_steps(&self.sfn, &finished.execution_arn).await.expect("history")
     }
 
     pub async fn events(&self, category: &str, id: &str) -> Vec<RecordedEvent> {
@@ -113,5 +119,6 @@ impl SagaEnv {
         if let Some(running) = self.running.take() {
             running.stop().await;
         }
+        self.service.shutdown().await;
     }
 }

@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use shared::config::{ConfigError, Vars, process_env, required};
 use shared::domain::{CustomerId, OrderId};
 use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StoreError, StreamId};
+use shared::text::percent_decode;
 use shared::readmodel::{CustomerOrder, InventoryLevel, OrderView, ReadModel, order_key};
 
 type Item = HashMap<String, AttributeValue>;
@@ -149,13 +150,6 @@ fn match_template(template: &str, path: &str) -> Option<(String, String)> {
         }
     }
     param
-}
-
-/// Decodes `%XX` escapes (and, in a query string, `+` as a space); invalid escapes stay as
-/// they are.
-pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
-    let s = if plus_is_space { s.replace('+', " ") } else { s.to_owned() };
-    percent_encoding::percent_decode_str(&s).decode_utf8_lossy().into_owned()
 }
 
 fn str_at<'a>(event: &'a Value, pointer: &str) -> Option<&'a str> {
@@ -547,8 +541,6 @@ mod tests {
         assert_eq!(params["e f"], "g h");
         let given = json!({ "queryStringParameters": { "limit": "7" }, "rawQueryString": "limit=9" });
         assert_eq!(query_params(&given)["limit"], "7");
-        assert_eq!(percent_decode("100%", false), "100%");
-        assert_eq!(percent_decode("%zz%41", false), "%zzA");
     }
 
     #[test]
