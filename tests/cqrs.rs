@@ -318,7 +318,8 @@ fn as_bus_message(event: &RecordedEvent, n: usize) -> SqsMessage {
 async fn projections_fed_duplicates_out_of_order_and_the_rebuild_all_equal_the_incremental_run() {
     // Given the system without the saga starter (histories are written directly), and a few
     // hundred orders' histories committed to the store
-    let env = SagaEnv::start_with(|_, service| Arc::new(Except { inner: service, function: "SagaStarterFunction" })).await;
+    let env =
+        SagaEnv::start_with(|_, service| Arc::new(Except { inner: service, function: "SagaStarterFunction" })).await;
     let customers = ["cust-a", "cust-b", "cust-c", "cust-d"];
     let mut orders = Vec::new();
     for chunk in (0..300).collect::<Vec<usize>>().chunks(25) {

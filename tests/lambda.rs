@@ -111,8 +111,12 @@ async fn every_sample_event_is_answered_by_its_binary_through_the_invoke_api() {
             assert_eq!(out.status_code(), 200, "{what}");
             assert_eq!(out.function_error(), None, "{what}: {answer}");
             assert_eq!(out.executed_version(), Some("$LATEST"), "{what}");
-            let log = base64::engine::general_purpose::STANDARD.decode(out.log_result().unwrap_or_default()).expect("base64");
-            assert!(String::from_utf8_lossy(&log).contains("REPORT RequestId: "), "{what}: the log tail has the REPORT line");
+            let log =
+                base64::engine::general_purpose::STANDARD.decode(out.log_result().unwrap_or_default()).expect("base64");
+            assert!(
+                String::from_utf8_lossy(&log).contains("REPORT RequestId: "),
+                "{what}: the log tail has the REPORT line"
+            );
             match function.as_str() {
                 "place-order" if sample.get("requestContext").is_some() => {
                     assert_eq!(answer["statusCode"], 201, "{what}: {answer}")
@@ -199,7 +203,9 @@ async fn instances_are_reused_added_when_busy_and_report_as_lambda_does() {
     assert_eq!(file.matches(" START RequestId: ").count(), 6);
     assert_eq!(file.matches(" END RequestId: ").count(), 6);
     for report in &reports {
-        for field in ["RequestId: ", "\tDuration: ", " ms\tBilled Duration: ", "\tMemory Size: 256 MB\tMax Memory Used: "] {
+        for field in
+            ["RequestId: ", "\tDuration: ", " ms\tBilled Duration: ", "\tMemory Size: 256 MB\tMax Memory Used: "]
+        {
             assert!(report.contains(field), "{field:?} in {report}");
         }
     }
@@ -222,7 +228,10 @@ async fn instances_are_reused_added_when_busy_and_report_as_lambda_does() {
     service.flush_logs().await;
     let place_order = service.spec("PlaceOrderFunction").expect("spec").name.clone();
     let lines = log_events(&env, &place_order).await;
-    let logged = lines.iter().filter_map(|m| serde_json::from_str::<Value>(m).ok()).find(|l| l["fields"]["order_id"] == order_id.as_str());
+    let logged = lines
+        .iter()
+        .filter_map(|m| serde_json::from_str::<Value>(m).ok())
+        .find(|l| l["fields"]["order_id"] == order_id.as_str());
     assert!(logged.is_some_and(|l| l["fields"]["message"] == "order placed"), "{lines:?}");
     env.stop().await;
 }
@@ -292,7 +301,12 @@ async fn invocations_beyond_the_concurrency_limit_are_throttled() {
         .map(|_| {
             let lambda = lambda.clone();
             tokio::spawn(async move {
-                lambda.invoke().function_name(QUERY_API).payload(Blob::new(get_missing_order().to_string())).send().await
+                lambda
+                    .invoke()
+                    .function_name(QUERY_API)
+                    .payload(Blob::new(get_missing_order().to_string()))
+                    .send()
+                    .await
             })
         })
         .collect();

@@ -411,7 +411,8 @@ async fn storage_failures_are_500_without_sdk_text() {
         vars.insert(table.into(), unique("missing-table-"));
     }
     let broken_service = env.aws.lambda_service(&broken);
-    let server = local_env::http::serve(&broken, broken_service.clone(), ([127, 0, 0, 1], 0).into()).await.expect("serve");
+    let server =
+        local_env::http::serve(&broken, broken_service.clone(), ([127, 0, 0, 1], 0).into()).await.expect("serve");
     for target in ["/orders/ord-1", "/customers/cust-1/orders", "/streams/Order-1/events", "/streams/Order-1/lag"] {
         let response = request(server.addr(), "GET", target, None).await;
         assert_clean_error(&response, 500);

@@ -15,9 +15,9 @@ use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventR
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sqs::types::QueueAttributeName;
 use local_env::runner::{BoxFuture, Invoke, Runner, RunnerClients};
+use local_env::{Options, Stack, Template};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use local_env::{Options, Stack, Template};
 use system_tests::{LocalAws, unique, workspace_root};
 
 async fn provision(aws: &LocalAws) -> Stack {

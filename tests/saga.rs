@@ -225,6 +225,23 @@ fn stats_of(env: &SagaEnv, function: &str) -> local_env::lambda::FunctionStats {
     env.service.stats().into_iter().find(|s| s.logical_id == function).expect("stats")
 }
 
+/// The function's figures once `done` holds (the step answers the saga before its invocation
+/// ends, so the saga may finish before the crash or timeout is recorded and redelivered).
+async fn stats_once(
+    env: &SagaEnv,
+    function: &str,
+    done: impl Fn(&local_env::lambda::FunctionStats) -> bool,
+) -> local_env::lambda::FunctionStats {
+    for _ in 0..300 {
+        let stats = stats_of(env, function);
+        if done(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stats_of(env, function)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_charge_killed_after_its_work_is_redelivered_and_charged_once() {
     // Given the charge-payment binary killed (SIGKILL) once it has charged and answered the
@@ -238,12 +255,13 @@ async fn a_charge_killed_after_its_work_is_redelivered_and_charged_once() {
     let finished = env.finished(&id).await;
 
     // Then the crash failed that invocation, the command came back and was handled again
-    let stats = stats_of(&env, "ChargePaymentFunction");
+    let stats = stats_once(&env, "ChargePaymentFunction", |s| s.errors >= 1 && s.invocations >= 2).await;
     assert!(stats.errors >= 1 && stats.invocations >= 2, "{stats:?}");
     assert!(stats.cold_starts >= 2, "the killed instance was replaced: {stats:?}");
     let log = log_of(&env, "ChargePaymentFunction").await;
     assert!(log.contains("Runtime exited with error: signal: killed"), "{log}");
     assert!(log.contains("Status: error\tError Type: Runtime.ExitError"), "{log}");
+    assert!(log.contains("task already closed: a redelivered command, answered again"), "the binary's own log: {log}");
     // And the outcome is unchanged: completed, charged exactly once
     assert_eq!(finished.status, "SUCCEEDED", "{finished:?}");
     assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Completed);
@@ -265,7 +283,7 @@ async fn a_charge_past_its_timeout_is_killed_redelivered_and_charged_once() {
     let finished = env.finished(&id).await;
 
     // Then Lambda's timeout ended that invocation and killed its instance
-    let stats = stats_of(&env, "ChargePaymentFunction");
+    let stats = stats_once(&env, "ChargePaymentFunction", |s| s.timeouts >= 1 && s.invocations >= 2).await;
     assert_eq!(stats.timeouts, 1, "{stats:?}");
     let log = log_of(&env, "ChargePaymentFunction").await;
     let seconds = format!("Task timed out after {:.2} seconds", timeout.as_secs_f64());

@@ -217,7 +217,8 @@ pub fn function_report(stats: &[FunctionStats]) -> String {
     let mut stats: Vec<&FunctionStats> = stats.iter().filter(|s| s.invocations > 0).collect();
     stats.sort_by(|a, b| a.logical_id.cmp(&b.logical_id));
     for s in stats {
-        let errors = if s.timeouts > 0 { format!("{} ({} timed out)", s.errors, s.timeouts) } else { s.errors.to_string() };
+        let errors =
+            if s.timeouts > 0 { format!("{} ({} timed out)", s.errors, s.timeouts) } else { s.errors.to_string() };
         lines.push(format!(
             "{:<34} {:>6} {:>5} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>7} {:>6}",
             s.logical_id,

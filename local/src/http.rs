@@ -377,13 +377,12 @@ async fn respond(
             error!(route = %route, error = %e, "the function failed");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", &[])
         }
-        Ok(Ok(answer)) => serde_json::from_slice(&answer)
-            .map_err(anyhow::Error::from)
-            .and_then(to_response)
-            .unwrap_or_else(|e| {
+        Ok(Ok(answer)) => {
+            serde_json::from_slice(&answer).map_err(anyhow::Error::from).and_then(to_response).unwrap_or_else(|e| {
                 error!(route = %route, error = %e, "the function's response is malformed");
                 error_response(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error", &[])
-            }),
+            })
+        }
     };
     info!(%method, %path, route = %route.route_key(), status = response.status().as_u16(),
           ms = started.elapsed().as_millis() as u64, "request");

@@ -111,8 +111,17 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let built = binaries::build(&std::env::current_dir()?, &crates, profile)?;
     let log_dir = options.log_dir.clone();
     let service = LambdaService::new(&stack, &built, options, Some(aws_sdk_cloudwatchlogs::Client::new(&sdk)))?;
-    let lambda_api = invoke_api::serve(service.clone(), ([127, 0, 0, 1], port("LOCAL_LAMBDA_PORT", invoke_api::DEFAULT_PORT)?).into()).await?;
-    println!("Lambda service: {} functions, Invoke API on {} (logs in {}/)", specs.len(), lambda_api.url(), log_dir.display());
+    let lambda_api = invoke_api::serve(
+        service.clone(),
+        ([127, 0, 0, 1], port("LOCAL_LAMBDA_PORT", invoke_api::DEFAULT_PORT)?).into(),
+    )
+    .await?;
+    println!(
+        "Lambda service: {} functions, Invoke API on {} (logs in {}/)",
+        specs.len(),
+        lambda_api.url(),
+        log_dir.display()
+    );
 
     let runner = Runner::new(&stack, RunnerClients::new(&sdk), service.clone())?;
     for mapping in runner.mappings() {
@@ -122,28 +131,31 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         println!("  skips {skipped}");
     }
     let running = runner.start();
-    let api = match local_env::http::serve(&stack, service.clone(), ([127, 0, 0, 1], port("LOCAL_API_PORT", 3000)?).into()).await {
-        Ok(api) => {
-            println!("HTTP API on {}", api.url());
-            for route in api.routes() {
-                println!("  serves {route}");
+    let api =
+        match local_env::http::serve(&stack, service.clone(), ([127, 0, 0, 1], port("LOCAL_API_PORT", 3000)?).into())
+            .await
+        {
+            Ok(api) => {
+                println!("HTTP API on {}", api.url());
+                for route in api.routes() {
+                    println!("  serves {route}");
+                }
+                for skipped in api.skipped() {
+                    println!("  skips {skipped}");
+                }
+                Some(api)
             }
-            for skipped in api.skipped() {
-                println!("  skips {skipped}");
+            // The demo does not need it; a plain run is for using it.
+            Err(e) if demo => {
+                eprintln!("local-env: not serving the HTTP API: {e:#}");
+                None
             }
-            Some(api)
-        }
-        // The demo does not need it; a plain run is for using it.
-        Err(e) if demo => {
-            eprintln!("local-env: not serving the HTTP API: {e:#}");
-            None
-        }
-        Err(e) => {
-            running.stop().await;
-            service.shutdown().await;
-            return Err(e);
-        }
-    };
+            Err(e) => {
+                running.stop().await;
+                service.shutdown().await;
+                return Err(e);
+            }
+        };
     let ok = if demo {
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let sfn = aws_sdk_sfn::Client::new(&sdk);

@@ -573,30 +573,31 @@ async fn process_sqs_batch(
     let mut event = SqsEvent::default();
     event.records = records;
     let count = handles.len();
-    let retained: HashSet<String> = match invoke::<SqsBatchResponse>(m.functions.as_ref(), &m.source.function, &event).await {
-        Err(e) => {
-            warn!(mapping = %name, count, error = %e, "function error: the batch returns to the queue");
-            return;
-        }
-        Ok(response) if m.source.report_batch_item_failures => {
-            let ids: HashSet<&str> = handles.iter().map(|(id, _)| id.as_str()).collect();
-            let failed: HashSet<String> =
-                response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect();
-            if let Some(bad) = failed.iter().find(|id| !ids.contains(id.as_str())) {
-                warn!(
-                    mapping = %name,
-                    item_identifier = %bad,
-                    "a batch item failure names no message of the batch: the whole batch fails"
-                );
+    let retained: HashSet<String> =
+        match invoke::<SqsBatchResponse>(m.functions.as_ref(), &m.source.function, &event).await {
+            Err(e) => {
+                warn!(mapping = %name, count, error = %e, "function error: the batch returns to the queue");
                 return;
             }
-            if !failed.is_empty() {
-                debug!(mapping = %name, failed = ?failed, "batch item failures stay on the queue");
+            Ok(response) if m.source.report_batch_item_failures => {
+                let ids: HashSet<&str> = handles.iter().map(|(id, _)| id.as_str()).collect();
+                let failed: HashSet<String> =
+                    response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect();
+                if let Some(bad) = failed.iter().find(|id| !ids.contains(id.as_str())) {
+                    warn!(
+                        mapping = %name,
+                        item_identifier = %bad,
+                        "a batch item failure names no message of the batch: the whole batch fails"
+                    );
+                    return;
+                }
+                if !failed.is_empty() {
+                    debug!(mapping = %name, failed = ?failed, "batch item failures stay on the queue");
+                }
+                failed
             }
-            failed
-        }
-        Ok(_) => HashSet::new(),
-    };
+            Ok(_) => HashSet::new(),
+        };
     let done: Vec<(String, String)> = handles.into_iter().filter(|(id, _)| !retained.contains(id)).collect();
     delete_messages(&name, client, url, &done).await;
 }
@@ -968,7 +969,9 @@ impl ShardReader {
         // Kept for the failure record, should the batch be skipped.
         let arrivals: Vec<String> =
             event.records.iter().map(|r| r.change.approximate_creation_date_time.to_rfc3339()).collect();
-        let done = match invoke::<DynamoDbEventResponse>(self.m.functions.as_ref(), &self.m.source.function, &event).await {
+        let done = match invoke::<DynamoDbEventResponse>(self.m.functions.as_ref(), &self.m.source.function, &event)
+            .await
+        {
             Err(e) => {
                 warn!(
                     mapping = %self.name,

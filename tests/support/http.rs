@@ -65,8 +65,9 @@ impl ApiEnv {
         let aws = LocalAws::load().await;
         let stack = provisioned();
         let service = aws.lambda_service(&stack);
-        let server =
-            local_env::http::serve(&stack, service.clone(), ([127, 0, 0, 1], 0).into()).await.expect("serve the HTTP API");
+        let server = local_env::http::serve(&stack, service.clone(), ([127, 0, 0, 1], 0).into())
+            .await
+            .expect("serve the HTTP API");
         let env = stack.functions.get(QUERY_API).cloned().expect("the template has QueryApiFunction");
         let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned()).expect("event store config");
         let store = DynamoEventStore::new(aws.dynamodb(), config);

@@ -135,7 +135,8 @@ impl LocalAws {
     pub fn lambda_service(&self, stack: &Stack) -> Arc<LambdaService> {
         let mut options = local_env::lambda::Options::new(stack);
         options.log_dir = workspace_root().join(".local/logs").join(&stack.stack_name);
-        options.aws_env = self.vars.iter().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        options.aws_env =
+            self.vars.iter().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.clone(), v.clone())).collect();
         LambdaService::new(stack, function_binaries(), options, Some(self.logs())).expect("the Lambda service")
     }
 

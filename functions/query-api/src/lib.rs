@@ -24,8 +24,8 @@ use serde_json::{Value, json};
 use shared::config::{ConfigError, Vars, process_env, required};
 use shared::domain::{CustomerId, OrderId};
 use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StoreError, StreamId};
-use shared::text::percent_decode;
 use shared::readmodel::{CustomerOrder, InventoryLevel, OrderView, ReadModel, order_key};
+use shared::text::percent_decode;
 
 type Item = HashMap<String, AttributeValue>;
 

@@ -58,7 +58,8 @@ pub fn build(workspace: &Path, crates: &[String], profile: Option<&str>) -> anyh
         if message["reason"] != "compiler-artifact" {
             continue;
         }
-        let (Some(name), Some(executable)) = (message["target"]["name"].as_str(), message["executable"].as_str()) else {
+        let (Some(name), Some(executable)) = (message["target"]["name"].as_str(), message["executable"].as_str())
+        else {
             continue;
         };
         if crates.iter().any(|c| c == name) {
@@ -76,10 +77,9 @@ fn prebuilt(dir: &Path, crates: &[String]) -> anyhow::Result<HashMap<String, Pat
         .iter()
         .map(|name| {
             let candidates = [dir.join(name), dir.join(name).join("bootstrap")];
-            let binary = candidates
-                .into_iter()
-                .find(|p| p.is_file())
-                .with_context(|| format!("LOCAL_LAMBDA_BINARIES: no {name} or {name}/bootstrap in {}", dir.display()))?;
+            let binary = candidates.into_iter().find(|p| p.is_file()).with_context(|| {
+                format!("LOCAL_LAMBDA_BINARIES: no {name} or {name}/bootstrap in {}", dir.display())
+            })?;
             Ok((name.clone(), binary))
         })
         .collect()

@@ -417,8 +417,10 @@ async fn route(api: Arc<Api>, request: Request<Incoming>) -> Result<Response<Ful
             match body(request).await {
                 Ok(bytes) => finish(&api, &id, Answer::Response(bytes)),
                 Err(too_large) => {
-                    let failure =
-                        Failure::new("Function.ResponseSizeTooLarge", "Response payload size exceeded maximum allowed payload size (6291556 bytes).".into());
+                    let failure = Failure::new(
+                        "Function.ResponseSizeTooLarge",
+                        "Response payload size exceeded maximum allowed payload size (6291556 bytes).".into(),
+                    );
                     finish(&api, &id, Answer::Error { error_type: failure.error_type, body: failure.payload });
                     too_large
                 }
@@ -433,9 +435,7 @@ async fn route(api: Arc<Api>, request: Request<Incoming>) -> Result<Response<Ful
                 .map(str::to_owned);
             let bytes = body(request).await.unwrap_or_default();
             let error_type = declared
-                .or_else(|| {
-                    serde_json::from_slice::<Value>(&bytes).ok()?.get("errorType")?.as_str().map(str::to_owned)
-                })
+                .or_else(|| serde_json::from_slice::<Value>(&bytes).ok()?.get("errorType")?.as_str().map(str::to_owned))
                 .unwrap_or_else(|| "Unhandled".to_owned());
             finish(&api, &id, Answer::Error { error_type, body: bytes })
         }
@@ -452,7 +452,9 @@ async fn route(api: Arc<Api>, request: Request<Incoming>) -> Result<Response<Ful
             }
             accepted()
         }
-        _ => reply(StatusCode::NOT_FOUND, json!({ "errorMessage": format!("no route {path}"), "errorType": "NotFound" })),
+        _ => {
+            reply(StatusCode::NOT_FOUND, json!({ "errorMessage": format!("no route {path}"), "errorType": "NotFound" }))
+        }
     })
 }
 
@@ -462,7 +464,10 @@ async fn next(api: &Api) -> Response<Full<Bytes>> {
     }
     let handoff = api.handoffs.lock().await.recv().await;
     let Some(Handoff { event, answer }) = handoff else {
-        return reply(StatusCode::GONE, json!({ "errorMessage": "the instance is shutting down", "errorType": "Gone" }));
+        return reply(
+            StatusCode::GONE,
+            json!({ "errorMessage": "the instance is shutting down", "errorType": "Gone" }),
+        );
     };
     if let Ok(mut current) = api.current.lock() {
         *current = Some(Current { request_id: event.request_id.clone(), answer });

@@ -126,7 +126,8 @@ async fn respond(service: Arc<LambdaService>, request: Request<Incoming>) -> Res
                     Ok(()) => {
                         warn!(function = %name, ?faults, "faults set");
                         let mut ok = Response::new(Full::new(Bytes::from(json!(faults).to_string())));
-                        ok.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                        ok.headers_mut()
+                            .insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                         ok
                     }
                     Err(e) => error(StatusCode::NOT_FOUND, "ResourceNotFoundException", &e.to_string()),
@@ -170,7 +171,11 @@ async fn invoke(service: Arc<LambdaService>, name: &str, request: Request<Incomi
     };
     let payload = if payload.iter().all(u8::is_ascii_whitespace) { Bytes::from_static(b"{}") } else { payload };
     if serde_json::from_slice::<serde::de::IgnoredAny>(&payload).is_err() {
-        return error(StatusCode::BAD_REQUEST, "InvalidRequestContentException", "Could not parse request body into json");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            "Could not parse request body into json",
+        );
     }
     match kind.as_str() {
         "DryRun" => {
@@ -185,7 +190,9 @@ async fn invoke(service: Arc<LambdaService>, name: &str, request: Request<Incomi
                 for attempt in 0..=ASYNC_RETRIES {
                     match service.invoke(&function, payload.clone(), &options).await {
                         Ok(invoked) if invoked.function_error.is_none() => return,
-                        Ok(invoked) => warn!(%function, attempt, error = ?invoked.function_error, "asynchronous invocation failed"),
+                        Ok(invoked) => {
+                            warn!(%function, attempt, error = ?invoked.function_error, "asynchronous invocation failed")
+                        }
                         Err(e) => warn!(%function, attempt, error = %e, "asynchronous invocation not run"),
                     }
                     tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
@@ -196,11 +203,15 @@ async fn invoke(service: Arc<LambdaService>, name: &str, request: Request<Incomi
             response
         }
         "RequestResponse" => match service.invoke(&spec.logical_id, payload, &options).await {
-            Err(InvokeError::Throttled) => error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException", "Rate Exceeded."),
+            Err(InvokeError::Throttled) => {
+                error(StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException", "Rate Exceeded.")
+            }
             Err(InvokeError::NotFound(name)) => {
                 error(StatusCode::NOT_FOUND, "ResourceNotFoundException", &format!("Function not found: {name}"))
             }
-            Err(e @ InvokeError::Service(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()),
+            Err(e @ InvokeError::Service(_)) => {
+                error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string())
+            }
             Ok(invoked) => {
                 let mut response = Response::new(Full::new(invoked.payload));
                 let headers = response.headers_mut();

@@ -30,7 +30,8 @@ impl LogStream {
     /// Lambda's stream name: `2026/11/22/[$LATEST]<instance id>`.
     pub fn for_instance(function: &Arc<str>, group: &Arc<str>, instance_id: &str) -> Self {
         let today = time::OffsetDateTime::now_utc().date();
-        let stream = format!("{:04}/{:02}/{:02}/[$LATEST]{instance_id}", today.year(), today.month() as u8, today.day());
+        let stream =
+            format!("{:04}/{:02}/{:02}/[$LATEST]{instance_id}", today.year(), today.month() as u8, today.day());
         Self { function: function.clone(), group: group.clone(), stream: stream.into() }
     }
 }
@@ -90,8 +91,13 @@ struct Shipper {
 
 async fn run(mut rx: mpsc::UnboundedReceiver<Message>, dir: PathBuf, client: Option<aws_sdk_cloudwatchlogs::Client>) {
     let mut files: HashMap<Arc<str>, std::io::BufWriter<std::fs::File>> = HashMap::new();
-    let mut shipper =
-        Shipper { client, pending: BTreeMap::new(), groups: HashSet::new(), streams: HashSet::new(), reported: HashSet::new() };
+    let mut shipper = Shipper {
+        client,
+        pending: BTreeMap::new(),
+        groups: HashSet::new(),
+        streams: HashSet::new(),
+        reported: HashSet::new(),
+    };
     let mut due: Option<Instant> = None;
     loop {
         let message = match due {
@@ -186,7 +192,10 @@ impl Shipper {
                     Ok(_) => {}
                     Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_already_exists_exception()) => {}
                     Err(e) => {
-                        self.report("CreateLogGroup", aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e).to_string());
+                        self.report(
+                            "CreateLogGroup",
+                            aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e).to_string(),
+                        );
                         continue;
                     }
                 }
@@ -194,13 +203,20 @@ impl Shipper {
             }
             let key = (group.clone(), stream.clone());
             if !self.streams.contains(&key) {
-                let created =
-                    client.create_log_stream().log_group_name(group.as_ref()).log_stream_name(stream.as_ref()).send().await;
+                let created = client
+                    .create_log_stream()
+                    .log_group_name(group.as_ref())
+                    .log_stream_name(stream.as_ref())
+                    .send()
+                    .await;
                 match created {
                     Ok(_) => {}
                     Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_already_exists_exception()) => {}
                     Err(e) => {
-                        self.report("CreateLogStream", aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e).to_string());
+                        self.report(
+                            "CreateLogStream",
+                            aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e).to_string(),
+                        );
                         continue;
                     }
                 }
@@ -225,7 +241,13 @@ impl Shipper {
         }
     }
 
-    async fn put(&mut self, client: &aws_sdk_cloudwatchlogs::Client, group: &str, stream: &str, events: Vec<InputLogEvent>) {
+    async fn put(
+        &mut self,
+        client: &aws_sdk_cloudwatchlogs::Client,
+        group: &str,
+        stream: &str,
+        events: Vec<InputLogEvent>,
+    ) {
         let sent = client
             .put_log_events()
             .log_group_name(group)

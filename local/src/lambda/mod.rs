@@ -215,10 +215,12 @@ impl FunctionSpec {
     pub fn of(stack: &Stack, logical_id: &str, default_concurrency: usize) -> anyhow::Result<Self> {
         let props = stack.function_properties.get(logical_id).with_context(|| format!("no function {logical_id}"))?;
         let context = || format!("function {logical_id}");
-        let code_uri = props.get("CodeUri").and_then(Value::as_str).with_context(|| format!("{logical_id}: no CodeUri"))?;
+        let code_uri =
+            props.get("CodeUri").and_then(Value::as_str).with_context(|| format!("{logical_id}: no CodeUri"))?;
         let crate_name = code_uri.trim_end_matches('/').rsplit('/').next().unwrap_or_default().to_owned();
         let resolved = stack.resources.get(logical_id);
-        let name = resolved.map(|r| r.reference.clone()).unwrap_or_else(|| format!("{}-{logical_id}", stack.stack_name));
+        let name =
+            resolved.map(|r| r.reference.clone()).unwrap_or_else(|| format!("{}-{logical_id}", stack.stack_name));
         let arn = resolved
             .and_then(|r| r.attributes.get("Arn").cloned())
             .unwrap_or_else(|| format!("arn:aws:lambda:us-east-1:000000000000:function:{name}"));
@@ -254,7 +256,17 @@ impl FunctionSpec {
             .and_then(Value::as_str)
             .map_or_else(|| format!("/aws/lambda/{name}"), str::to_owned);
         let environment = stack.functions.get(logical_id).cloned().unwrap_or_default();
-        Ok(Self { logical_id: logical_id.to_owned(), name, arn, crate_name, timeout, memory_mb, concurrency, log_group, environment })
+        Ok(Self {
+            logical_id: logical_id.to_owned(),
+            name,
+            arn,
+            crate_name,
+            timeout,
+            memory_mb,
+            concurrency,
+            log_group,
+            environment,
+        })
     }
 }
 
@@ -394,8 +406,10 @@ impl Function {
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default();
                 self.log(sink, &instance, format!("{stamp} {request_id} Task timed out after {seconds:.2} seconds"));
-                let failure =
-                    Failure::new("Sandbox.Timedout", format!("RequestId: {request_id} Error: Task timed out after {seconds:.2} seconds"));
+                let failure = Failure::new(
+                    "Sandbox.Timedout",
+                    format!("RequestId: {request_id} Error: Task timed out after {seconds:.2} seconds"),
+                );
                 (failure.payload, Some(failure.error_type), Some("timeout"))
             }
         };
@@ -437,9 +451,24 @@ impl Function {
     }
 
     /// An invocation whose instance never got through init.
-    fn failed(&self, sink: &LogSink, instance: &Instance, request_id: String, failure: Failure, init: Duration, status: &'static str) -> Invoked {
+    fn failed(
+        &self,
+        sink: &LogSink,
+        instance: &Instance,
+        request_id: String,
+        failure: Failure,
+        init: Duration,
+        status: &'static str,
+    ) -> Invoked {
         let init_ms = init.as_secs_f64() * 1000.0;
-        self.log(sink, instance, format!("INIT_REPORT Init Duration: {init_ms:.2} ms\tPhase: init\tStatus: {status}\tError Type: {}", failure.error_type));
+        self.log(
+            sink,
+            instance,
+            format!(
+                "INIT_REPORT Init Duration: {init_ms:.2} ms\tPhase: init\tStatus: {status}\tError Type: {}",
+                failure.error_type
+            ),
+        );
         self.log(sink, instance, format!("START RequestId: {request_id} Version: $LATEST"));
         self.log(sink, instance, format!("END RequestId: {request_id}"));
         let report = Report {
@@ -493,7 +522,10 @@ fn environment(spec: &FunctionSpec, aws_env: &BTreeMap<String, String>, binary: 
     let mut env: BTreeMap<String, String> = spec.environment.clone();
     for (key, value) in aws_env {
         if key.starts_with("AWS_ENDPOINT_URL")
-            || matches!(key.as_str(), "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" | "AWS_SESSION_TOKEN" | "AWS_REGION")
+            || matches!(
+                key.as_str(),
+                "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" | "AWS_SESSION_TOKEN" | "AWS_REGION"
+            )
         {
             env.insert(key.clone(), value.clone());
         }
@@ -548,7 +580,11 @@ impl LambdaService {
                 group: spec.log_group.as_str().into(),
                 log_name: spec.name.as_str().into(),
                 permits: Arc::new(Semaphore::new(spec.concurrency)),
-                stats: Mutex::new(FunctionStats { logical_id: spec.logical_id.clone(), name: spec.name.clone(), ..Default::default() }),
+                stats: Mutex::new(FunctionStats {
+                    logical_id: spec.logical_id.clone(),
+                    name: spec.name.clone(),
+                    ..Default::default()
+                }),
                 spec,
                 binary,
                 env,
@@ -583,7 +619,12 @@ impl LambdaService {
     }
 
     /// Invokes a function (see [`find`](Self::find) for its names) with a JSON payload.
-    pub async fn invoke(&self, name: &str, payload: impl Into<Bytes>, options: &InvokeOptions) -> Result<Invoked, InvokeError> {
+    pub async fn invoke(
+        &self,
+        name: &str,
+        payload: impl Into<Bytes>,
+        options: &InvokeOptions,
+    ) -> Result<Invoked, InvokeError> {
         let function = self.find(name).ok_or_else(|| InvokeError::NotFound(name.to_owned()))?.clone();
         function.invoke(&self.sink, payload.into(), options).await
     }
@@ -653,7 +694,10 @@ impl Invoke for LambdaService {
         let name = function.to_owned();
         Box::pin(async move {
             let function = found.ok_or_else(|| format!("Function not found: {name}"))?;
-            let invoked = function.invoke(&sink, Bytes::from(payload), &InvokeOptions::default()).await.map_err(|e| e.to_string())?;
+            let invoked = function
+                .invoke(&sink, Bytes::from(payload), &InvokeOptions::default())
+                .await
+                .map_err(|e| e.to_string())?;
             match invoked.function_error {
                 Some(error_type) => Err(format!("{error_type}: {}", String::from_utf8_lossy(&invoked.payload))),
                 None => Ok(invoked.payload.to_vec()),
