@@ -281,6 +281,16 @@ async fn a_crashed_instance_fails_its_invocation_and_is_replaced() {
     let s = stats(&env.service, QUERY_API);
     assert_eq!((s.invocations, s.errors, s.cold_starts), (3, 1, 2), "{s:?}");
 
+    // And with every invocation told to cold-start, each gets a fresh instance, kept by none
+    let cold = Faults { cold_start: true, times: Some(2), ..Faults::default() };
+    env.service.set_faults(QUERY_API, cold).expect("faults");
+    for _ in 0..2 {
+        env.service.invoke_json(QUERY_API, &get_missing_order()).await.expect("answers");
+    }
+    let s = stats(&env.service, QUERY_API);
+    assert_eq!((s.invocations, s.cold_starts), (5, 4), "{s:?}");
+    assert_eq!(env.service.idle_pids(QUERY_API).len(), 1, "only the instance from before stays warm");
+
     // And unknown functions are Lambda's 404
     let missing = lambda.invoke().function_name("no-such-function").send().await.expect_err("404");
     assert!(missing.as_service_error().is_some_and(|e| e.is_resource_not_found_exception()), "{missing:?}");

@@ -430,10 +430,12 @@ impl Function {
         self.log(sink, &instance, report.line());
         self.record(&report);
         let log_tail = instance.tail();
-        if instance.is_alive() && status.is_none() && !faults.cold_start {
-            if let Ok(mut idle) = self.idle.lock() {
-                idle.push(instance);
-            }
+        if instance.is_alive()
+            && status.is_none()
+            && !faults.cold_start
+            && let Ok(mut idle) = self.idle.lock()
+        {
+            idle.push(instance);
         }
         drop(permit);
         Ok(Invoked { request_id, payload, function_error, log_tail, report })
