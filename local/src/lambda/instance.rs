@@ -225,7 +225,6 @@ impl Instance {
     /// Hands the event to the runtime and waits for its answer, an exit, or the deadline. With
     /// `hold`, an answer is held back that long (a slow invocation), still within the deadline.
     pub async fn invoke(&mut self, event: Event, deadline: tokio::time::Instant, hold: Option<Duration>) -> Ended {
-        self.tail.lock().map(|mut t| t.clear()).ok();
         let (answer, answered) = oneshot::channel();
         if self.handoff.send(Handoff { event, answer }).await.is_err() {
             return Ended::Exited(self.exit_status().await);
@@ -292,6 +291,11 @@ impl Instance {
     /// The last lines logged since the current invocation started (at most 4 KB).
     pub fn tail(&self) -> String {
         self.tail.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Starts a new tail: an invocation begins.
+    pub fn clear_tail(&self) {
+        self.tail.lock().map(|mut t| t.clear()).ok();
     }
 
     /// Adds a line of the service's own (START, END, REPORT…) to the tail.

@@ -380,6 +380,7 @@ impl Function {
             client_context: options.client_context.clone(),
             cognito_identity: options.cognito_identity.clone(),
         };
+        instance.clear_tail();
         self.log(sink, &instance, format!("START RequestId: {request_id} Version: $LATEST"));
         let kill = faults.kill_after.map(|after| instance.kill_at(tokio::time::Instant::from_std(started + after)));
         let mut ended = instance.invoke(event, deadline, faults.delay).await;
