@@ -113,10 +113,8 @@ async fn every_sample_event_is_answered_by_its_binary_through_the_invoke_api() {
             assert_eq!(out.executed_version(), Some("$LATEST"), "{what}");
             let log =
                 base64::engine::general_purpose::STANDARD.decode(out.log_result().unwrap_or_default()).expect("base64");
-            assert!(
-                String::from_utf8_lossy(&log).contains("REPORT RequestId: "),
-                "{what}: the log tail has the REPORT line"
-            );
+            let log = String::from_utf8_lossy(&log);
+            assert!(log.starts_with("START RequestId: ") && log.contains("\nREPORT RequestId: "), "{what}: {log}");
             match function.as_str() {
                 "place-order" if sample.get("requestContext").is_some() => {
                     assert_eq!(answer["statusCode"], 201, "{what}: {answer}")
