@@ -63,6 +63,16 @@ async fn log_events(env: &SagaEnv, function_name: &str) -> Vec<String> {
     }
 }
 
+/// The query API invoked through the Invoke API with [`get_missing_order`].
+async fn get_order(
+    lambda: &aws_sdk_lambda::Client,
+) -> Result<
+    aws_sdk_lambda::operation::invoke::InvokeOutput,
+    aws_sdk_lambda::error::SdkError<aws_sdk_lambda::operation::invoke::InvokeError>,
+> {
+    lambda.invoke().function_name(QUERY_API).payload(Blob::new(get_missing_order().to_string())).send().await
+}
+
 fn sorted(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut paths: Vec<_> = std::fs::read_dir(dir).expect("listing").map(|e| e.expect("entry").path()).collect();
     paths.sort();
@@ -238,13 +248,7 @@ async fn instances_are_reused_added_when_busy_and_report_as_lambda_does() {
 async fn a_crashed_instance_fails_its_invocation_and_is_replaced() {
     let env = SagaEnv::start_idle().await;
     let (api, lambda) = invoke_api(&env).await;
-    lambda
-        .invoke()
-        .function_name(QUERY_API)
-        .payload(Blob::new(get_missing_order().to_string()))
-        .send()
-        .await
-        .expect("a first, warm-up invocation");
+    get_order(&lambda).await.expect("a first, warm-up invocation");
 
     // Given the next invocation's instance killed 100 ms in, while its answer is held back for
     // a second (set through the Invoke API's fault route, as a tool outside this process would)
@@ -254,13 +258,7 @@ async fn a_crashed_instance_fails_its_invocation_and_is_replaced() {
     assert_eq!(set.status, 200, "{}", set.body);
 
     // When it is invoked
-    let crashed = lambda
-        .invoke()
-        .function_name(QUERY_API)
-        .payload(Blob::new(get_missing_order().to_string()))
-        .send()
-        .await
-        .expect("an answer");
+    let crashed = get_order(&lambda).await.expect("an answer");
     // Then the invocation failed as Lambda reports a crash
     assert_eq!(crashed.function_error(), Some("Unhandled"));
     let error: Value = serde_json::from_slice(crashed.payload().expect("payload").as_ref()).expect("json");
@@ -268,13 +266,7 @@ async fn a_crashed_instance_fails_its_invocation_and_is_replaced() {
     assert!(error["errorMessage"].as_str().unwrap_or_default().contains("signal: killed"), "{error}");
 
     // And the next invocation runs on a new instance
-    let next = lambda
-        .invoke()
-        .function_name(QUERY_API)
-        .payload(Blob::new(get_missing_order().to_string()))
-        .send()
-        .await
-        .expect("an answer");
+    let next = get_order(&lambda).await.expect("an answer");
     assert_eq!(next.function_error(), None);
     let s = stats(&env.service, QUERY_API);
     assert_eq!((s.invocations, s.errors, s.cold_starts), (3, 1, 2), "{s:?}");

@@ -14,10 +14,7 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::HeaderValue;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::TcpListener;
@@ -131,7 +128,7 @@ impl Instance {
             current: Mutex::new(None),
             init: Mutex::new(Some(init_tx)),
         });
-        let server = tokio::spawn(serve(listener, api));
+        let server = tokio::spawn(super::accept(listener, move |request| route(api.clone(), request)));
 
         let task_root = launch.binary.parent().map(PathBuf::from).unwrap_or_default();
         let mut command = Command::new(&launch.binary);
@@ -146,6 +143,9 @@ impl Instance {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
+        // Init is timed from before the process exists: a busy machine may run the whole init
+        // before this task is scheduled again.
+        let spawned_at = Instant::now();
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
@@ -176,17 +176,7 @@ impl Instance {
                 Err(e) => format!("wait failed: {e}"),
             }));
         });
-        Ok(Self {
-            log: launch.log,
-            pid,
-            handoff,
-            init: Some(init_rx),
-            exited,
-            kill,
-            server,
-            tail,
-            spawned_at: Instant::now(),
-        })
+        Ok(Self { log: launch.log, pid, handoff, init: Some(init_rx), exited, kill, server, tail, spawned_at })
     }
 
     /// Waits for the init phase to end: the runtime's first `next`. Bounded by `limit`
@@ -371,20 +361,6 @@ async fn forward(output: impl AsyncRead + Unpin, sink: LogSink, log: LogStream, 
     }
 }
 
-async fn serve(listener: TcpListener, api: Arc<Api>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let api = api.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| route(api.clone(), request));
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
-    }
-}
-
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
@@ -405,6 +381,11 @@ async fn body(request: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>
                     "errorType": "RequestEntityTooLarge" }),
         )),
     }
+}
+
+/// The error type a runtime declares with its error (`Lambda-Runtime-Function-Error-Type`).
+fn declared_error_type(request: &Request<Incoming>) -> Option<String> {
+    request.headers().get("lambda-runtime-function-error-type").and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 async fn route(api: Arc<Api>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -432,11 +413,7 @@ async fn route(api: Arc<Api>, request: Request<Incoming>) -> Result<Response<Ful
         }
         (Method::POST, ["invocation", id, "error"]) => {
             let id = (*id).to_owned();
-            let declared = request
-                .headers()
-                .get("lambda-runtime-function-error-type")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let declared = declared_error_type(&request);
             let bytes = body(request).await.unwrap_or_default();
             let error_type = declared
                 .or_else(|| serde_json::from_slice::<Value>(&bytes).ok()?.get("errorType")?.as_str().map(str::to_owned))
@@ -444,11 +421,7 @@ async fn route(api: Arc<Api>, request: Request<Incoming>) -> Result<Response<Ful
             finish(&api, &id, Answer::Error { error_type, body: bytes })
         }
         (Method::POST, ["init", "error"]) => {
-            let declared = request
-                .headers()
-                .get("lambda-runtime-function-error-type")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let declared = declared_error_type(&request);
             let bytes = body(request).await.unwrap_or_default();
             let error_type = declared.unwrap_or_else(|| "Runtime.InitError".to_owned());
             if let Some(init) = api.init.lock().ok().and_then(|mut i| i.take()) {

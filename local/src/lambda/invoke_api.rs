@@ -24,10 +24,7 @@ use base64::engine::general_purpose::STANDARD;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::HeaderValue;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -73,19 +70,7 @@ impl Drop for InvokeApi {
 pub async fn serve(service: Arc<LambdaService>, addr: SocketAddr) -> anyhow::Result<InvokeApi> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Lambda Invoke API to {addr}"))?;
     let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let handler = service_fn(move |request| respond(service.clone(), request));
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), handler).await;
-            });
-        }
-    });
+    let task = tokio::spawn(super::accept(listener, move |request| respond(service.clone(), request)));
     info!(%addr, "serving the Lambda Invoke API");
     Ok(InvokeApi { addr, task })
 }

@@ -514,6 +514,30 @@ impl Function {
     }
 }
 
+/// Accepts HTTP/1.1 connections for ever (until the task is aborted), each request answered by
+/// `respond`: the Runtime API of each instance and the Invoke API.
+async fn accept<F, Fut>(listener: tokio::net::TcpListener, respond: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<hyper::Response<http_body_util::Full<Bytes>>, std::convert::Infallible>>
+        + Send
+        + 'static,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: back off rather than spin.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let respond = respond.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(respond);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}
+
 /// An X-Ray trace header: `Root=1-<epoch hex>-<96 bits>;Parent=<64 bits>;Sampled=0`.
 fn trace_id() -> String {
     let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
