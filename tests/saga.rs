@@ -242,6 +242,37 @@ async fn stats_once(
     stats_of(env, function)
 }
 
+/// The outcome a crashed or timed-out charge must not change: the saga succeeded, the order is
+/// completed, and it was charged exactly once.
+async fn completed_and_charged_once(env: &SagaEnv, id: &str, finished: &local_env::observe::Finished) {
+    assert_eq!(finished.status, "SUCCEEDED", "{finished:?}");
+    assert_eq!(env.repo.load::<Order>(id).await.unwrap().state.status, OrderStatus::Completed);
+    assert_eq!(count(&env.event_types("Payment", id).await, "PaymentCharged"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_killed_before_it_tells_the_saga_is_redelivered_and_charged_once() {
+    // Given the charge-payment binary killed (SIGKILL) at the moment it calls SendTaskSuccess:
+    // the charge is recorded, the saga is not told
+    let env = SagaEnv::start().await;
+    let kill = Faults { kill_on_call: Some("SendTaskSuccess".into()), times: Some(1), ..Faults::default() };
+    env.service.set_faults("ChargePaymentFunction", kill).expect("faults");
+
+    // When an order goes through
+    let id = env.place(env.sample("happy-path")).await;
+    let finished = env.finished(&id).await;
+
+    // Then the crash failed the first invocation, and the redelivered command answered the saga
+    // from the recorded charge
+    let stats = stats_once(&env, "ChargePaymentFunction", |s| s.errors >= 1 && s.invocations >= 2).await;
+    assert!(stats.errors >= 1 && stats.invocations >= 2 && stats.cold_starts >= 2, "{stats:?}");
+    let log = log_of(&env, "ChargePaymentFunction").await;
+    assert!(log.contains("Runtime exited with error: signal: killed"), "{log}");
+    // And the outcome is unchanged
+    completed_and_charged_once(&env, &id, &finished).await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_charge_killed_after_its_work_is_redelivered_and_charged_once() {
     // Given the charge-payment binary killed (SIGKILL) once it has charged and answered the
@@ -262,10 +293,8 @@ async fn a_charge_killed_after_its_work_is_redelivered_and_charged_once() {
     assert!(log.contains("Runtime exited with error: signal: killed"), "{log}");
     assert!(log.contains("Status: error\tError Type: Runtime.ExitError"), "{log}");
     assert!(log.contains("task already closed: a redelivered command, answered again"), "the binary's own log: {log}");
-    // And the outcome is unchanged: completed, charged exactly once
-    assert_eq!(finished.status, "SUCCEEDED", "{finished:?}");
-    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Completed);
-    assert_eq!(count(&env.event_types("Payment", &id).await, "PaymentCharged"), 1);
+    // And the outcome is unchanged
+    completed_and_charged_once(&env, &id, &finished).await;
     env.stop().await;
 }
 
@@ -289,11 +318,9 @@ async fn a_charge_past_its_timeout_is_killed_redelivered_and_charged_once() {
     let seconds = format!("Task timed out after {:.2} seconds", timeout.as_secs_f64());
     assert!(log.contains(&seconds), "{log}");
     assert!(log.contains("Status: timeout"), "{log}");
-    // And the command was handled again, with the same outcome: completed, charged once
+    // And the command was handled again, with the same outcome
     assert!(stats.invocations >= 2, "{stats:?}");
-    assert_eq!(finished.status, "SUCCEEDED", "{finished:?}");
-    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Completed);
-    assert_eq!(count(&env.event_types("Payment", &id).await, "PaymentCharged"), 1);
+    completed_and_charged_once(&env, &id, &finished).await;
     env.stop().await;
 }
 

@@ -93,6 +93,8 @@ pub struct Launch {
     /// Everything but the per-instance variables (runtime API, log stream).
     pub env: Vec<(String, String)>,
     pub log: LogStream,
+    /// Kill the instance when it makes this AWS call (see [`super::intercept`]).
+    pub kill_on_call: Option<String>,
 }
 
 /// A running execution environment.
@@ -104,6 +106,7 @@ pub struct Instance {
     exited: watch::Receiver<Option<String>>,
     kill: mpsc::Sender<()>,
     server: JoinHandle<()>,
+    proxies: Vec<JoinHandle<()>>,
     tail: Arc<Mutex<String>>,
     spawned_at: Instant,
 }
@@ -113,12 +116,13 @@ impl Drop for Instance {
         // Lambda freezes and eventually reclaims idle sandboxes; locally they end with us.
         let _ = self.kill.try_send(());
         self.server.abort();
+        self.proxies.iter().for_each(JoinHandle::abort);
     }
 }
 
 impl Instance {
     /// Spawns the binary, with its Runtime API listening; init runs from here (see [`init`]).
-    pub async fn spawn(launch: Launch, sink: &LogSink) -> std::io::Result<Self> {
+    pub async fn spawn(mut launch: Launch, sink: &LogSink) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let port = listener.local_addr()?.port();
         let (handoff, handoffs) = mpsc::channel(1);
@@ -129,6 +133,11 @@ impl Instance {
             init: Mutex::new(Some(init_tx)),
         });
         let server = tokio::spawn(super::accept(listener, move |request| route(api.clone(), request)));
+        let (kill, mut kill_rx) = mpsc::channel::<()>(1);
+        let proxies = match &launch.kill_on_call {
+            Some(operation) => super::intercept::endpoints(&mut launch.env, operation, kill.clone()).await?,
+            None => Vec::new(),
+        };
 
         let task_root = launch.binary.parent().map(PathBuf::from).unwrap_or_default();
         let mut command = Command::new(&launch.binary);
@@ -150,6 +159,7 @@ impl Instance {
             Ok(child) => child,
             Err(e) => {
                 server.abort();
+                proxies.iter().for_each(JoinHandle::abort);
                 return Err(std::io::Error::new(e.kind(), format!("spawning {}: {e}", launch.binary.display())));
             }
         };
@@ -162,7 +172,6 @@ impl Instance {
         }
         let pid = child.id();
         let (exited_tx, exited) = watch::channel(None);
-        let (kill, mut kill_rx) = mpsc::channel::<()>(1);
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -176,7 +185,7 @@ impl Instance {
                 Err(e) => format!("wait failed: {e}"),
             }));
         });
-        Ok(Self { log: launch.log, pid, handoff, init: Some(init_rx), exited, kill, server, tail, spawned_at })
+        Ok(Self { log: launch.log, pid, handoff, init: Some(init_rx), exited, kill, server, proxies, tail, spawned_at })
     }
 
     /// Waits for the init phase to end: the runtime's first `next`. Bounded by `limit`

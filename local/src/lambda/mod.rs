@@ -22,11 +22,13 @@
 //! - **Logs.** See [`logs`]: `START`, `END` and `REPORT` lines (duration, billed duration, memory
 //!   size, max memory used = the process's peak RSS, init duration on a cold start) around each
 //!   invocation's own output, per function, in CloudWatch Logs and in a file.
-//! - **Faults**, for tests: kill an instance once it has answered (its work done, the answer
-//!   lost) or after a delay, hold answers back (slow invocations), cold-start every invocation.
+//! - **Faults**, for tests: kill an instance when it makes a given AWS call (after its writes,
+//!   before it tells the saga), once it has answered (its work done, the answer lost) or after a
+//!   delay; hold answers back (slow invocations); cold-start every invocation.
 
 pub mod binaries;
 pub mod instance;
+pub mod intercept;
 pub mod invoke_api;
 pub mod logs;
 
@@ -87,6 +89,11 @@ pub struct Faults {
     /// work is done, its caller sees a crash (`Runtime.ExitError`).
     #[serde(default)]
     pub kill_after_answer: bool,
+    /// Kill the instance when it makes this AWS call (an operation name, e.g.
+    /// `SendTaskSuccess`), before the call leaves: what came before it is done, it is not.
+    /// The invocation runs on a new instance whose endpoints go through an intercepting proxy.
+    #[serde(default)]
+    pub kill_on_call: Option<String>,
     /// Kill the instance this long into the invocation, whatever it is doing.
     #[serde(default, with = "millis")]
     pub kill_after: Option<Duration>,
@@ -301,6 +308,7 @@ struct Function {
 /// The faults that apply to one invocation.
 struct Applied {
     kill_after_answer: bool,
+    kill_on_call: Option<String>,
     kill_after: Option<Duration>,
     delay: Option<Duration>,
     cold_start: bool,
@@ -309,16 +317,29 @@ struct Applied {
 impl Function {
     fn faults(&self) -> Applied {
         let Ok(mut faults) = self.faults.lock() else {
-            return Applied { kill_after_answer: false, kill_after: None, delay: None, cold_start: false };
+            return Applied {
+                kill_after_answer: false,
+                kill_on_call: None,
+                kill_after: None,
+                delay: None,
+                cold_start: false,
+            };
         };
         let applied = Applied {
             kill_after_answer: faults.kill_after_answer,
+            kill_on_call: faults.kill_on_call.clone(),
             kill_after: faults.kill_after,
             delay: faults.delay,
             cold_start: faults.cold_start,
         };
         match faults.times {
-            Some(0) => Applied { kill_after_answer: false, kill_after: None, delay: None, cold_start: false },
+            Some(0) => Applied {
+                kill_after_answer: false,
+                kill_on_call: None,
+                kill_after: None,
+                delay: None,
+                cold_start: false,
+            },
             Some(n) => {
                 faults.times = Some(n - 1);
                 if n == 1 {
@@ -335,11 +356,11 @@ impl Function {
         sink.line(&instance.log, line);
     }
 
-    async fn start_instance(&self, sink: &LogSink) -> Result<Instance, InvokeError> {
+    async fn start_instance(&self, sink: &LogSink, kill_on_call: Option<String>) -> Result<Instance, InvokeError> {
         let number = self.instances_started.fetch_add(1, Ordering::Relaxed);
         let id = format!("{:08x}{:024x}", number, fastrand::u128(..) >> 32);
         let log = LogStream::for_instance(&self.log_name, &self.group, &id);
-        let launch = Launch { binary: self.binary.clone(), env: self.env.clone(), log };
+        let launch = Launch { binary: self.binary.clone(), env: self.env.clone(), log, kill_on_call };
         Instance::spawn(launch, sink).await.map_err(|e| InvokeError::Service(e.to_string()))
     }
 
@@ -351,11 +372,12 @@ impl Function {
         };
         let faults = self.faults();
         let request_id = uuid::Uuid::new_v4().to_string();
-        let warm = if faults.cold_start { None } else { self.take_idle() };
+        let fresh = faults.cold_start || faults.kill_on_call.is_some();
+        let warm = if fresh { None } else { self.take_idle() };
         let (mut instance, init) = match warm {
             Some(instance) => (instance, None),
             None => {
-                let mut instance = self.start_instance(sink).await?;
+                let mut instance = self.start_instance(sink, faults.kill_on_call.clone()).await?;
                 sink.line(&instance.log, "INIT_START Runtime Version: provided:al2023 (local)".to_owned());
                 let started = Instant::now();
                 match instance.init(INIT_LIMIT).await {
@@ -433,7 +455,7 @@ impl Function {
         let log_tail = instance.tail();
         if instance.is_alive()
             && status.is_none()
-            && !faults.cold_start
+            && !fresh
             && let Ok(mut idle) = self.idle.lock()
         {
             idle.push(instance);
