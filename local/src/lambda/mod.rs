@@ -789,6 +789,8 @@ mod tests {
         let delayed: Faults = serde_json::from_str(r#"{"delay":1500}"#).expect("faults");
         assert_eq!(delayed.delay, Some(Duration::from_millis(1500)));
         assert!(serde_json::from_str::<Faults>(r#"{"kil":true}"#).is_err(), "a misspelt fault is refused");
+        let on_call: Faults = serde_json::from_str(r#"{"killOnCall":"SendTaskSuccess","times":1}"#).expect("faults");
+        assert_eq!(on_call.kill_on_call.as_deref(), Some("SendTaskSuccess"));
     }
 
     #[test]
