@@ -10,13 +10,12 @@
 //! service (its real binary, see [`crate::lambda`]) and its
 //! response (`statusCode`, `headers`, `cookies`, `body`, `isBase64Encoded`; or any other JSON,
 //! which means 200 with that JSON) is written back. As on AWS, the most specific route wins, a
-//! function error is a 500, and an invocation is bounded by the function's `Timeout` (at most
-//! 30 s, the HTTP API integration limit; then 503).
+//! function error (including Lambda's own timeout, the function's `Timeout`) is a `500`, and
+//! the integration gives up after 30 s with a `503`.
 //!
 //! Differences from API Gateway, by design: a path that a route serves for other methods gets
 //! `405` with `Allow` (API Gateway answers 404), and errors of the server itself are JSON
-//! `{"error": …}`. No authorizers, CORS, throttling or stages. A function error (including
-//! Lambda's own timeout) is a `500`; the integration's 30 s limit a `503`.
+//! `{"error": …}`. No authorizers, CORS, throttling or stages.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -193,12 +192,8 @@ pub fn routes(stack: &Stack) -> anyhow::Result<Vec<HttpRoute>> {
     Ok(routes)
 }
 
-struct Served {
-    route: HttpRoute,
-}
-
 struct State {
-    routes: Vec<Served>,
+    routes: Vec<HttpRoute>,
     functions: Arc<dyn Invoke>,
     port: u16,
 }
@@ -250,14 +245,14 @@ pub async fn serve(stack: &Stack, functions: Arc<dyn Invoke>, addr: SocketAddr) 
     let mut skipped = Vec::new();
     for route in routes(stack)? {
         if functions.serves(&route.function) {
-            served.push(Served { route });
+            served.push(route);
         } else {
             skipped.push(format!("{route}: {} is not served", route.function));
         }
     }
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let addr = listener.local_addr()?;
-    let routes = served.iter().map(|s| s.route.to_string()).collect();
+    let routes = served.iter().map(ToString::to_string).collect();
     let state = Arc::new(State { routes: served, functions, port: addr.port() });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(accept(listener, state, stopped));
@@ -336,24 +331,23 @@ async fn respond(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = request.method().as_str().to_ascii_uppercase();
     let path = request.uri().path().to_owned();
-    let candidates: Vec<(&Served, BTreeMap<String, String>)> =
-        state.routes.iter().filter_map(|s| s.route.matches(&path).map(|params| (s, params))).collect();
+    let candidates: Vec<(&HttpRoute, BTreeMap<String, String>)> =
+        state.routes.iter().filter_map(|r| r.matches(&path).map(|params| (r, params))).collect();
     let chosen = candidates
         .iter()
-        .filter(|(s, _)| s.route.accepts(&method))
-        .max_by_key(|(s, _)| s.route.specificity())
-        .map(|(s, params)| (*s, params.clone()));
-    let Some((served, path_parameters)) = chosen else {
+        .filter(|(r, _)| r.accepts(&method))
+        .max_by_key(|(r, _)| r.specificity())
+        .map(|(r, params)| (*r, params.clone()));
+    let Some((route, path_parameters)) = chosen else {
         if candidates.is_empty() {
             return Ok(error_response(StatusCode::NOT_FOUND, &format!("no route for {method} {path}"), &[]));
         }
-        let mut allow: Vec<&str> = candidates.iter().map(|(s, _)| s.route.method.as_str()).collect();
+        let mut allow: Vec<&str> = candidates.iter().map(|(r, _)| r.method.as_str()).collect();
         allow.sort_unstable();
         allow.dedup();
         let message = format!("method {method} is not allowed for {path}");
         return Ok(error_response(StatusCode::METHOD_NOT_ALLOWED, &message, &[("allow", allow.join(", "))]));
     };
-    let route = &served.route;
     let (parts, body) = request.into_parts();
     let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),

@@ -188,7 +188,6 @@ impl Runner {
         let streams_region = clients.streams.config().region().map(|r| r.to_string());
         for (function, props) in &stack.function_properties {
             let events = props.get("Events").and_then(Value::as_object);
-            let mut used = false;
             for (event, spec) in events.into_iter().flatten() {
                 let kind = spec.get("Type").and_then(Value::as_str).unwrap_or("(no Type)");
                 let p = spec.get("Properties").unwrap_or(&Value::Null);
@@ -205,7 +204,6 @@ impl Runner {
                     skipped.push(format!("{function}.{event} ({kind}): Enabled is false"));
                     continue;
                 }
-                used = true;
                 let source = |batch_default: i64, region: &Option<String>, arn: &Arn| -> anyhow::Result<Source> {
                     let batch_size = integer(p.get("BatchSize"))?.unwrap_or(batch_default);
                     if !(1..=10_000).contains(&batch_size) {
@@ -289,9 +287,6 @@ impl Runner {
                     }
                 };
                 mappings.push(mapping);
-            }
-            if !used && functions.serves(function) && events.is_some_and(|e| !e.is_empty()) {
-                debug!(function, "no SQS or DynamoDB event: not run by the runner");
             }
         }
         Ok(Self { mappings, skipped, clients })

@@ -306,45 +306,19 @@ struct Function {
 }
 
 /// The faults that apply to one invocation.
-struct Applied {
-    kill_after_answer: bool,
-    kill_on_call: Option<String>,
-    kill_after: Option<Duration>,
-    delay: Option<Duration>,
-    cold_start: bool,
-}
-
 impl Function {
-    fn faults(&self) -> Applied {
-        let Ok(mut faults) = self.faults.lock() else {
-            return Applied {
-                kill_after_answer: false,
-                kill_on_call: None,
-                kill_after: None,
-                delay: None,
-                cold_start: false,
-            };
-        };
-        let applied = Applied {
-            kill_after_answer: faults.kill_after_answer,
-            kill_on_call: faults.kill_on_call.clone(),
-            kill_after: faults.kill_after,
-            delay: faults.delay,
-            cold_start: faults.cold_start,
-        };
+    /// The faults of the next invocation, counting it against `times`.
+    fn faults(&self) -> Faults {
+        let Ok(mut faults) = self.faults.lock() else { return Faults::default() };
+        let applied = faults.clone();
         match faults.times {
-            Some(0) => Applied {
-                kill_after_answer: false,
-                kill_on_call: None,
-                kill_after: None,
-                delay: None,
-                cold_start: false,
-            },
+            Some(0) => Faults::default(),
+            Some(1) => {
+                *faults = Faults::default();
+                applied
+            }
             Some(n) => {
                 faults.times = Some(n - 1);
-                if n == 1 {
-                    *faults = Faults::default();
-                }
                 applied
             }
             None => applied,
@@ -384,7 +358,7 @@ impl Function {
                     Ok(init) => (instance, Some(init)),
                     Err(failure) => {
                         let init = started.elapsed();
-                        return Ok(self.failed(sink, &instance, request_id, failure, init, "error"));
+                        return Ok(self.failed(sink, &instance, request_id, failure, init));
                     }
                 }
             }
@@ -483,14 +457,13 @@ impl Function {
         request_id: String,
         failure: Failure,
         init: Duration,
-        status: &'static str,
     ) -> Invoked {
         let init_ms = init.as_secs_f64() * 1000.0;
         self.log(
             sink,
             instance,
             format!(
-                "INIT_REPORT Init Duration: {init_ms:.2} ms\tPhase: init\tStatus: {status}\tError Type: {}",
+                "INIT_REPORT Init Duration: {init_ms:.2} ms\tPhase: init\tStatus: error\tError Type: {}",
                 failure.error_type
             ),
         );
@@ -503,7 +476,7 @@ impl Function {
             memory_size_mb: self.spec.memory_mb,
             max_memory_used_mb: instance.max_memory_mb().unwrap_or(0),
             init_ms: Some(init_ms),
-            status: Some(status),
+            status: Some("error"),
             error_type: Some(failure.error_type.clone()),
         };
         self.log(sink, instance, report.line());
