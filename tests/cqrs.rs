@@ -99,7 +99,8 @@ async fn every_event_reaches_the_bus_exactly_once_per_stream_position_despite_pa
                 let relay = relay.clone();
                 async move {
                     let event = serde_json::from_value(event).map_err(|e| e.to_string())?;
-                    serde_json::to_value(outbox_relay::handle(&relay, event).await).map_err(|e| e.to_string())
+                    serde_json::to_value(outbox_relay::handle(&relay, event, shared::deadline::Deadline::never()).await)
+                        .map_err(|e| e.to_string())
                 }
             },
         })

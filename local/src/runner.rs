@@ -5,8 +5,9 @@
 //! runner knows nothing about the functions: it builds Lambda's event, invokes the function by
 //! logical id through the local Lambda service (its real binary) and reads Lambda's response.
 //!
-//! **SQS.** `ScalingConfig.MaximumConcurrency` pollers (at least 2) receive up to `BatchSize`
-//! messages (gathering for `MaximumBatchingWindowInSeconds` when it is set), build a real
+//! **SQS.** Pollers long-poll (20 s) for up to `BatchSize` messages (gathering for
+//! `MaximumBatchingWindowInSeconds` when it is set): one while the queue is idle, more while
+//! polls find messages, up to `ScalingConfig.MaximumConcurrency` (at least 2). They build a real
 //! [`SqsEvent`] and invoke. On success every message is deleted except, with
 //! `ReportBatchItemFailures`, the ones the response lists: those come back after the visibility
 //! timeout, so the queue's redrive policy moves them to its DLQ as on AWS. A function error or a
@@ -474,19 +475,42 @@ async fn run_sqs(m: Arc<SqsMapping>, client: aws_sdk_sqs::Client, mut stop: Stop
             return;
         }
     };
-    info!(mapping = %name, %url, pollers = m.concurrency, "polling the queue");
+    info!(mapping = %name, %url, max_pollers = m.concurrency, "polling the queue");
+    // One long-polling poller while the queue is idle; each poll that finds messages asks for
+    // another, up to MaximumConcurrency; an extra poller leaves once a poll comes back empty.
+    let (grow, mut wants_more) = tokio::sync::mpsc::channel::<()>(1);
     let mut pollers = JoinSet::new();
-    for _ in 0..m.concurrency {
-        pollers.spawn(sqs_poller(m.clone(), client.clone(), url.clone(), stop.clone()));
-    }
-    while let Some(ended) = pollers.join_next().await {
-        if let Err(e) = ended {
-            error!(mapping = %name, error = %e, "an SQS poller ended abnormally");
+    pollers.spawn(sqs_poller(m.clone(), client.clone(), url.clone(), stop.clone(), grow.clone(), false));
+    loop {
+        tokio::select! {
+            Some(()) = wants_more.recv() => {
+                if pollers.len() < m.concurrency {
+                    debug!(mapping = %name, pollers = pollers.len() + 1, "backlog: one more poller");
+                    pollers.spawn(sqs_poller(m.clone(), client.clone(), url.clone(), stop.clone(), grow.clone(), true));
+                }
+            }
+            ended = pollers.join_next() => match ended {
+                None => break,
+                Some(Err(e)) => error!(mapping = %name, error = %e, "an SQS poller ended abnormally"),
+                Some(Ok(())) => {}
+            },
         }
     }
 }
 
-async fn sqs_poller(m: Arc<SqsMapping>, client: aws_sdk_sqs::Client, url: String, mut stop: Stop) {
+/// How long a receive waits for a message: SQS's longest long poll, as Lambda's pollers use.
+/// An idle queue costs one request per poller every 20 s; a message sent, or one whose
+/// visibility timeout ends, answers a waiting poll at once (LocalStack included).
+const LONG_POLL_SECONDS: i32 = 20;
+
+async fn sqs_poller(
+    m: Arc<SqsMapping>,
+    client: aws_sdk_sqs::Client,
+    url: String,
+    mut stop: Stop,
+    grow: tokio::sync::mpsc::Sender<()>,
+    extra: bool,
+) {
     let name = m.source.name();
     let mut failures = 0;
     while !stop.is_set() {
@@ -505,27 +529,40 @@ async fn sqs_poller(m: Arc<SqsMapping>, client: aws_sdk_sqs::Client, url: String
                 continue;
             }
         };
-        if !messages.is_empty() {
-            process_sqs_batch(&m, &client, &url, messages).await;
+        if messages.is_empty() {
+            if extra {
+                break;
+            }
+            continue;
         }
+        // Full or not, messages mean a backlog may be building: ask for a poller (a no-op at
+        // the limit, or while an earlier request is pending).
+        let _ = grow.try_send(());
+        process_sqs_batch(&m, &client, &url, messages).await;
     }
 }
 
-/// One batch: up to `BatchSize` messages, gathered for the batching window when there is one.
+/// One batch: up to `BatchSize` messages. The first receive long-polls; once a message is in,
+/// the batch gathers for `MaximumBatchingWindowInSeconds` when it is set. Empty when a long
+/// poll found nothing.
 async fn receive(
     m: &SqsMapping,
     client: &aws_sdk_sqs::Client,
     url: &str,
 ) -> Result<Vec<aws_sdk_sqs::types::Message>, String> {
-    let deadline = Instant::now() + m.window;
     let mut batch = Vec::new();
+    let mut window_ends: Option<Instant> = None;
     loop {
         let wanted = (m.source.batch_size - batch.len()).min(10) as i32;
+        let wait = match window_ends {
+            None => LONG_POLL_SECONDS,
+            Some(ends) => ends.saturating_duration_since(Instant::now()).as_secs().min(20) as i32,
+        };
         let received = client
             .receive_message()
             .queue_url(url)
             .max_number_of_messages(wanted)
-            .wait_time_seconds(1)
+            .wait_time_seconds(wait)
             .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
             .message_attribute_names("All")
             .send()
@@ -536,14 +573,17 @@ async fn receive(
             Err(e) => {
                 let error = aws_sdk_sqs::error::DisplayErrorContext(&e).to_string();
                 warn!(mapping = %m.source.name(), error, "ReceiveMessage failed; invoking with what was received");
-                break;
+                return Ok(batch);
             }
         }
-        if batch.len() >= m.source.batch_size || Instant::now() >= deadline {
+        if batch.is_empty() || batch.len() >= m.source.batch_size {
+            return Ok(batch);
+        }
+        let ends = *window_ends.get_or_insert_with(|| Instant::now() + m.window);
+        if Instant::now() >= ends {
             return Ok(batch);
         }
     }
-    Ok(batch)
 }
 
 async fn process_sqs_batch(

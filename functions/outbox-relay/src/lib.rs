@@ -3,17 +3,21 @@
 //! detail = the stored envelope plus `id` = `<stream>/<version>`, the same for every publication
 //! of a stream position, so consumers can de-duplicate.
 //!
-//! Entries go out in batches within PutEvents' limits (10 entries, 256 KB). Only the entries
-//! that failed (`FailedEntryCount`) are sent again, with jittered backoff; if some still fail,
-//! the stream batch reports the first unpublished record, so the stream resumes there: nothing
-//! is skipped or lost.
+//! Entries go out in PutEvents calls within its limits (10 entries, 256 KB), several calls at
+//! once. Only the entries that failed (`FailedEntryCount`) are sent again, with jittered
+//! backoff; if some still fail, or the invocation's deadline nears, the stream batch reports the
+//! first unpublished record, so the stream resumes there: nothing is skipped or lost, and no
+//! batch is retried whole forever.
 
 use std::future::Future;
+use std::ops::Range;
 
 use aws_lambda_events::event::dynamodb::Event;
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use futures::stream::{self, StreamExt};
 use serde_json::{Value, json};
 use shared::config::{ConfigError, Vars, required};
+use shared::deadline::Deadline;
 use shared::eventstore::{RecordedEvent, StreamId};
 use shared::retry::RetryPolicy;
 
@@ -96,16 +100,24 @@ pub struct Relay<B> {
     pub retry: RetryPolicy,
 }
 
-/// Publishes `entries`, sending again only those that failed; `Err(i)` names the first entry
-/// still unpublished after the retries.
-async fn publish<B: Bus>(relay: &Relay<B>, entries: &[BusEntry]) -> Result<(), usize> {
+/// PutEvents calls in flight at once. EventBridge's PutEvents quota is thousands of entries per
+/// second per account; eight calls of ten entries keep a 100-record stream batch to about two
+/// round trips without bursting into throttling.
+pub const PUBLISH_CONCURRENCY: usize = 8;
+
+/// Publishes `entries`, sending again only those that failed, never past `deadline`; `Err(i)`
+/// names the first entry still unpublished.
+async fn publish<B: Bus>(relay: &Relay<B>, entries: &[BusEntry], deadline: &Deadline) -> Result<(), usize> {
     let mut pending: Vec<usize> = (0..entries.len()).collect();
     let mut attempt = 0;
     loop {
         attempt += 1;
         let batch: Vec<BusEntry> = pending.iter().map(|&i| entries[i].clone()).collect();
-        let still = match relay.bus.put(&batch).await {
-            Ok(results) if results.len() == batch.len() => pending
+        let still = match deadline.run(relay.bus.put(&batch)).await {
+            // Cut off: the call may or may not have landed; the stream delivers these again and
+            // consumers de-duplicate by `id`.
+            None => return Err(pending[0]),
+            Some(Ok(results)) if results.len() == batch.len() => pending
                 .iter()
                 .zip(results)
                 .filter_map(|(&i, error)| error.map(|code| (i, code)))
@@ -114,8 +126,8 @@ async fn publish<B: Bus>(relay: &Relay<B>, entries: &[BusEntry]) -> Result<(), u
                     i
                 })
                 .collect(),
-            Ok(_) => pending.clone(),
-            Err(e) => {
+            Some(Ok(_)) => pending.clone(),
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "PutEvents failed");
                 pending.clone()
             }
@@ -123,27 +135,53 @@ async fn publish<B: Bus>(relay: &Relay<B>, entries: &[BusEntry]) -> Result<(), u
         if still.is_empty() {
             return Ok(());
         }
-        if !relay.retry.allows_another(attempt) {
+        let pause = relay.retry.delay(attempt - 1);
+        if !relay.retry.allows_another(attempt) || !deadline.allows(pause) {
             return Err(still[0]);
         }
         pending = still;
-        tokio::time::sleep(relay.retry.delay(attempt - 1)).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
-/// Relays a stream batch. On a failure, the response names the first unpublished record.
-pub async fn handle<B: Bus>(relay: &Relay<B>, batch: Event) -> DynamoDbEventResponse {
+/// Splits entries into PutEvents calls: at most [`MAX_ENTRIES`] and [`MAX_BATCH_BYTES`] each.
+fn chunks(entries: &[BusEntry]) -> Vec<Range<usize>> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < entries.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < entries.len() && end - start < MAX_ENTRIES && bytes + entries[end].size() <= MAX_BATCH_BYTES {
+            bytes += entries[end].size();
+            end += 1;
+        }
+        let end = end.max(start + 1);
+        chunks.push(start..end);
+        start = end;
+    }
+    chunks
+}
+
+/// Relays a stream batch, up to [`PUBLISH_CONCURRENCY`] PutEvents calls at a time, until
+/// `deadline`. On a failure or at the deadline, the response names the first unpublished
+/// record, so the stream resumes there: what was published before it is not sent again, and
+/// a batch too large for one invocation still moves forward.
+pub async fn handle<B: Bus>(relay: &Relay<B>, batch: Event, deadline: Deadline) -> DynamoDbEventResponse {
     let mut response = DynamoDbEventResponse::default();
     let mut fail_at = |sequence: Option<String>| {
         let mut failure = DynamoDbBatchItemFailure::default();
         failure.item_identifier = sequence;
         response.batch_item_failures.push(failure);
     };
-    let mut records = Vec::new();
+    let mut sequences = Vec::new();
+    let mut entries = Vec::new();
     for record in batch.records.into_iter().filter(|r| r.event_name == "INSERT") {
         let sequence = record.change.sequence_number.clone();
         match serde_dynamo::from_item::<_, RecordedEvent>(record.change.new_image) {
-            Ok(event) if StreamId::parse(&event.stream_id).is_ok() => records.push((sequence, entry(&event))),
+            Ok(event) if StreamId::parse(&event.stream_id).is_ok() => {
+                sequences.push(sequence);
+                entries.push(entry(&event));
+            }
             Ok(event) => tracing::error!(stream = %event.stream_id, "skipping an item that is not an event"),
             // The store wrote it; if it does not decode, retrying will not help: the mapping's
             // retries end in its OnFailure destination, which keeps the record.
@@ -154,21 +192,177 @@ pub async fn handle<B: Bus>(relay: &Relay<B>, batch: Event) -> DynamoDbEventResp
             }
         }
     }
-    let mut start = 0;
-    while start < records.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < records.len() && end - start < MAX_ENTRIES && bytes + records[end].1.size() <= MAX_BATCH_BYTES {
-            bytes += records[end].1.size();
-            end += 1;
-        }
-        let end = end.max(start + 1);
-        let entries: Vec<BusEntry> = records[start..end].iter().map(|(_, e)| e.clone()).collect();
-        if let Err(index) = publish(relay, &entries).await {
-            fail_at(records[start + index].0.clone());
+    let entries = &entries;
+    let deadline = &deadline;
+    // `buffered` yields in order, so the first failure seen is the earliest unpublished record;
+    // returning drops (cancels) the calls still in flight behind it.
+    let mut published = stream::iter(chunks(entries))
+        .map(|range| async move { (range.start, publish(relay, &entries[range], deadline).await) })
+        .buffered(PUBLISH_CONCURRENCY);
+    while let Some((start, result)) = published.next().await {
+        if let Err(index) = result {
+            let first = start + index;
+            tracing::warn!(
+                unpublished = entries.len() - first,
+                "stopping: the stream resumes at the first unpublished record"
+            );
+            fail_at(sequences[first].clone());
             return response;
         }
-        start = end;
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use aws_lambda_events::event::dynamodb::EventRecord;
+
+    use super::*;
+
+    /// A bus that takes `latency` per call, refuses the entries named in `refuse` on their first
+    /// try, and records what it accepted and how many calls were in flight at once.
+    #[derive(Default)]
+    struct RecordingBus {
+        latency: Duration,
+        refuse: Mutex<HashSet<String>>,
+        accepted: Mutex<Vec<String>>,
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+    }
+
+    impl Bus for RecordingBus {
+        async fn put(&self, entries: &[BusEntry]) -> Result<Vec<Option<String>>, String> {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(self.latency).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            Ok(entries
+                .iter()
+                .map(|e| {
+                    let id = serde_json::from_str::<Value>(&e.detail).expect("detail")["id"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned();
+                    if self.refuse.lock().expect("lock").remove(&id) {
+                        Some("ThrottlingException".to_owned())
+                    } else {
+                        self.accepted.lock().expect("lock").push(id);
+                        None
+                    }
+                })
+                .collect())
+        }
+    }
+
+    /// A stream batch of `n` committed events, sequence numbers `1..=n`.
+    fn batch(n: u64) -> Event {
+        let mut event = Event::default();
+        event.records = (1..=n)
+            .map(|v| {
+                let recorded = RecordedEvent {
+                    stream_id: "Order-o1".into(),
+                    version: v,
+                    event_id: format!("e{v}"),
+                    event_type: "OrderPlaced".into(),
+                    schema_version: 1,
+                    payload: json!({ "n": v }),
+                    correlation_id: "c".into(),
+                    causation_id: None,
+                    idempotency_key: None,
+                    recorded_at: "2026-11-22T00:00:00Z".into(),
+                };
+                let mut record = EventRecord::default();
+                record.event_name = "INSERT".into();
+                record.change.sequence_number = Some(v.to_string());
+                record.change.new_image = serde_dynamo::to_item(&recorded).expect("item");
+                record
+            })
+            .collect();
+        event
+    }
+
+    fn relay(bus: RecordingBus) -> Relay<RecordingBus> {
+        Relay { bus, retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() } }
+    }
+
+    fn failed_at(response: &DynamoDbEventResponse) -> Vec<Option<String>> {
+        response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_is_published_with_bounded_parallel_calls() {
+        // Given a bus that takes 2 s per call
+        let relay = relay(RecordingBus { latency: Duration::from_secs(2), ..RecordingBus::default() });
+
+        // When 100 records are relayed with 9 s to go
+        let response = handle(&relay, batch(100), Deadline::after(Duration::from_secs(9))).await;
+
+        // Then all 100 are published, in 2 rounds of at most 8 calls: 4 s, not 20
+        assert_eq!(failed_at(&response), Vec::<Option<String>>::new());
+        assert_eq!(relay.bus.accepted.lock().expect("lock").len(), 100);
+        assert_eq!(relay.bus.most_in_flight.load(Ordering::SeqCst), PUBLISH_CONCURRENCY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_deadline_the_batch_reports_the_first_unpublished_record() {
+        // Given a bus so slow that only the first round of calls fits before the deadline
+        let relay = relay(RecordingBus { latency: Duration::from_secs(3), ..RecordingBus::default() });
+
+        // When 100 records are relayed with 4 s to go
+        let response = handle(&relay, batch(100), Deadline::after(Duration::from_secs(4))).await;
+
+        // Then the first 80 (8 calls of 10) are out and the stream resumes at record 81
+        assert_eq!(failed_at(&response), vec![Some("81".to_owned())]);
+        let accepted = relay.bus.accepted.lock().expect("lock").clone();
+        let expected: HashSet<String> = (1..=80).map(|v| format!("Order-o1/{v}")).collect();
+        assert_eq!(accepted.into_iter().collect::<HashSet<_>>(), expected);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_entry_is_sent_again_alone() {
+        // Given a bus that refuses record 15 once
+        let bus = RecordingBus::default();
+        bus.refuse.lock().expect("lock").insert("Order-o1/15".into());
+        let relay = relay(bus);
+
+        // When 20 records are relayed
+        let response = handle(&relay, batch(20), Deadline::never()).await;
+
+        // Then each is accepted exactly once
+        assert!(response.batch_item_failures.is_empty());
+        let mut accepted = relay.bus.accepted.lock().expect("lock").clone();
+        accepted.sort();
+        accepted.dedup();
+        assert_eq!(accepted.len(), 20);
+        assert_eq!(relay.bus.accepted.lock().expect("lock").len(), 20, "no entry sent twice once accepted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_refused_past_its_retries_stops_the_batch_there() {
+        // Given a bus that refuses record 25 on every try
+        struct Refusing(RecordingBus);
+        impl Bus for Refusing {
+            async fn put(&self, entries: &[BusEntry]) -> Result<Vec<Option<String>>, String> {
+                self.0.refuse.lock().expect("lock").insert("Order-o1/25".into());
+                self.0.put(entries).await
+            }
+        }
+        let relay = Relay {
+            bus: Refusing(RecordingBus::default()),
+            retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
+        };
+
+        // When 40 records are relayed
+        let response = handle(&relay, batch(40), Deadline::never()).await;
+
+        // Then the stream resumes at record 25, and nothing before it is missing
+        assert_eq!(failed_at(&response), vec![Some("25".to_owned())]);
+        let accepted: HashSet<String> = relay.bus.0.accepted.lock().expect("lock").iter().cloned().collect();
+        assert!((1..25).all(|v| accepted.contains(&format!("Order-o1/{v}"))));
+    }
 }

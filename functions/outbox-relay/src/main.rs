@@ -2,6 +2,7 @@ use aws_lambda_events::event::dynamodb::Event;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use outbox_relay::{EventBridgeBus, Relay};
 use shared::config::process_env;
+use shared::deadline::Deadline;
 use shared::retry::RetryPolicy;
 
 #[tokio::main]
@@ -10,8 +11,10 @@ async fn main() -> Result<(), Error> {
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let bus = EventBridgeBus::new(aws_sdk_eventbridge::Client::new(&sdk), &process_env)?;
     let relay = Relay { bus, retry: RetryPolicy::default() };
-    run(service_fn(|event: LambdaEvent<Event>| async {
-        Ok::<_, Error>(outbox_relay::handle(&relay, event.payload).await)
+    let relay = &relay;
+    run(service_fn(|event: LambdaEvent<Event>| async move {
+        let deadline = Deadline::from_epoch_millis(event.context.deadline);
+        Ok::<_, Error>(outbox_relay::handle(relay, event.payload, deadline).await)
     }))
     .await
 }

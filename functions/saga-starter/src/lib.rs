@@ -3,44 +3,106 @@
 //! duplicated record therefore cannot start a second saga: Step Functions refuses the name.
 //! The order is placed by one write (the event); the saga starts from what was committed: no
 //! dual write.
+//!
+//! The records of a batch start concurrently (at most [`START_CONCURRENCY`] at once); the
+//! response still names the first record, in stream order, that did not start, so nothing
+//! after a failure is skipped. Work stops before the invocation's deadline in the same way.
+
+use std::future::Future;
 
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use futures::stream::{self, StreamExt};
 use serde_json::json;
 use shared::aggregate::decode_event;
 use shared::config::{ConfigError, Vars, required};
+use shared::deadline::Deadline;
 use shared::domain::order::OrderEvent;
 use shared::eventstore::RecordedEvent;
 use shared::saga::runtime::{DeadLetters, Source, SqsDeadLetters};
 
-pub struct Starter<D> {
-    pub sfn: aws_sdk_sfn::Client,
+/// `StartExecution` calls in flight at once: Step Functions' StartExecution quota (a bucket of
+/// 1,300 refilled at 300/s in the large regions) is far above what one batch asks.
+pub const START_CONCURRENCY: usize = 10;
+
+/// Starts executions of the saga's state machine; Step Functions in production, a seam for tests.
+pub trait Executions: Send + Sync {
+    /// Starts execution `name`; an execution of that name already existing is `AlreadyStarted`.
+    fn start(&self, name: &str, input: String) -> impl Future<Output = Result<Outcome, String>> + Send;
+}
+
+pub struct StepFunctions {
+    pub client: aws_sdk_sfn::Client,
     pub state_machine_arn: String,
+}
+
+impl Executions for StepFunctions {
+    async fn start(&self, name: &str, input: String) -> Result<Outcome, String> {
+        let started = self
+            .client
+            .start_execution()
+            .state_machine_arn(&self.state_machine_arn)
+            .name(name)
+            .input(input)
+            .send()
+            .await;
+        match started {
+            Ok(out) => {
+                tracing::info!(order_id = name, execution = out.execution_arn(), "saga started");
+                Ok(Outcome::Started)
+            }
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_execution_already_exists()) => {
+                tracing::info!(order_id = name, "saga already started for this order");
+                Ok(Outcome::AlreadyStarted)
+            }
+            Err(e) => Err(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string()),
+        }
+    }
+}
+
+pub struct Starter<E, D> {
+    pub executions: E,
     pub dead_letters: D,
 }
 
-impl Starter<SqsDeadLetters> {
+impl Starter<StepFunctions, SqsDeadLetters> {
     /// `STATE_MACHINE_ARN` and `DEAD_LETTER_QUEUE_URL`.
     pub fn new(sfn: aws_sdk_sfn::Client, sqs: aws_sdk_sqs::Client, vars: Vars<'_>) -> Result<Self, ConfigError> {
         Ok(Self {
-            sfn,
-            state_machine_arn: required(vars, "STATE_MACHINE_ARN")?,
+            executions: StepFunctions { client: sfn, state_machine_arn: required(vars, "STATE_MACHINE_ARN")? },
             dead_letters: SqsDeadLetters { client: sqs, queue_url: required(vars, "DEAD_LETTER_QUEUE_URL")? },
         })
     }
 }
 
-enum Outcome {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
     Started,
+    AlreadyStarted,
+    /// Not an `OrderPlaced` insert, or dead-lettered as unreadable.
     Skipped,
 }
 
-/// Starts a saga per `OrderPlaced` record. On a failure that a retry may cure, reports that
-/// record's sequence number so the stream resumes from it: nothing after it is skipped.
-pub async fn handle<D: DeadLetters>(starter: &Starter<D>, event: Event) -> DynamoDbEventResponse {
+/// Starts a saga per `OrderPlaced` record, concurrently. On a failure that a retry may cure,
+/// or at the deadline, reports the first such record in stream order, so the stream resumes
+/// from it: nothing after it is skipped (records after it that did start are started again,
+/// and Step Functions refuses the duplicate name).
+pub async fn handle<E: Executions, D: DeadLetters>(
+    starter: &Starter<E, D>,
+    event: Event,
+    deadline: Deadline,
+) -> DynamoDbEventResponse {
     let mut response = DynamoDbEventResponse::default();
-    for record in event.records {
-        if let Err(reason) = start(starter, &record).await {
+    let deadline = &deadline;
+    // `buffered` yields in stream order; returning drops the starts still in flight behind it.
+    let mut outcomes = stream::iter(&event.records)
+        .map(|record| async move {
+            let outcome = deadline.run(start(starter, record)).await;
+            (record, outcome.unwrap_or_else(|| Err("the invocation's deadline came first".to_owned())))
+        })
+        .buffered(START_CONCURRENCY);
+    while let Some((record, outcome)) = outcomes.next().await {
+        if let Err(reason) = outcome {
             tracing::warn!(sequence = ?record.change.sequence_number, %reason, "saga not started; the stream retries from here");
             let mut failure = DynamoDbBatchItemFailure::default();
             failure.item_identifier = record.change.sequence_number.clone();
@@ -51,7 +113,10 @@ pub async fn handle<D: DeadLetters>(starter: &Starter<D>, event: Event) -> Dynam
     response
 }
 
-async fn start<D: DeadLetters>(starter: &Starter<D>, record: &EventRecord) -> Result<Outcome, String> {
+async fn start<E: Executions, D: DeadLetters>(
+    starter: &Starter<E, D>,
+    record: &EventRecord,
+) -> Result<Outcome, String> {
     if record.event_name != "INSERT" {
         return Ok(Outcome::Skipped);
     }
@@ -82,23 +147,148 @@ async fn start<D: DeadLetters>(starter: &Starter<D>, record: &EventRecord) -> Re
         "results": {},
         "compensations": {},
     });
-    let started = starter
-        .sfn
-        .start_execution()
-        .state_machine_arn(&starter.state_machine_arn)
-        .name(order.order_id.as_str())
-        .input(input.to_string())
-        .send()
-        .await;
-    match started {
-        Ok(out) => {
-            tracing::info!(order_id = %order.order_id, execution = out.execution_arn(), "saga started");
+    starter.executions.start(order.order_id.as_str(), input.to_string()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    use super::*;
+
+    /// Executions that take `latency` each, fail the names in `failing`, and record what
+    /// started and how many starts were in flight at once.
+    #[derive(Default)]
+    struct Recording {
+        latency: Duration,
+        failing: HashSet<String>,
+        started: Mutex<Vec<String>>,
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+    }
+
+    impl Executions for Recording {
+        async fn start(&self, name: &str, _input: String) -> Result<Outcome, String> {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(self.latency).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if self.failing.contains(name) {
+                return Err("ThrottlingException".into());
+            }
+            let mut started = self.started.lock().expect("lock");
+            if started.iter().any(|s| s == name) {
+                return Ok(Outcome::AlreadyStarted);
+            }
+            started.push(name.to_owned());
             Ok(Outcome::Started)
         }
-        Err(e) if e.as_service_error().is_some_and(|e| e.is_execution_already_exists()) => {
-            tracing::info!(order_id = %order.order_id, "saga already started for this order");
-            Ok(Outcome::Started)
+    }
+
+    #[derive(Default)]
+    struct Parked(Mutex<Vec<String>>);
+
+    impl DeadLetters for Parked {
+        async fn dead_letter(&self, _body: &str, reason: &str, _source: &Source<'_>) -> Result<(), String> {
+            self.0.lock().expect("lock").push(reason.to_owned());
+            Ok(())
         }
-        Err(e) => Err(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string()),
+    }
+
+    /// The sample's `OrderPlaced` record for orders `o1..=on`, sequence numbers `1..=n`.
+    fn batch(n: usize) -> Event {
+        let sample: Value = serde_json::from_str(include_str!("../../../events/saga-starter/order-placed.json"))
+            .expect("the sample event");
+        let record = sample["Records"][0].clone();
+        let records: Vec<Value> = (1..=n)
+            .map(|i| {
+                let mut r = record.clone();
+                r["dynamodb"]["SequenceNumber"] = json!(i.to_string());
+                r["dynamodb"]["NewImage"]["streamId"]["S"] = json!(format!("Order-o{i}"));
+                r["dynamodb"]["NewImage"]["payload"]["M"]["orderId"]["S"] = json!(format!("o{i}"));
+                r
+            })
+            .collect();
+        serde_json::from_value(json!({ "Records": records })).expect("a stream event")
+    }
+
+    fn failed_at(response: &DynamoDbEventResponse) -> Vec<Option<String>> {
+        response.batch_item_failures.iter().map(|f| f.item_identifier.clone()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_starts_concurrently_one_execution_per_order() {
+        // Given Step Functions taking 500 ms per start
+        let starter = Starter {
+            executions: Recording { latency: Duration::from_millis(500), ..Recording::default() },
+            dead_letters: Parked::default(),
+        };
+
+        // When a batch of 25 orders (the first one twice) arrives
+        let mut event = batch(25);
+        event.records.push(event.records[0].clone());
+        let began = tokio::time::Instant::now();
+        let response = handle(&starter, event, Deadline::never()).await;
+
+        // Then 25 sagas start, at most START_CONCURRENCY at a time: 3 rounds, not 26
+        assert!(response.batch_item_failures.is_empty());
+        assert_eq!(starter.executions.started.lock().expect("lock").len(), 25);
+        assert_eq!(starter.executions.most_in_flight.load(Ordering::SeqCst), START_CONCURRENCY);
+        assert_eq!(began.elapsed(), Duration::from_millis(1_500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_failure_in_stream_order_is_reported() {
+        // Given Step Functions refusing orders 4 and 7
+        let failing = ["o7", "o4"].map(str::to_owned).into();
+        let starter =
+            Starter { executions: Recording { failing, ..Recording::default() }, dead_letters: Parked::default() };
+
+        // When a batch of 10 orders arrives
+        let response = handle(&starter, batch(10), Deadline::never()).await;
+
+        // Then the stream resumes at order 4, and orders 1 to 3 have their saga
+        assert_eq!(failed_at(&response), vec![Some("4".to_owned())]);
+        let started: HashSet<String> = starter.executions.started.lock().expect("lock").iter().cloned().collect();
+        assert!(["o1", "o2", "o3"].iter().all(|o| started.contains(*o)), "{started:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_deadline_the_first_unstarted_record_is_reported() {
+        // Given starts that take 2 s, and 3 s left
+        let starter = Starter {
+            executions: Recording { latency: Duration::from_secs(2), ..Recording::default() },
+            dead_letters: Parked::default(),
+        };
+
+        // When a batch of 25 orders arrives
+        let response = handle(&starter, batch(25), Deadline::after(Duration::from_secs(3))).await;
+
+        // Then the first round of 10 started and the stream resumes at the 11th
+        assert_eq!(failed_at(&response), vec![Some("11".to_owned())]);
+        assert_eq!(starter.executions.started.lock().expect("lock").len(), START_CONCURRENCY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreadable_order_placed_is_parked_and_the_batch_goes_on() {
+        // Given a batch whose second record has an OrderPlaced payload that does not decode
+        let mut event = batch(3);
+        let mut bad = serde_json::to_value(&event.records[1]).expect("record");
+        bad["dynamodb"]["NewImage"]["payload"] = json!({ "M": { "orderId": { "N": "12" } } });
+        event.records[1] = serde_json::from_value(bad).expect("record");
+        let starter = Starter { executions: Recording::default(), dead_letters: Parked::default() };
+
+        // When it is handled
+        let response = handle(&starter, event, Deadline::never()).await;
+
+        // Then it is dead-lettered with the reason and the two good orders start
+        assert!(response.batch_item_failures.is_empty());
+        assert_eq!(starter.dead_letters.0.lock().expect("lock").len(), 1);
+        assert_eq!(starter.executions.started.lock().expect("lock").len(), 2);
     }
 }

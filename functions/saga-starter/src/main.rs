@@ -1,6 +1,7 @@
 use aws_lambda_events::event::dynamodb::Event;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use shared::config::process_env;
+use shared::deadline::Deadline;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -8,8 +9,10 @@ async fn main() -> Result<(), Error> {
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let starter =
         saga_starter::Starter::new(aws_sdk_sfn::Client::new(&sdk), aws_sdk_sqs::Client::new(&sdk), &process_env)?;
-    run(service_fn(|event: LambdaEvent<Event>| async {
-        Ok::<_, Error>(saga_starter::handle(&starter, event.payload).await)
+    let starter = &starter;
+    run(service_fn(|event: LambdaEvent<Event>| async move {
+        let deadline = Deadline::from_epoch_millis(event.context.deadline);
+        Ok::<_, Error>(saga_starter::handle(starter, event.payload, deadline).await)
     }))
     .await
 }

@@ -6,6 +6,7 @@ use std::future::Future;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::types::MessageAttributeValue;
+use futures::stream::{self, StreamExt};
 use serde_json::Value;
 use tracing::Instrument;
 
@@ -125,7 +126,10 @@ impl DeadLetters for SqsDeadLetters {
     }
 }
 
-/// Processes one SQS batch of step commands: each message is answered to the state machine
+/// Commands of one batch worked on at once.
+pub const STEP_CONCURRENCY: usize = 4;
+
+/// Processes one SQS batch of step commands, up to [`STEP_CONCURRENCY`] at a time: each message is answered to the state machine
 /// and deleted, or reported as a batch item failure to be redelivered (and, after
 /// `maxReceiveCount`, moved to the DLQ by the redrive policy).
 pub async fn process_batch<C, D, F, Fut>(
@@ -141,18 +145,24 @@ where
     F: Fn(StepMessage) -> Fut,
     Fut: Future<Output = Result<StepOutcome, StepError>>,
 {
-    let mut failures = Vec::new();
-    // One at a time: the batch often touches the same aggregates (a hot SKU), and Lambda
-    // concurrency, not intra-batch concurrency, is what scales a step.
-    for message in event.records {
-        let id = message.message_id.clone().unwrap_or_default();
-        if let Err(reason) = process_one(&message, accepts, callback, dead_letters, &step).await {
-            tracing::warn!(message_id = %id, %reason, "step command left for redelivery");
-            let mut failure = BatchItemFailure::default();
-            failure.item_identifier = id;
-            failures.push(failure);
-        }
-    }
+    // A few at a time: commands of one batch are for different orders, so they overlap well;
+    // a hot SKU they share is settled by the store's expected-version retries.
+    let step = &step;
+    let failures: Vec<BatchItemFailure> = stream::iter(&event.records)
+        .map(|message| async move {
+            let id = message.message_id.clone().unwrap_or_default();
+            let result = process_one(message, accepts, callback, dead_letters, step).await;
+            result.err().map(|reason| {
+                tracing::warn!(message_id = %id, %reason, "step command left for redelivery");
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = id;
+                failure
+            })
+        })
+        .buffered(STEP_CONCURRENCY)
+        .filter_map(std::future::ready)
+        .collect()
+        .await;
     let mut response = SqsBatchResponse::default();
     response.batch_item_failures = failures;
     response
@@ -274,5 +284,102 @@ impl<X> StepLambda<X> {
         Fut: Future<Output = Result<StepOutcome, StepError>>,
     {
         process_batch(event, accepts, &self.callback, &self.dead_letters, step).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// Records each answer to the state machine, by task token.
+    #[derive(Default)]
+    struct Answers(Mutex<Vec<(String, Result<Value, String>)>>);
+
+    impl TaskCallback for Answers {
+        async fn succeed(&self, token: &str, output: &Value) -> Result<Delivery, CallbackError> {
+            self.0.lock().expect("lock").push((token.to_owned(), Ok(output.clone())));
+            Ok(Delivery::Delivered)
+        }
+
+        async fn fail(&self, token: &str, error: &str, _cause: &str) -> Result<Delivery, CallbackError> {
+            self.0.lock().expect("lock").push((token.to_owned(), Err(error.to_owned())));
+            Ok(Delivery::Delivered)
+        }
+    }
+
+    #[derive(Default)]
+    struct Parked(Mutex<Vec<String>>);
+
+    impl DeadLetters for Parked {
+        async fn dead_letter(&self, _body: &str, reason: &str, _source: &Source<'_>) -> Result<(), String> {
+            self.0.lock().expect("lock").push(reason.to_owned());
+            Ok(())
+        }
+    }
+
+    /// The reserve-inventory sample's message, `n` times with task tokens `t1..=tn`, plus one
+    /// unreadable message `bad`.
+    fn batch(n: usize) -> SqsEvent {
+        let sample: Value = serde_json::from_str(include_str!("../../../events/reserve-inventory/command.json"))
+            .expect("the sample event");
+        let record = &sample["Records"][0];
+        let mut body: Value = serde_json::from_str(record["body"].as_str().expect("body")).expect("a command");
+        let mut records: Vec<Value> = (1..=n)
+            .map(|i| {
+                body["taskToken"] = json!(format!("t{i}"));
+                let mut r = record.clone();
+                r["messageId"] = json!(format!("m{i}"));
+                r["body"] = json!(body.to_string());
+                r
+            })
+            .collect();
+        let mut bad = record.clone();
+        bad["messageId"] = json!("bad");
+        bad["body"] = json!("{ not json");
+        records.push(bad);
+        serde_json::from_value(json!({ "Records": records })).expect("an SQS event")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_worked_concurrently_with_a_result_per_message() {
+        // Given a step that takes 1 s, and fails retryably for the command of token t3
+        let (answers, parked) = (Answers::default(), Parked::default());
+        let (in_flight, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let step = |command: StepMessage| {
+            let (in_flight, most) = (&in_flight, &most);
+            async move {
+                most.fetch_max(in_flight.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                match command.task_token.as_str() {
+                    "t3" => Err(StepError::Retryable("store busy".into())),
+                    token => Ok(Ok(json!({ "done": token }))),
+                }
+            }
+        };
+
+        // When a batch of 9 commands and one unreadable message is processed
+        let began = tokio::time::Instant::now();
+        let response = process_batch(batch(9), &[Step::ReserveInventory], &answers, &parked, step).await;
+
+        // Then the commands ran STEP_CONCURRENCY at a time (3 rounds, not 9)
+        assert_eq!(most.load(Ordering::SeqCst), STEP_CONCURRENCY);
+        assert_eq!(began.elapsed(), Duration::from_secs(3));
+        // and only t3's message is left for redelivery
+        let failed: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
+        assert_eq!(failed, ["m3"]);
+        // and the other 8 were answered, each once
+        let mut answered: Vec<String> = answers.0.lock().expect("lock").iter().map(|(t, _)| t.clone()).collect();
+        answered.sort();
+        assert_eq!(answered, ["t1", "t2", "t4", "t5", "t6", "t7", "t8", "t9"]);
+        // and the unreadable message was parked with its reason
+        let parked = parked.0.lock().expect("lock").clone();
+        assert!(parked.len() == 1 && parked[0].starts_with("malformed step command"), "{parked:?}");
     }
 }
