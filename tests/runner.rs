@@ -438,3 +438,52 @@ async fn retries_exhausted_skip_the_batch_record_it_on_failure_and_move_on() {
     assert_eq!(info["batchSize"], 1);
     assert_eq!(info["streamArn"], stack.resources["Items"].attributes["StreamArn"]);
 }
+
+#[tokio::test]
+async fn a_new_runner_resumes_the_stream_where_the_last_one_stopped() {
+    // Given a runner keeping its positions in a file, which handled two wanted items
+    let aws = LocalAws::load().await;
+    let stack = provision(&aws).await;
+    let table = stack.resources["Items"].reference.clone();
+    let file = std::env::temp_dir().join(format!("{}.json", unique("positions-")));
+    let id = unique("i");
+    let recording = |seen: Arc<Mutex<Vec<u32>>>| {
+        stream_handler(move |event: DynamoDbEvent| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().extend(items(&event).into_iter().map(|(item, _)| item.n));
+                Ok(DynamoDbEventResponse::default())
+            }
+        })
+    };
+    let first: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let running = Runner::new(&stack, clients(&aws), recording(first.clone())).expect("runner").with_checkpoints(&file);
+    let running = running.start();
+    for n in 1..=2 {
+        put_item(&aws, &table, &format!("{id}-{n}"), "wanted", n).await;
+    }
+    let f = first.clone();
+    assert!(eventually(Duration::from_secs(15), || f.lock().unwrap().len() >= 2).await);
+    running.stop().await;
+    assert!(file.exists(), "the positions are saved when the runner stops");
+
+    // When a new runner starts with the same file and one more item is written
+    let second: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let running =
+        Runner::new(&stack, clients(&aws), recording(second.clone())).expect("runner").with_checkpoints(&file).start();
+    put_item(&aws, &table, &format!("{id}-3"), "wanted", 3).await;
+    let s = second.clone();
+    assert!(eventually(Duration::from_secs(15), || !s.lock().unwrap().is_empty()).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    running.stop().await;
+
+    // Then it delivers only the new item, while a runner without positions replays them all
+    assert_eq!(*second.lock().unwrap(), [3]);
+    let replay: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let running = Runner::new(&stack, clients(&aws), recording(replay.clone())).expect("runner").start();
+    let r = replay.clone();
+    assert!(eventually(Duration::from_secs(15), || r.lock().unwrap().len() >= 3).await);
+    running.stop().await;
+    assert_eq!(*replay.lock().unwrap(), [1, 2, 3]);
+    let _ = std::fs::remove_file(&file);
+}

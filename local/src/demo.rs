@@ -18,7 +18,7 @@ use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StreamI
 use crate::Stack;
 use crate::http_client::request;
 use crate::lambda::{FunctionStats, LambdaService};
-use crate::observe::{quantile, saga_steps, wait_for_saga};
+use crate::observe::{self, history, quantile, saga_steps, wait_for_saga};
 
 /// The function that places orders (by crate name: the service finds it by its binary).
 pub const PLACE_ORDER: &str = "place-order";
@@ -65,8 +65,17 @@ struct Placed {
     placed_at: f64,
 }
 
+/// What a demo run found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Every order reached its expected outcome (and the read side caught up).
+    pub ok: bool,
+    pub orders: usize,
+    /// State transitions of the orders' sagas.
+    pub transitions: u64,
+}
+
 /// Places the samples plus `extra` happy-path orders, waits for every saga, prints the report.
-/// Returns whether every order reached its expected outcome.
 pub async fn run(
     stack: &Stack,
     service: &LambdaService,
@@ -75,7 +84,7 @@ pub async fn run(
     samples: &Path,
     extra: usize,
     api: Option<SocketAddr>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Outcome> {
     let env = stack.environment.clone();
     let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned())?;
     let store = DynamoEventStore::new(dynamodb.clone(), config);
@@ -104,12 +113,15 @@ pub async fn run(
     println!("Placed {} orders (run {run_id}); waiting for their sagas…\n", placed.len());
 
     let mut latencies = Vec::new();
+    let mut transitions = 0;
     let mut all_ok = true;
     let mut last_stop = started;
     for p in &placed {
         let finished = wait_for_saga(sfn, &state_machine, &p.order_id, Duration::from_secs(180)).await?;
         latencies.push(finished.stopped_at - p.placed_at);
         last_stop = last_stop.max(finished.stopped_at);
+        let history = history(sfn, &finished.execution_arn).await?;
+        transitions += observe::transitions(&history);
         let order = repo.load::<Order>(&p.order_id).await?.state;
         let ok = order.status == p.expected;
         all_ok &= ok;
@@ -127,7 +139,7 @@ pub async fn run(
         if let Some(error) = &finished.error {
             println!("    execution error: {error}");
         }
-        println!("    saga steps: {}", saga_steps(sfn, &finished.execution_arn).await?.join(" → "));
+        println!("    saga steps: {}", saga_steps(&history).join(" → "));
         for category in ["Order", "Payment", "Shipment"] {
             let stream = StreamId::new(category, &p.order_id)?;
             let types: Vec<String> = store.load(&stream, 0).await?.into_iter().map(|e| e.event_type).collect();
@@ -156,7 +168,7 @@ pub async fn run(
         let ids: Vec<&str> = placed.iter().map(|p| p.order_id.as_str()).collect();
         all_ok &= show_read_side(api, &happy.order_id, &ids).await?;
     }
-    Ok(all_ok)
+    Ok(Outcome { ok: all_ok, orders: placed.len(), transitions })
 }
 
 /// The query side, read through the HTTP API: once the projections have caught up with the

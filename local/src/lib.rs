@@ -8,6 +8,7 @@ pub mod filter;
 pub mod http;
 pub mod http_client;
 pub mod lambda;
+pub mod meter;
 pub mod observe;
 pub mod provision;
 pub mod runner;

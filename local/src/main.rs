@@ -11,14 +11,16 @@
 //!
 //! Endpoints and credentials come from the standard AWS variables (`AWS_ENDPOINT_URL*`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use local_env::lambda::{LambdaService, binaries, invoke_api};
+use local_env::lambda::{LambdaService, binaries, intercept, invoke_api};
+use local_env::meter::{Bill, Meter};
 use local_env::runner::{Runner, RunnerClients};
 use local_env::{Clients, Options, Template};
 
@@ -102,6 +104,19 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
 
     let mut options = local_env::lambda::Options::new(&stack);
+    // Every request of the functions and of the SQS pollers goes through the cost meter.
+    let meter = Arc::new(Meter::default());
+    let metered = |env: &BTreeMap<String, String>, service: &str| {
+        env.get(&format!("AWS_ENDPOINT_URL_{service}")).or(env.get("AWS_ENDPOINT_URL")).cloned()
+    };
+    let meter_proxies =
+        intercept::endpoints(options.aws_env.iter_mut().map(|(k, v)| (k.as_str(), v)), meter.clone()).await?;
+    let mut sqs = aws_sdk_sqs::config::Builder::from(&sdk);
+    sqs.set_endpoint_url(metered(&options.aws_env, "SQS"));
+    let mut logs = aws_sdk_cloudwatchlogs::config::Builder::from(&sdk);
+    logs.set_endpoint_url(metered(&options.aws_env, "CLOUDWATCH_LOGS"));
+    let (sqs, logs) =
+        (aws_sdk_sqs::Client::from_conf(sqs.build()), aws_sdk_cloudwatchlogs::Client::from_conf(logs.build()));
     options.echo_logs = std::env::var("LOCAL_FUNCTION_LOGS").is_ok_and(|v| v == "stderr");
     let specs = local_env::lambda::FunctionSpec::all(&stack, options.default_concurrency)?;
     let mut crates: Vec<String> = specs.iter().map(|s| s.crate_name.clone()).collect();
@@ -110,7 +125,7 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     println!("Building {} function binaries ({} profile)…", crates.len(), profile.unwrap_or("dev"));
     let built = binaries::build(&std::env::current_dir()?, &crates, profile)?;
     let log_dir = options.log_dir.clone();
-    let service = LambdaService::new(&stack, &built, options, Some(aws_sdk_cloudwatchlogs::Client::new(&sdk)))?;
+    let service = LambdaService::new(&stack, &built, options, Some(logs))?;
     let lambda_api = invoke_api::serve(
         service.clone(),
         ([127, 0, 0, 1], port("LOCAL_LAMBDA_PORT", invoke_api::DEFAULT_PORT)?).into(),
@@ -123,7 +138,11 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         log_dir.display()
     );
 
-    let runner = Runner::new(&stack, RunnerClients::new(&sdk), service.clone())?;
+    let clients = RunnerClients { sqs, streams: aws_sdk_dynamodbstreams::Client::new(&sdk) };
+    // Stream positions survive the run, as an event source mapping's do: the next run does not
+    // replay (and republish, restart) what this one handled.
+    let checkpoints = Path::new(".local/runner").join(format!("{}-positions.json", stack.stack_name));
+    let runner = Runner::new(&stack, clients, service.clone())?.with_checkpoints(checkpoints);
     for mapping in runner.mappings() {
         println!("  runs {mapping}");
     }
@@ -156,15 +175,18 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
                 return Err(e);
             }
         };
-    let ok = if demo {
+    let outcome = if demo {
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let sfn = aws_sdk_sfn::Client::new(&sdk);
         let samples = Path::new("events/place-order");
-        local_env::demo::run(&stack, &service, &dynamodb, &sfn, samples, extra, api.as_ref().map(|a| a.addr())).await
+        Some(
+            local_env::demo::run(&stack, &service, &dynamodb, &sfn, samples, extra, api.as_ref().map(|a| a.addr()))
+                .await,
+        )
     } else {
         println!("Running; Ctrl-C stops.");
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
-        Ok(true)
+        None
     };
     if let Some(api) = api {
         api.stop().await;
@@ -172,10 +194,13 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     running.stop().await;
     lambda_api.stop();
     service.shutdown().await;
-    if demo {
-        println!("\n{}", local_env::demo::function_report(&service.stats()));
-    }
-    ok
+    meter_proxies.iter().for_each(|p| p.abort());
+    let Some(outcome) = outcome else { return Ok(true) };
+    let outcome = outcome?;
+    let stats = service.stats();
+    println!("\n{}", local_env::demo::function_report(&stats));
+    println!("\n{}", Bill::new(outcome.orders, &meter.usage(), &stats, outcome.transitions).report());
+    Ok(outcome.ok)
 }
 
 /// `local-env rebuild [--stack .local/stack.json] [--target-table NAME]`: recomputes every read

@@ -59,9 +59,12 @@ pub async fn wait_for_saga(
     }
 }
 
-/// The task states the saga entered, in order (steps and compensations).
-pub async fn saga_steps(sfn: &aws_sdk_sfn::Client, execution_arn: &str) -> anyhow::Result<Vec<String>> {
-    let mut steps = Vec::new();
+/// An execution's history, every page.
+pub async fn history(
+    sfn: &aws_sdk_sfn::Client,
+    execution_arn: &str,
+) -> anyhow::Result<Vec<aws_sdk_sfn::types::HistoryEvent>> {
+    let mut events = Vec::new();
     let mut token = None;
     loop {
         let page = sfn
@@ -72,18 +75,26 @@ pub async fn saga_steps(sfn: &aws_sdk_sfn::Client, execution_arn: &str) -> anyho
             .send()
             .await
             .context("GetExecutionHistory")?;
-        for event in page.events() {
-            if *event.r#type() == HistoryEventType::TaskStateEntered
-                && let Some(details) = event.state_entered_event_details()
-            {
-                steps.push(details.name().to_owned());
-            }
-        }
-        token = page.next_token().map(str::to_owned);
+        events.extend(page.events);
+        token = page.next_token;
         if token.is_none() {
-            return Ok(steps);
+            return Ok(events);
         }
     }
+}
+
+/// The task states the saga entered, in order (steps and compensations).
+pub fn saga_steps(history: &[aws_sdk_sfn::types::HistoryEvent]) -> Vec<String> {
+    history
+        .iter()
+        .filter(|e| *e.r#type() == HistoryEventType::TaskStateEntered)
+        .filter_map(|e| e.state_entered_event_details().map(|d| d.name().to_owned()))
+        .collect()
+}
+
+/// The state transitions Step Functions bills a Standard execution for: one per state entered.
+pub fn transitions(history: &[aws_sdk_sfn::types::HistoryEvent]) -> u64 {
+    history.iter().filter(|e| e.r#type().as_str().ends_with("StateEntered")).count() as u64
 }
 
 /// The value at quantile `q` (0..=1) of `values`, nearest-rank.

@@ -24,8 +24,9 @@
 //! `DestinationConfig.OnFailure` when that is an SQS queue. Delivery is in order and at least
 //! once per shard.
 //!
-//! Differences from AWS, by design: positions live in memory, so a new runner starts again from
-//! `StartingPosition` (with TRIM_HORIZON that replays the stream's 24 hours);
+//! Differences from AWS, by design: positions live in memory unless the runner is given a file
+//! ([`Runner::with_checkpoints`], as `local-env run` does); without one, a new runner starts
+//! again from `StartingPosition` (with TRIM_HORIZON that replays the stream's 24 hours);
 //! `BisectBatchOnFunctionError`, `ParallelizationFactor`, `MaximumRecordAgeInSeconds`,
 //! destinations other than SQS and tumbling windows are not modelled; FIFO queues get no
 //! ordering beyond what SQS itself gives.
@@ -78,6 +79,57 @@ impl RunnerClients {
     /// (or `AWS_ENDPOINT_URL`) apply as the SDK reads them.
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         Self { sqs: aws_sdk_sqs::Client::new(config), streams: aws_sdk_dynamodbstreams::Client::new(config) }
+    }
+}
+
+/// Stream positions, per mapping and shard: the last sequence number whose records are all
+/// handled. An event source mapping keeps its position for as long as it exists, so with a file
+/// ([`Runner::with_checkpoints`]) a new runner resumes where the last one stopped instead of
+/// replaying the stream from `StartingPosition`. Keyed by stream ARN too: a recreated table
+/// (new stream) starts afresh.
+#[derive(Debug, Default)]
+struct Checkpoints {
+    file: Option<std::path::PathBuf>,
+    positions: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+impl Checkpoints {
+    fn load(file: std::path::PathBuf) -> Self {
+        let positions =
+            std::fs::read_to_string(&file).ok().and_then(|text| serde_json::from_str(&text).ok()).unwrap_or_default();
+        Self { file: Some(file), positions: std::sync::Mutex::new(positions) }
+    }
+
+    fn key(mapping: &str, stream_arn: &str, shard: &str) -> String {
+        format!("{mapping} {stream_arn} {shard}")
+    }
+
+    fn get(&self, mapping: &str, stream_arn: &str, shard: &str) -> Option<String> {
+        self.positions.lock().ok()?.get(&Self::key(mapping, stream_arn, shard)).cloned()
+    }
+
+    /// Whether the mapping has read this stream before (so a shard it has not seen is new).
+    fn knows(&self, mapping: &str, stream_arn: &str) -> bool {
+        let prefix = format!("{mapping} {stream_arn} ");
+        self.positions.lock().is_ok_and(|p| p.keys().any(|k| k.starts_with(&prefix)))
+    }
+
+    fn set(&self, mapping: &str, stream_arn: &str, shard: &str, sequence: &str) {
+        if let Ok(mut positions) = self.positions.lock() {
+            positions.insert(Self::key(mapping, stream_arn, shard), sequence.to_owned());
+        }
+    }
+
+    fn save(&self) {
+        let Some(file) = &self.file else { return };
+        let Ok(positions) = self.positions.lock().map(|p| p.clone()) else { return };
+        let written = file
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(file, serde_json::to_vec_pretty(&positions).unwrap_or_default()));
+        if let Err(e) = written {
+            warn!(file = %file.display(), error = %e, "stream positions not saved: the next run replays from StartingPosition");
+        }
     }
 }
 
@@ -176,6 +228,7 @@ pub struct Runner {
     mappings: Vec<Mapping>,
     skipped: Vec<String>,
     clients: RunnerClients,
+    checkpoints: Arc<Checkpoints>,
 }
 
 impl Runner {
@@ -290,7 +343,13 @@ impl Runner {
                 mappings.push(mapping);
             }
         }
-        Ok(Self { mappings, skipped, clients })
+        Ok(Self { mappings, skipped, clients, checkpoints: Arc::new(Checkpoints::default()) })
+    }
+
+    /// Keeps stream positions in `file` across runs (read now, written when stopped).
+    pub fn with_checkpoints(mut self, file: impl Into<std::path::PathBuf>) -> Self {
+        self.checkpoints = Arc::new(Checkpoints::load(file.into()));
+        self
     }
 
     /// Human-readable, one per mapping.
@@ -313,12 +372,16 @@ impl Runner {
             let stop = Stop(stop_rx.clone());
             match mapping {
                 Mapping::Sqs(m) => tasks.spawn(run_sqs(m, self.clients.sqs.clone(), stop)),
-                Mapping::Stream(m) => {
-                    tasks.spawn(run_stream(m, self.clients.streams.clone(), self.clients.sqs.clone(), stop))
-                }
+                Mapping::Stream(m) => tasks.spawn(run_stream(
+                    m,
+                    self.clients.streams.clone(),
+                    self.clients.sqs.clone(),
+                    self.checkpoints.clone(),
+                    stop,
+                )),
             };
         }
-        RunnerHandle { stop: stop_tx, tasks }
+        RunnerHandle { stop: stop_tx, tasks, checkpoints: self.checkpoints }
     }
 }
 
@@ -326,6 +389,7 @@ impl Runner {
 pub struct RunnerHandle {
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    checkpoints: Arc<Checkpoints>,
 }
 
 impl RunnerHandle {
@@ -338,6 +402,7 @@ impl RunnerHandle {
                 error!(error = %e, "a runner task ended abnormally");
             }
         }
+        self.checkpoints.save();
     }
 }
 
@@ -727,13 +792,15 @@ async fn run_stream(
     m: Arc<StreamMapping>,
     client: aws_sdk_dynamodbstreams::Client,
     sqs: aws_sdk_sqs::Client,
+    checkpoints: Arc<Checkpoints>,
     mut stop: Stop,
 ) {
     let name = m.source.name();
+    // A mapping that read this stream before starts its new shards at their beginning.
+    let mut initial = !checkpoints.knows(&name, &m.stream_arn);
     // Shard id -> "read to the end", for the children to wait on.
     let mut known: HashMap<String, watch::Receiver<bool>> = HashMap::new();
     let mut shards = JoinSet::new();
-    let mut initial = true;
     let mut failures = 0;
     loop {
         match stop.run(list_shards(&client, &m.stream_arn)).await {
@@ -766,7 +833,9 @@ async fn run_stream(
                         let (done_tx, done_rx) = watch::channel(false);
                         known.insert(id.clone(), done_rx);
                         debug!(mapping = %name, shard = %id, position = position.as_str(), "reading a new shard");
-                        let reader = ShardReader::new(m.clone(), client.clone(), sqs.clone(), id, position);
+                        let mut reader = ShardReader::new(m.clone(), client.clone(), sqs.clone(), id, position);
+                        reader.last_sequence = checkpoints.get(&name, &m.stream_arn, &reader.shard_id);
+                        reader.checkpoints = checkpoints.clone();
                         shards.spawn(reader.run(parent, done_tx, stop.clone()));
                     }
                 }
@@ -837,6 +906,8 @@ struct ShardReader {
     pending: VecDeque<EventRecord>,
     /// Failed invocations of the batch at the head of `pending`.
     attempts: u32,
+    /// Where the position is recorded once records are handled.
+    checkpoints: Arc<Checkpoints>,
 }
 
 impl ShardReader {
@@ -861,7 +932,13 @@ impl ShardReader {
             caught_up: false,
             pending: VecDeque::new(),
             attempts: 0,
+            checkpoints: Arc::new(Checkpoints::default()),
         }
+    }
+
+    /// Records `sequence` as handled, with everything before it.
+    fn checkpoint(&self, sequence: &str) {
+        self.checkpoints.set(&self.name, &self.m.stream_arn, &self.shard_id, sequence);
     }
 
     async fn run(mut self, parent: Option<watch::Receiver<bool>>, done: watch::Sender<bool>, mut stop: Stop) {
@@ -894,6 +971,10 @@ impl ShardReader {
                     None => return false,
                     Some(Ok(())) => {
                         failures = 0;
+                        if let (true, Some(last)) = (self.pending.is_empty(), &self.last_sequence) {
+                            // Everything read was filtered out or handled.
+                            self.checkpoint(last);
+                        }
                         if self.caught_up && self.pending.is_empty() && !self.closed && stop.sleep(STREAM_POLL).await {
                             return false;
                         }
@@ -1041,6 +1122,9 @@ impl ShardReader {
             Ok(_) => size,
         };
         self.pending.drain(..done);
+        if done > 0 {
+            self.checkpoint(&sequences[done - 1]);
+        }
         if done == size {
             self.attempts = 0;
             return;
@@ -1058,6 +1142,9 @@ impl ShardReader {
                 "MaximumRetryAttempts ({max}) exhausted: these records are skipped"
             );
             self.send_failure_record(&skipped, &arrivals[done..]).await;
+            if let Some(last) = skipped.last() {
+                self.checkpoint(last);
+            }
             self.attempts = 0;
             return;
         }

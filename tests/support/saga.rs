@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use local_env::lambda::LambdaService;
-use local_env::observe::{Finished, saga_steps, wait_for_saga};
+use local_env::observe::{Finished, history, saga_steps, wait_for_saga};
 use local_env::runner::{Invoke, Runner, RunnerClients, RunnerHandle};
 use local_env::{Options, Stack, Template};
 use serde_json::Value;
@@ -104,7 +104,7 @@ impl SagaEnv {
     }
 
     pub async fn steps(&self, finished: &Finished) -> Vec<String> {
-        saga_steps(&self.sfn, &finished.execution_arn).await.expect("history")
+        saga_steps(&history(&self.sfn, &finished.execution_arn).await.expect("history"))
     }
 
     pub async fn events(&self, category: &str, id: &str) -> Vec<RecordedEvent> {

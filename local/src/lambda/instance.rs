@@ -135,7 +135,11 @@ impl Instance {
         let server = tokio::spawn(super::accept(listener, move |request| route(api.clone(), request)));
         let (kill, mut kill_rx) = mpsc::channel::<()>(1);
         let proxies = match &launch.kill_on_call {
-            Some(operation) => super::intercept::endpoints(&mut launch.env, operation, kill.clone()).await?,
+            Some(operation) => {
+                let tap = super::intercept::KillOnCall { operation: operation.clone(), kill: kill.clone() };
+                let env = launch.env.iter_mut().map(|(k, v)| (k.as_str(), v));
+                super::intercept::endpoints(env, Arc::new(tap)).await?
+            }
             None => Vec::new(),
         };
 

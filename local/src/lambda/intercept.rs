@@ -1,14 +1,17 @@
-//! A fault for crash tests: kill an instance at the moment it makes one AWS call (say
-//! `SendTaskSuccess`, after its writes and before it tells the saga), so the call never leaves.
+//! Proxies in front of AWS endpoints, which see every request and answer on its way: a [`Tap`]
+//! decides what happens. Operations are told apart by `X-Amz-Target`, as the JSON-protocol
+//! services send it (Step Functions, DynamoDB, EventBridge, SQS, CloudWatch Logs).
 //!
-//! Such an instance is started with each of its `AWS_ENDPOINT_URL*` pointed at a proxy of its own
-//! on loopback, which forwards every request to the real endpoint unchanged, except the named
-//! operation (matched on `X-Amz-Target`, as the JSON-protocol services send it: Step Functions,
-//! DynamoDB, EventBridge, SQS): that one kills the process instead. Other instances talk to the
-//! endpoints directly.
+//! - [`KillOnCall`], a fault for crash tests: kill an instance at the moment it makes one AWS
+//!   call (say `SendTaskSuccess`, after its writes and before it tells the saga), so the call
+//!   never leaves. Such an instance is started with each of its `AWS_ENDPOINT_URL*` pointed at
+//!   proxies of its own.
+//! - The run's cost meter ([`crate::meter`]), in front of every function and poller.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -21,17 +24,42 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-/// Puts a proxy in front of every endpoint of `env` (rewritten in place); the proxies kill the
-/// instance (through `kill`) on a request for `operation`. Their tasks end with the instance.
-pub async fn endpoints(
-    env: &mut [(String, String)],
-    operation: &str,
-    kill: mpsc::Sender<()>,
+/// What a proxy does with each request and answer.
+pub trait Tap: Send + Sync + 'static {
+    /// Sees (and may rewrite) a request for `operation` (the `X-Amz-Target`, empty for other
+    /// protocols) before it is forwarded; `false` stops it (answered 503).
+    fn request(&self, operation: &str, body: &mut Bytes) -> impl Future<Output = bool> + Send;
+    /// Sees the answer.
+    fn response(&self, _operation: &str, _status: StatusCode, _body: &Bytes) {}
+}
+
+/// Kills the instance (through the channel) on a request for `operation`.
+pub struct KillOnCall {
+    pub operation: String,
+    pub kill: mpsc::Sender<()>,
+}
+
+impl Tap for KillOnCall {
+    async fn request(&self, operation: &str, _body: &mut Bytes) -> bool {
+        if operation.rsplit('.').next() != Some(self.operation.as_str()) {
+            return true;
+        }
+        let _ = self.kill.send(()).await;
+        // The process is gone by now; nobody reads the answer.
+        false
+    }
+}
+
+/// Puts a proxy in front of every `AWS_ENDPOINT_URL*` among `env` (rewritten in place; one proxy
+/// per distinct URL). The proxies' tasks run until aborted.
+pub async fn endpoints<'a, T: Tap>(
+    env: impl Iterator<Item = (&'a str, &'a mut String)>,
+    tap: Arc<T>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut proxies: HashMap<String, String> = HashMap::new();
     let mut tasks = Vec::new();
-    for (key, value) in env.iter_mut().filter(|(k, _)| k.starts_with("AWS_ENDPOINT_URL")) {
+    for (key, value) in env.filter(|(k, _)| k.starts_with("AWS_ENDPOINT_URL")) {
         if let Some(proxy) = proxies.get(value.as_str()) {
             *value = proxy.clone();
             continue;
@@ -42,9 +70,9 @@ pub async fn endpoints(
         };
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let proxy = format!("http://{}", listener.local_addr()?);
-        let (client, kill, operation) = (client.clone(), kill.clone(), operation.to_owned());
+        let (client, tap) = (client.clone(), tap.clone());
         tasks.push(tokio::spawn(super::accept(listener, move |request| {
-            pass(client.clone(), target.clone(), kill.clone(), operation.clone(), request)
+            pass(client.clone(), target.clone(), tap.clone(), request)
         })));
         proxies.insert(value.clone(), proxy.clone());
         *value = proxy;
@@ -52,16 +80,10 @@ pub async fn endpoints(
     Ok(tasks)
 }
 
-fn is_operation(request: &Request<Incoming>, operation: &str) -> bool {
-    let target = request.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    target.rsplit('.').next() == Some(operation)
-}
-
-async fn pass(
+async fn pass<T: Tap>(
     client: Client<HttpConnector, Full<Bytes>>,
     target: Uri,
-    kill: mpsc::Sender<()>,
-    operation: String,
+    tap: Arc<T>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let failed = |status: StatusCode| {
@@ -69,13 +91,17 @@ async fn pass(
         *response.status_mut() = status;
         Ok(response)
     };
-    if is_operation(&request, &operation) {
-        let _ = kill.send(()).await;
-        // The process is gone by now; nobody reads this.
+    let (mut parts, body) = request.into_parts();
+    let Ok(mut body) = body.collect().await.map(|b| b.to_bytes()) else { return failed(StatusCode::BAD_REQUEST) };
+    let operation = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let length = body.len();
+    if !tap.request(&operation, &mut body).await {
         return failed(StatusCode::SERVICE_UNAVAILABLE);
     }
-    let (mut parts, body) = request.into_parts();
-    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else { return failed(StatusCode::BAD_REQUEST) };
+    if body.len() != length {
+        // Rewritten: the client sets the new length.
+        parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let Ok(uri) =
         format!("{}://{}{path}", target.scheme_str().unwrap_or("http"), target.authority().map_or("", |a| a.as_str()))
@@ -91,7 +117,11 @@ async fn pass(
         Ok(response) => {
             let (parts, body) = response.into_parts();
             match body.collect().await {
-                Ok(body) => Ok(Response::from_parts(parts, Full::new(body.to_bytes()))),
+                Ok(body) => {
+                    let body = body.to_bytes();
+                    tap.response(&operation, parts.status, &body);
+                    Ok(Response::from_parts(parts, Full::new(body)))
+                }
                 Err(_) => failed(StatusCode::BAD_GATEWAY),
             }
         }

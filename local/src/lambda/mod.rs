@@ -290,6 +290,9 @@ pub struct FunctionStats {
     pub init_ms: Vec<f64>,
     pub duration_ms: Vec<f64>,
     pub max_memory_used_mb: u64,
+    /// Billed duration, summed over the invocations.
+    pub billed_ms: u64,
+    pub memory_size_mb: u64,
 }
 
 struct Function {
@@ -504,6 +507,8 @@ impl Function {
                 stats.init_ms.push(init);
             }
             stats.duration_ms.push(report.duration_ms);
+            stats.billed_ms += report.billed_ms;
+            stats.memory_size_mb = report.memory_size_mb;
             stats.max_memory_used_mb = stats.max_memory_used_mb.max(report.max_memory_used_mb);
         }
     }
