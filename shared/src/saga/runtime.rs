@@ -267,7 +267,7 @@ impl<X> StepLambda<X> {
 
     /// In Lambda: clients from the default AWS configuration, variables from the process.
     pub async fn from_env(services: X) -> Result<Self, crate::config::ConfigError> {
-        let sdk = crate::aws::sdk_config().await;
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         Self::new(
             aws_sdk_dynamodb::Client::new(&sdk),
             aws_sdk_sfn::Client::new(&sdk),
