@@ -100,29 +100,31 @@ impl Meter {
 impl Tap for Meter {
     async fn request(&self, operation: &str, body: &mut Bytes) -> bool {
         let (service, name) = split(operation);
-        let mut json: Option<Value> = None;
-        let mut parsed = || json.get_or_insert_with(|| serde_json::from_slice(body).unwrap_or(Value::Null)).clone();
+        let capacity = service.starts_with("DynamoDB_") && CAPACITY_OPERATIONS.contains(&name);
+        let logs = service.starts_with("Logs_") && name == "PutLogEvents";
+        // Parsed once, and only for the operations whose body is read.
+        let wants_json =
+            capacity || logs || matches!((service, name), ("AWSEvents", "PutEvents") | ("AmazonSQS", "SendMessage"));
+        let mut json = if wants_json { serde_json::from_slice(body).unwrap_or(Value::Null) } else { Value::Null };
         let units = match (service, name) {
-            ("AWSEvents", "PutEvents") => parsed()["Entries"]
+            ("AWSEvents", "PutEvents") => json["Entries"]
                 .as_array()
                 .map_or(1, |entries| entries.iter().map(|e| chunks(e.to_string().len())).sum()),
-            ("AmazonSQS", "SendMessage") => chunks(parsed()["MessageBody"].as_str().map_or(0, str::len)),
+            ("AmazonSQS", "SendMessage") => chunks(json["MessageBody"].as_str().map_or(0, str::len)),
             ("AmazonSQS", _) => chunks(body.len()),
             _ => 1,
         };
-        let log_bytes = match (service, name) {
-            (s, "PutLogEvents") if s.starts_with("Logs_") => parsed()["logEvents"].as_array().map_or(0, |events| {
+        let log_bytes = if logs {
+            json["logEvents"].as_array().map_or(0, |events| {
                 events.iter().map(|e| e["message"].as_str().map_or(0, str::len) as u64 + LOG_EVENT_OVERHEAD).sum()
-            }),
-            _ => 0,
+            })
+        } else {
+            0
         };
-        if service.starts_with("DynamoDB_") && CAPACITY_OPERATIONS.contains(&name) {
-            let mut request = parsed();
-            if let Some(fields) = request.as_object_mut().filter(|f| !f.contains_key("ReturnConsumedCapacity")) {
-                fields.insert("ReturnConsumedCapacity".into(), "TOTAL".into());
-                if let Ok(rewritten) = serde_json::to_vec(&request) {
-                    *body = Bytes::from(rewritten);
-                }
+        if capacity && let Some(fields) = json.as_object_mut().filter(|f| !f.contains_key("ReturnConsumedCapacity")) {
+            fields.insert("ReturnConsumedCapacity".into(), "TOTAL".into());
+            if let Ok(rewritten) = serde_json::to_vec(&json) {
+                *body = Bytes::from(rewritten);
             }
         }
         self.add(operation, |u| {

@@ -41,10 +41,6 @@ impl Deadline {
         self.at.map(|at| at.saturating_duration_since(Instant::now()))
     }
 
-    pub fn passed(&self) -> bool {
-        self.remaining().is_some_and(|left| left.is_zero())
-    }
-
     /// Whether waiting `pause` still leaves time before the deadline.
     pub fn allows(&self, pause: Duration) -> bool {
         self.remaining().is_none_or(|left| left > pause)
@@ -71,7 +67,7 @@ mod tests {
         assert!(!deadline.allows(Duration::from_millis(150)));
         let slow = deadline.run(tokio::time::sleep(Duration::from_secs(5))).await;
         assert_eq!(slow, None);
-        assert!(deadline.passed());
+        assert_eq!(deadline.remaining(), Some(Duration::ZERO));
     }
 
     #[test]
