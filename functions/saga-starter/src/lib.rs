@@ -158,6 +158,7 @@ mod tests {
     use std::time::Duration;
 
     use serde_json::Value;
+    use shared::saga::runtime::KeptDeadLetters;
 
     use super::*;
 
@@ -190,16 +191,6 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Parked(Mutex<Vec<String>>);
-
-    impl DeadLetters for Parked {
-        async fn dead_letter(&self, _body: &str, reason: &str, _source: &Source<'_>) -> Result<(), String> {
-            self.0.lock().expect("lock").push(reason.to_owned());
-            Ok(())
-        }
-    }
-
     /// The sample's `OrderPlaced` record for orders `o1..=on`, sequence numbers `1..=n`.
     fn batch(n: usize) -> Event {
         let sample: Value = serde_json::from_str(include_str!("../../../events/saga-starter/order-placed.json"))
@@ -226,7 +217,7 @@ mod tests {
         // Given Step Functions taking 500 ms per start
         let starter = Starter {
             executions: Recording { latency: Duration::from_millis(500), ..Recording::default() },
-            dead_letters: Parked::default(),
+            dead_letters: KeptDeadLetters::default(),
         };
 
         // When a batch of 25 orders (the first one twice) arrives
@@ -246,8 +237,10 @@ mod tests {
     async fn the_first_failure_in_stream_order_is_reported() {
         // Given Step Functions refusing orders 4 and 7
         let failing = ["o7", "o4"].map(str::to_owned).into();
-        let starter =
-            Starter { executions: Recording { failing, ..Recording::default() }, dead_letters: Parked::default() };
+        let starter = Starter {
+            executions: Recording { failing, ..Recording::default() },
+            dead_letters: KeptDeadLetters::default(),
+        };
 
         // When a batch of 10 orders arrives
         let response = handle(&starter, batch(10), Deadline::never()).await;
@@ -263,7 +256,7 @@ mod tests {
         // Given starts that take 2 s, and 3 s left
         let starter = Starter {
             executions: Recording { latency: Duration::from_secs(2), ..Recording::default() },
-            dead_letters: Parked::default(),
+            dead_letters: KeptDeadLetters::default(),
         };
 
         // When a batch of 25 orders arrives
@@ -281,14 +274,14 @@ mod tests {
         let mut bad = serde_json::to_value(&event.records[1]).expect("record");
         bad["dynamodb"]["NewImage"]["payload"] = json!({ "M": { "orderId": { "N": "12" } } });
         event.records[1] = serde_json::from_value(bad).expect("record");
-        let starter = Starter { executions: Recording::default(), dead_letters: Parked::default() };
+        let starter = Starter { executions: Recording::default(), dead_letters: KeptDeadLetters::default() };
 
         // When it is handled
         let response = handle(&starter, event, Deadline::never()).await;
 
         // Then it is dead-lettered with the reason and the two good orders start
         assert!(response.batch_item_failures.is_empty());
-        assert_eq!(starter.dead_letters.0.lock().expect("lock").len(), 1);
+        assert_eq!(starter.dead_letters.reasons().len(), 1);
         assert_eq!(starter.executions.started.lock().expect("lock").len(), 2);
     }
 }

@@ -96,6 +96,24 @@ pub struct Source<'a> {
     pub id: Option<&'a str>,
 }
 
+/// Dead letters kept in memory with their reasons, in arrival order: for unit tests of the
+/// handlers that park unreadable input.
+#[derive(Debug, Default)]
+pub struct KeptDeadLetters(std::sync::Mutex<Vec<String>>);
+
+impl KeptDeadLetters {
+    pub fn reasons(&self) -> Vec<String> {
+        self.0.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl DeadLetters for KeptDeadLetters {
+    async fn dead_letter(&self, _body: &str, reason: &str, _source: &Source<'_>) -> Result<(), String> {
+        self.0.lock().map_err(|e| e.to_string())?.push(reason.to_owned());
+        Ok(())
+    }
+}
+
 /// A function's DLQ (`DEAD_LETTER_QUEUE_URL`): for a step, the same queue its redrive policy
 /// uses, so everything that needs a look is in one place.
 #[derive(Clone)]
@@ -313,16 +331,6 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Parked(Mutex<Vec<String>>);
-
-    impl DeadLetters for Parked {
-        async fn dead_letter(&self, _body: &str, reason: &str, _source: &Source<'_>) -> Result<(), String> {
-            self.0.lock().expect("lock").push(reason.to_owned());
-            Ok(())
-        }
-    }
-
     /// The reserve-inventory sample's message, `n` times with task tokens `t1..=tn`, plus one
     /// unreadable message `bad`.
     fn batch(n: usize) -> SqsEvent {
@@ -349,7 +357,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_is_worked_concurrently_with_a_result_per_message() {
         // Given a step that takes 1 s, and fails retryably for the command of token t3
-        let (answers, parked) = (Answers::default(), Parked::default());
+        let (answers, parked) = (Answers::default(), KeptDeadLetters::default());
         let (in_flight, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let step = |command: StepMessage| {
             let (in_flight, most) = (&in_flight, &most);
@@ -379,7 +387,7 @@ mod tests {
         answered.sort();
         assert_eq!(answered, ["t1", "t2", "t4", "t5", "t6", "t7", "t8", "t9"]);
         // and the unreadable message was parked with its reason
-        let parked = parked.0.lock().expect("lock").clone();
+        let parked = parked.reasons();
         assert!(parked.len() == 1 && parked[0].starts_with("malformed step command"), "{parked:?}");
     }
 }
