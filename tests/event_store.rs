@@ -10,7 +10,8 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::json;
 use shared::aggregate::{CommandContext, Executed, Repository};
 use shared::eventstore::{
-    AppendError, AppendOutcome, EventMetadata, EventStore, MAX_ITEM_BYTES, NewEvent, Snapshot, StreamId,
+    AppendError, AppendOutcome, EventMetadata, EventStore, MAX_ITEM_BYTES, NewEvent, PayloadEncoding, Snapshot,
+    StreamId,
 };
 use shared::retry::RetryPolicy;
 use system_tests::tally::{Record, Tally, TallyEvent};
@@ -388,4 +389,82 @@ async fn appends_beyond_dynamodb_limits_get_typed_errors_and_write_nothing() {
     // While an item just under the limit is accepted by DynamoDB itself
     let near = NewEvent::new("EntryRecorded", 2, json!({ "writer": "n", "seq": 1, "note": "z".repeat(390_000) }));
     store.append(&stream, 99, vec![near], None).await.expect("a 390 KB event fits");
+}
+
+#[tokio::test]
+async fn a_conflict_reported_for_a_catch_up_names_a_lower_bound_without_another_request() {
+    let aws = LocalAws::load().await;
+    let store = aws.event_store();
+    let stream = tally_stream(&unique("conflict-bound-"));
+    store.append(&stream, 0, vec![entry("a", 1), entry("a", 2)], None).await.expect("seed");
+
+    // A writer behind the head learns the version it collided with: the head is at least that
+    for (expected, at_least) in [(0, 1), (1, 2)] {
+        let err = store.append_or_conflict(&stream, expected, vec![entry("b", 1)], None).await.expect_err("conflict");
+        assert!(
+            matches!(err, AppendError::Conflict { expected: e, actual, .. } if e == expected && actual == at_least),
+            "expected {expected}: {err}"
+        );
+    }
+    // A writer ahead of the head (the guard fails) gets the exact head, as from `append`
+    let err = store.append_or_conflict(&stream, 5, vec![entry("b", 1)], None).await.expect_err("conflict");
+    assert!(matches!(err, AppendError::Conflict { expected: 5, actual: 2, .. }), "{err}");
+    // And every other outcome is append's
+    let ok = store.append_or_conflict(&stream, 2, vec![entry("b", 3)], None).await.expect("appends at the head");
+    assert_eq!(ok.committed().first_version, 3);
+    assert_eq!(store.head_version(&stream).await.unwrap(), 3, "no gap");
+}
+
+#[tokio::test]
+async fn payloads_and_snapshots_load_alike_from_either_encoding() {
+    // Given one stream written half as JSON text (the default), half as DynamoDB maps
+    let aws = LocalAws::load().await;
+    let json_store = aws.event_store();
+    assert_eq!(json_store.payload_encoding(), PayloadEncoding::Json);
+    let map_store = aws.event_store().with_payload_encoding(PayloadEncoding::Map);
+    let id = unique("encodings-");
+    let stream = tally_stream(&id);
+    let odd = json!({ "writer": "j", "seq": 1, "note": "\"quoted\" é", "big": 12345678901234567890u64, "list": [] });
+    json_store.append(&stream, 0, vec![NewEvent::new("EntryRecorded", 2, odd.clone())], None).await.expect("json");
+    map_store.append(&stream, 1, vec![entry("m", 2)], None).await.expect("map");
+
+    // Then the items carry the payload as a string or a map
+    let item = |version: u64| {
+        let request = aws.dynamodb().get_item().table_name(aws.var("EVENTS_TABLE")).consistent_read(true);
+        let request = request.key("streamId", AttributeValue::S(stream.to_string()));
+        request.key("version", AttributeValue::N(version.to_string())).send()
+    };
+    let first = item(1).await.expect("get").item.expect("item 1");
+    let second = item(2).await.expect("get").item.expect("item 2");
+    assert!(first.get("payloadJson").is_some_and(AttributeValue::is_s) && !first.contains_key("payload"));
+    assert!(second.get("payload").is_some_and(AttributeValue::is_m) && !second.contains_key("payloadJson"));
+
+    // And both stores load both, the JSON exactly; a stream record's NewImage decodes alike
+    for store in [&json_store, &map_store] {
+        let events = store.load(&stream, 0).await.expect("load");
+        assert_eq!(events[0].payload, odd);
+        assert_eq!(events[1].payload, json!({ "writer": "m", "seq": 2, "note": "" }));
+    }
+    let loaded = json_store.load(&stream, 0).await.expect("load");
+    for (image, expected) in [(first, &loaded[0]), (second, &loaded[1])] {
+        let decoded: shared::eventstore::RecordedEvent = serde_dynamo::from_item(image).expect("NewImage decodes");
+        assert_eq!(&decoded, expected);
+    }
+    // And its JSON form (what the outbox publishes) has the payload as a value
+    assert_eq!(serde_json::to_value(&loaded[0]).expect("json")["payload"], odd);
+
+    // And a snapshot saved in either encoding loads back the same
+    for (store, version) in [(&map_store, 1), (&json_store, 2)] {
+        let state = json!({ "entries": [["m", version]], "notes_bytes": 0 });
+        let snapshot = Snapshot {
+            stream_id: stream.to_string(),
+            version,
+            schema_version: 1,
+            state: state.clone(),
+            taken_at: "2026-01-01T00:00:00.000000Z".into(),
+        };
+        store.save_snapshot(snapshot.clone()).await.expect("save");
+        assert_eq!(json_store.load_snapshot(&stream).await.unwrap(), Some(snapshot.clone()));
+        assert_eq!(map_store.load_snapshot(&stream).await.unwrap(), Some(snapshot));
+    }
 }

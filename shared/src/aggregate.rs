@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::eventstore::{
     AppendError, AppendOutcome, Committed, EventMetadata, EventStore, InvalidStreamId, NewEvent, RecordedEvent,
@@ -63,6 +63,17 @@ pub fn encode_event<E: DomainEvent>(event: &E) -> Result<NewEvent, CodecError> {
 
 /// Decodes a stored envelope into the current event type, upcasting older schema versions.
 pub fn decode_event<E: DomainEvent>(recorded: &RecordedEvent) -> Result<E, CodecError> {
+    decode_payload(recorded, recorded.payload.clone())
+}
+
+/// As [`decode_event`], consuming the envelope: the payload is moved, not copied (what a replay
+/// of many events uses).
+pub fn decode_event_owned<E: DomainEvent>(mut recorded: RecordedEvent) -> Result<E, CodecError> {
+    let payload = std::mem::take(&mut recorded.payload);
+    decode_payload(&recorded, payload)
+}
+
+fn decode_payload<E: DomainEvent>(recorded: &RecordedEvent, mut payload: Value) -> Result<E, CodecError> {
     let current = E::current_schema_version(&recorded.event_type);
     if recorded.schema_version > current {
         return Err(CodecError::FromTheFuture {
@@ -73,7 +84,6 @@ pub fn decode_event<E: DomainEvent>(recorded: &RecordedEvent) -> Result<E, Codec
             current,
         });
     }
-    let mut payload = recorded.payload.clone();
     for from_version in recorded.schema_version..current {
         payload = E::upcast(&recorded.event_type, from_version, payload).map_err(|message| CodecError::Upcast {
             stream: recorded.stream_id.clone(),
@@ -83,7 +93,10 @@ pub fn decode_event<E: DomainEvent>(recorded: &RecordedEvent) -> Result<E, Codec
             message,
         })?;
     }
-    serde_json::from_value(json!({ "type": recorded.event_type, "data": payload })).map_err(|e| CodecError::Decode {
+    let mut tagged = serde_json::Map::with_capacity(2);
+    tagged.insert("type".to_owned(), Value::String(recorded.event_type.clone()));
+    tagged.insert("data".to_owned(), payload);
+    serde_json::from_value(Value::Object(tagged)).map_err(|e| CodecError::Decode {
         stream: recorded.stream_id.clone(),
         version: recorded.version,
         event_type: recorded.event_type.clone(),
@@ -242,13 +255,10 @@ impl<S: EventStore> Repository<S> {
         from_version: u64,
         snapshot_version: Option<u64>,
     ) -> Result<Loaded<A>, LoadError> {
-        let events = self.store.load(stream, from_version).await?;
-        let mut version = from_version;
-        for recorded in &events {
-            state.apply(&decode_event::<A::Event>(recorded)?);
-            version = recorded.version;
-        }
-        Ok(Loaded { state, version, snapshot_version, events_replayed: events.len() })
+        let events = self.store.load_for_fold(stream, from_version).await?;
+        let events_replayed = events.len();
+        let version = apply_all(&mut state, from_version, events)?;
+        Ok(Loaded { state, version, snapshot_version, events_replayed })
     }
 
     /// Executes a command: load, decide, append at the loaded version; on a conflict, back off
@@ -289,22 +299,25 @@ impl<S: EventStore> Repository<S> {
         }
         let metadata =
             EventMetadata { correlation_id: ctx.correlation_id.clone(), causation_id: ctx.causation_id.clone() };
+        // The first attempt loads (snapshot, then the events after it). A conflict means only
+        // that newer events exist: after the backoff, the state already held catches up on the
+        // events after its version (one Query) instead of loading again from the snapshot, and
+        // the store is asked for no head it would have to look up.
+        let Loaded { mut state, mut version, .. } = self.load::<A>(id).await?;
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let loaded = self.load::<A>(id).await?;
-            let events = loaded.state.decide(command).map_err(ExecuteError::Rejected)?;
+            let events = state.decide(command).map_err(ExecuteError::Rejected)?;
             if events.is_empty() {
-                return Ok((Executed::Unchanged { version: loaded.version }, loaded.state));
+                return Ok((Executed::Unchanged { version }, state));
             }
             let new_events = events
                 .iter()
                 .map(|e| encode_event(e).map(|n| n.with_metadata(metadata.clone())))
                 .collect::<Result<Vec<_>, _>>()?;
-            match self.store.append(&stream, loaded.version, new_events, key).await {
+            match self.store.append_or_conflict(&stream, version, new_events, key).await {
                 Ok(AppendOutcome::Appended(committed)) => {
-                    let from_version = loaded.version;
-                    let mut state = loaded.state;
+                    let from_version = version;
                     for event in &events {
                         state.apply(event);
                     }
@@ -320,8 +333,10 @@ impl<S: EventStore> Repository<S> {
                         return Err(ExecuteError::ConflictRetriesExhausted { attempts });
                     }
                     let delay = self.retry.delay(attempts - 1);
-                    tracing::debug!(stream = %stream, expected, actual, attempts, ?delay, "version conflict; retrying");
+                    tracing::debug!(stream = %stream, expected, at_least = actual, attempts, ?delay, "version conflict; retrying");
                     tokio::time::sleep(delay).await;
+                    let newer = self.store.load_for_fold(&stream, version).await.map_err(LoadError::from)?;
+                    version = apply_all(&mut state, version, newer)?;
                 }
                 Err(e) => return Err(ExecuteError::Append(e)),
             }
@@ -352,6 +367,15 @@ impl<S: EventStore> Repository<S> {
             tracing::warn!(stream = %stream, error = %e, "snapshot not saved");
         }
     }
+}
+
+/// Folds `events` (the ones after `version`, in order) into `state`; returns the new version.
+fn apply_all<A: Aggregate>(state: &mut A, mut version: u64, events: Vec<RecordedEvent>) -> Result<u64, CodecError> {
+    for recorded in events {
+        version = recorded.version;
+        state.apply(&decode_event_owned::<A::Event>(recorded)?);
+    }
+    Ok(version)
 }
 
 /// A snapshot's state, or `None` (replay from the start) when it is of another schema or no

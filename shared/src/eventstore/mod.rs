@@ -15,7 +15,7 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use dynamo::{DynamoEventStore, EventStoreConfig};
+pub use dynamo::{DynamoEventStore, EventStoreConfig, PayloadEncoding};
 pub use memory::InMemoryEventStore;
 
 /// DynamoDB allows 100 actions in one `TransactWriteItems`.
@@ -124,9 +124,11 @@ impl NewEvent {
 }
 
 /// An event as stored: the envelope every consumer (projections, the outbox relay) reads.
-/// Attribute names are the DynamoDB item's, so a stream record's `NewImage` deserializes into it.
+/// Attribute names are the DynamoDB item's, so a stream record's `NewImage` deserializes into it;
+/// a payload stored as JSON text (`payloadJson`, see [`PayloadEncoding`]) is parsed on the way.
+/// It serializes with `payload` as a JSON value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", try_from = "StoredEnvelope")]
 pub struct RecordedEvent {
     pub stream_id: String,
     pub version: u64,
@@ -141,6 +143,51 @@ pub struct RecordedEvent {
     pub idempotency_key: Option<String>,
     /// RFC 3339, UTC.
     pub recorded_at: String,
+}
+
+/// [`RecordedEvent`] as found in an item, a stream record or a message: the payload is either
+/// a value (`payload`) or JSON text (`payloadJson`).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredEnvelope {
+    stream_id: String,
+    version: u64,
+    event_id: String,
+    event_type: String,
+    schema_version: u32,
+    #[serde(default)]
+    payload: Option<Value>,
+    #[serde(default)]
+    payload_json: Option<String>,
+    correlation_id: String,
+    #[serde(default)]
+    causation_id: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    recorded_at: String,
+}
+
+impl TryFrom<StoredEnvelope> for RecordedEvent {
+    type Error = String;
+
+    fn try_from(e: StoredEnvelope) -> Result<Self, String> {
+        let payload = match (e.payload_json, e.payload) {
+            (Some(text), _) => serde_json::from_str(&text).map_err(|err| format!("payloadJson: {err}"))?,
+            (None, payload) => payload.unwrap_or(Value::Null),
+        };
+        Ok(Self {
+            stream_id: e.stream_id,
+            version: e.version,
+            event_id: e.event_id,
+            event_type: e.event_type,
+            schema_version: e.schema_version,
+            payload,
+            correlation_id: e.correlation_id,
+            causation_id: e.causation_id,
+            idempotency_key: e.idempotency_key,
+            recorded_at: e.recorded_at,
+        })
+    }
 }
 
 /// What an append committed. A retried command with the same idempotency key gets this back
@@ -246,12 +293,39 @@ pub trait EventStore: Send + Sync {
         idempotency_key: Option<&str>,
     ) -> impl Future<Output = Result<AppendOutcome, AppendError>> + Send;
 
+    /// As [`Self::append`], except that a version conflict is reported without looking up the
+    /// stream's head: for a caller that catches up by reading the events after
+    /// `expected_version` anyway (the aggregate repository), that lookup would be a request
+    /// whose answer is thrown away. `Conflict::actual` is then a lower bound of the head (the
+    /// version a concurrent writer was seen to hold), exact only where the store knows it
+    /// without asking. Every other outcome is `append`'s.
+    fn append_or_conflict(
+        &self,
+        stream: &StreamId,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        idempotency_key: Option<&str>,
+    ) -> impl Future<Output = Result<AppendOutcome, AppendError>> + Send {
+        self.append(stream, expected_version, events, idempotency_key)
+    }
+
     /// Events with version > `after_version`, in order, strongly consistent, all pages.
     fn load(
         &self,
         stream: &StreamId,
         after_version: u64,
     ) -> impl Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send;
+
+    /// As [`Self::load`], for a fold into state (the aggregate repository): only `version`,
+    /// `event_type`, `schema_version`, `payload` and `stream_id` are guaranteed; a store may
+    /// leave the other fields empty and read less.
+    fn load_for_fold(
+        &self,
+        stream: &StreamId,
+        after_version: u64,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send {
+        self.load(stream, after_version)
+    }
 
     /// At most `limit` events with version > `after_version`, in order, strongly consistent: one
     /// page of the stream (a feed that catches up asks again after the last version it got).
