@@ -8,10 +8,12 @@
 //! - [`readmodel`]: read models (CQRS query side) and their projection onto DynamoDB.
 //! - [`retry`]: bounded exponential backoff with full jitter.
 //! - [`config`]: configuration from the environment.
+//! - [`aws`]: the AWS SDK configuration, cheap at cold start (compiled-in TLS roots, lazy TLS).
 //! - [`deadline`]: the invocation's deadline, for handlers working through a batch.
 //! - [`text`]: percent-decoding for HTTP paths and query strings.
 
 pub mod aggregate;
+pub mod aws;
 pub mod config;
 pub mod deadline;
 pub mod domain;

@@ -8,7 +8,7 @@ use shared::retry::RetryPolicy;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::aws::sdk_config().await;
     let bus = EventBridgeBus::new(aws_sdk_eventbridge::Client::new(&sdk), &process_env)?;
     let relay = Relay { bus, retry: RetryPolicy::default() };
     let relay = &relay;

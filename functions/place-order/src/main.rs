@@ -6,7 +6,7 @@ use shared::eventstore::{DynamoEventStore, EventStoreConfig};
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::aws::sdk_config().await;
     let repo =
         Repository::new(DynamoEventStore::new(aws_sdk_dynamodb::Client::new(&sdk), EventStoreConfig::from_env()?));
     run(service_fn(|event: LambdaEvent<Value>| async {

@@ -5,7 +5,7 @@ use serde_json::Value;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::aws::sdk_config().await;
     let api = QueryApi::new(aws_sdk_dynamodb::Client::new(&sdk), Config::from_env()?);
     run(service_fn(|event: LambdaEvent<Value>| async { Ok::<_, Error>(api.handle(event.payload).await) })).await
 }

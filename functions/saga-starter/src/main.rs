@@ -6,7 +6,7 @@ use shared::deadline::Deadline;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let sdk = shared::aws::sdk_config().await;
     let starter =
         saga_starter::Starter::new(aws_sdk_sfn::Client::new(&sdk), aws_sdk_sqs::Client::new(&sdk), &process_env)?;
     let starter = &starter;

@@ -42,7 +42,7 @@ impl ProjectionLambda {
     }
 
     pub async fn from_env() -> Result<Self, ConfigError> {
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let sdk = crate::aws::sdk_config().await;
         Self::new(aws_sdk_dynamodb::Client::new(&sdk), aws_sdk_sqs::Client::new(&sdk), &process_env)
     }
 

@@ -285,7 +285,7 @@ impl<X> StepLambda<X> {
 
     /// In Lambda: clients from the default AWS configuration, variables from the process.
     pub async fn from_env(services: X) -> Result<Self, crate::config::ConfigError> {
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let sdk = crate::aws::sdk_config().await;
         Self::new(
             aws_sdk_dynamodb::Client::new(&sdk),
             aws_sdk_sfn::Client::new(&sdk),
