@@ -74,9 +74,10 @@ impl EventStoreConfig {
 /// may hold items of either.
 ///
 /// JSON text is the default, chosen by measurement (the event store benchmark's second table,
-/// DynamoDB Local): a 1,000-event replay about 25% faster and a snapshot load about 45% faster
-/// than with maps, appends a little faster, for items about 4% larger (quotes and braces
-/// against DynamoDB's per-element overhead). Decoding a map costs a nested attribute-value tree
+/// DynamoDB Local, medians of 3 rounds in two runs): a 1,000-event replay 26-29% faster and a
+/// snapshot load 10-44% faster than with maps; appends equal within the noise (0.90-1.08);
+/// items 4% larger (quotes and braces against DynamoDB's per-element overhead). Decoding a map
+/// costs a nested attribute-value tree
 /// built by the SDK and walked by serde; JSON text is one string handed to serde_json.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PayloadEncoding {
