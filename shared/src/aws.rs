@@ -2,9 +2,21 @@
 //!
 //! [`sdk_config`] resolves what `aws_config::load_defaults` resolves (region, credentials,
 //! endpoints, retry and timeout settings from the environment first, as Lambda provides them)
-//! with one difference: the HTTPS client. The SDK's default client loads the platform's root
-//! certificates (`/etc/ssl/certs`, one file each) and builds its TLS configuration when each
-//! SDK client is constructed, so that cost lands in the init phase, once per client. This one:
+//! with these differences:
+//!
+//! - No shared config or credentials file is read (`~/.aws/config`, `~/.aws/credentials`):
+//!   Lambda has none, and the look-up is file-system work in the init phase. Named with
+//!   `AWS_CONFIG_FILE` or `AWS_SHARED_CREDENTIALS_FILE`, they are read as usual.
+//! - Region and credentials given in the environment (as Lambda gives them: `AWS_REGION`,
+//!   `AWS_ACCESS_KEY_ID`…) are taken from there directly, the first link of the default chains,
+//!   without building the rest of them: the web-identity provider's STS client, the container
+//!   and IMDS clients (each an SDK client made at init, never called on Lambda). Without them,
+//!   the default chains, as before.
+//! - The HTTPS client, below.
+//!
+//! The SDK's default HTTPS client loads the platform's root certificates (`/etc/ssl/certs`, one
+//! file each) and builds its TLS configuration when each SDK client is constructed, so that cost
+//! lands in the init phase, once per client. This one:
 //!
 //! - trusts the Mozilla root programme's certificates compiled into the binary
 //!   (`webpki-root-certs`, which includes the Amazon Trust Services roots AWS endpoints chain
@@ -13,10 +25,12 @@
 //! - builds its TLS configuration at the first request, once for every client made from the
 //!   returned configuration (they share the client and its connector cache).
 
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 
-use aws_config::{BehaviorVersion, SdkConfig};
+use aws_config::environment::EnvironmentVariableCredentialsProvider;
+use aws_config::{BehaviorVersion, ConfigLoader, Region, SdkConfig};
+use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
 use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use aws_smithy_http_client::{Builder, ConnectorBuilder, proxy::ProxyConfig};
 use aws_smithy_runtime_api::box_error::BoxError;
@@ -26,10 +40,63 @@ use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_runtime_api::shared::IntoShared;
 use aws_smithy_types::config_bag::ConfigBag;
 
+use crate::config::Vars;
+
 /// Region, credentials, endpoints… from the environment (as `aws_config::load_defaults`), and
 /// the HTTPS client of [this module](self).
 pub async fn sdk_config() -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest()).http_client(https_client()).load().await
+    loader(&crate::config::process_env).load().await
+}
+
+/// The loader of [`sdk_config`], for the variables `vars`.
+fn loader(vars: Vars<'_>) -> ConfigLoader {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(https_client());
+    if vars("AWS_CONFIG_FILE").is_none() && vars("AWS_SHARED_CREDENTIALS_FILE").is_none() {
+        loader = loader.profile_files(EnvConfigFiles::builder().with_contents(EnvConfigFileKind::Config, "").build());
+    }
+    // The environment links of the default chains, in their order.
+    if let Some(region) = vars("AWS_REGION").or_else(|| vars("AWS_DEFAULT_REGION")) {
+        loader = loader.region(Region::new(region));
+    }
+    if vars("AWS_ACCESS_KEY_ID").is_some() && vars("AWS_SECRET_ACCESS_KEY").is_some() {
+        loader = loader.credentials_provider(EnvironmentVariableCredentialsProvider::new());
+    }
+    loader
+}
+
+/// An SDK client made at its first use, for a client only a rare path needs (a dead-letter
+/// queue's): constructing one is not free (each SDK crate parses its endpoint partition table
+/// and compiles its region patterns when its first client is made, then builds the client's
+/// runtime plugins), and that cost need not land in the init phase. Clones share the client.
+#[derive(Clone)]
+pub struct LazyClient<C>(Arc<LazyLock<C, Box<dyn FnOnce() -> C + Send>>>);
+
+impl<C: 'static> LazyClient<C> {
+    /// `make(sdk)` at the first use, e.g. `LazyClient::new(&sdk, aws_sdk_sqs::Client::new)`.
+    pub fn new(sdk: &SdkConfig, make: fn(&SdkConfig) -> C) -> Self {
+        let sdk = sdk.clone();
+        Self(Arc::new(LazyLock::new(Box::new(move || make(&sdk)))))
+    }
+
+    /// Whether the client has been made.
+    pub fn is_made(&self) -> bool {
+        LazyLock::get(&self.0).is_some()
+    }
+}
+
+/// A client already made.
+impl<C: Send + 'static> From<C> for LazyClient<C> {
+    fn from(client: C) -> Self {
+        Self(Arc::new(LazyLock::new(Box::new(move || client))))
+    }
+}
+
+impl<C> std::ops::Deref for LazyClient<C> {
+    type Target = C;
+
+    fn deref(&self) -> &C {
+        &self.0
+    }
 }
 
 /// An HTTPS client (rustls) that trusts the compiled-in roots and builds its TLS configuration
@@ -129,6 +196,33 @@ mod tests {
                 .any(|c| c.as_ref().windows(16).any(|w| w == b"Amazon Root CA 1")),
             "no Amazon Root CA 1 among the roots"
         );
+    }
+
+    #[tokio::test]
+    async fn region_and_credentials_are_taken_from_the_environment_given() {
+        let vars = |name: &str| match name {
+            "AWS_REGION" => Some("eu-west-3".to_owned()),
+            "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" => Some("test".to_owned()),
+            _ => None,
+        };
+        let sdk = loader(&vars).load().await;
+        assert_eq!(sdk.region().map(|r| r.as_ref()), Some("eu-west-3"));
+        assert!(sdk.credentials_provider().is_some());
+    }
+
+    #[test]
+    fn a_lazy_client_is_made_once_at_its_first_use() {
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        let sdk = SdkConfig::builder().build();
+        let client = LazyClient::new(&sdk, |_| MADE.fetch_add(1, Ordering::SeqCst) + 1);
+        let clone = client.clone();
+        assert!(!client.is_made());
+        assert_eq!(MADE.load(Ordering::SeqCst), 0, "made before its first use");
+        assert_eq!((*clone, *client), (1, 1));
+        assert!(client.is_made());
+        assert_eq!(MADE.load(Ordering::SeqCst), 1, "clones share one client");
+        // A client made elsewhere is used as it is.
+        assert_eq!(*LazyClient::from(7), 7);
     }
 
     #[test]

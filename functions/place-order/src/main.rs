@@ -1,3 +1,7 @@
+// The handler future (the store's append inside a retry loop) nests deeply: the aarch64 build
+// overflows the default limit computing its layout.
+#![recursion_limit = "256"]
+
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use serde_json::Value;
 use shared::aggregate::Repository;

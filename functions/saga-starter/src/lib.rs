@@ -15,6 +15,7 @@ use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventR
 use futures::stream::{self, StreamExt};
 use serde_json::json;
 use shared::aggregate::decode_event;
+use shared::aws::LazyClient;
 use shared::config::{ConfigError, Vars, required};
 use shared::deadline::Deadline;
 use shared::domain::order::OrderEvent;
@@ -67,10 +68,14 @@ pub struct Starter<E, D> {
 
 impl Starter<StepFunctions, SqsDeadLetters> {
     /// `STATE_MACHINE_ARN` and `DEAD_LETTER_QUEUE_URL`.
-    pub fn new(sfn: aws_sdk_sfn::Client, sqs: aws_sdk_sqs::Client, vars: Vars<'_>) -> Result<Self, ConfigError> {
+    pub fn new(
+        sfn: aws_sdk_sfn::Client,
+        sqs: impl Into<LazyClient<aws_sdk_sqs::Client>>,
+        vars: Vars<'_>,
+    ) -> Result<Self, ConfigError> {
         Ok(Self {
             executions: StepFunctions { client: sfn, state_machine_arn: required(vars, "STATE_MACHINE_ARN")? },
-            dead_letters: SqsDeadLetters { client: sqs, queue_url: required(vars, "DEAD_LETTER_QUEUE_URL")? },
+            dead_letters: SqsDeadLetters { client: sqs.into(), queue_url: required(vars, "DEAD_LETTER_QUEUE_URL")? },
         })
     }
 }

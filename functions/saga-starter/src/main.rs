@@ -1,5 +1,6 @@
 use aws_lambda_events::event::dynamodb::Event;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
+use shared::aws::LazyClient;
 use shared::config::process_env;
 use shared::deadline::Deadline;
 
@@ -7,8 +8,11 @@ use shared::deadline::Deadline;
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
     let sdk = shared::aws::sdk_config().await;
-    let starter =
-        saga_starter::Starter::new(aws_sdk_sfn::Client::new(&sdk), aws_sdk_sqs::Client::new(&sdk), &process_env)?;
+    let starter = saga_starter::Starter::new(
+        aws_sdk_sfn::Client::new(&sdk),
+        LazyClient::new(&sdk, aws_sdk_sqs::Client::new),
+        &process_env,
+    )?;
     let starter = &starter;
     run(service_fn(|event: LambdaEvent<Event>| async move {
         let deadline = Deadline::from_epoch_millis(event.context.deadline);

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use tracing::Instrument;
 
 use super::store::{Projected, ProjectionError, ReadModelStore};
+use crate::aws::LazyClient;
 use crate::config::{ConfigError, Vars, process_env, required};
 use crate::eventstore::{DynamoEventStore, EventStoreConfig, RecordedEvent};
 use crate::saga::runtime::{DeadLetters, Source, SqsDeadLetters};
@@ -31,19 +32,19 @@ impl ProjectionLambda {
     /// `EVENTS_TABLE` (and the other store tables), `READ_MODEL_TABLE`, `DEAD_LETTER_QUEUE_URL`.
     pub fn new(
         dynamodb: aws_sdk_dynamodb::Client,
-        sqs: aws_sdk_sqs::Client,
+        sqs: impl Into<crate::aws::LazyClient<aws_sdk_sqs::Client>>,
         vars: Vars<'_>,
     ) -> Result<Self, ConfigError> {
         Ok(Self {
             events: DynamoEventStore::new(dynamodb.clone(), EventStoreConfig::from_vars(vars)?),
             models: ReadModelStore::from_vars(dynamodb, vars)?,
-            dead_letters: SqsDeadLetters { client: sqs, queue_url: required(vars, "DEAD_LETTER_QUEUE_URL")? },
+            dead_letters: SqsDeadLetters { client: sqs.into(), queue_url: required(vars, "DEAD_LETTER_QUEUE_URL")? },
         })
     }
 
     pub async fn from_env() -> Result<Self, ConfigError> {
         let sdk = crate::aws::sdk_config().await;
-        Self::new(aws_sdk_dynamodb::Client::new(&sdk), aws_sdk_sqs::Client::new(&sdk), &process_env)
+        Self::new(aws_sdk_dynamodb::Client::new(&sdk), LazyClient::new(&sdk, aws_sdk_sqs::Client::new), &process_env)
     }
 
     /// Projects every event of the batch with `project`.

@@ -115,10 +115,11 @@ impl DeadLetters for KeptDeadLetters {
 }
 
 /// A function's DLQ (`DEAD_LETTER_QUEUE_URL`): for a step, the same queue its redrive policy
-/// uses, so everything that needs a look is in one place.
+/// uses, so everything that needs a look is in one place. The SQS client is made at the first
+/// dead letter (a rare path), not in the init phase.
 #[derive(Clone)]
 pub struct SqsDeadLetters {
-    pub client: aws_sdk_sqs::Client,
+    pub client: crate::aws::LazyClient<aws_sdk_sqs::Client>,
     pub queue_url: String,
 }
 
@@ -271,7 +272,7 @@ impl<X> StepLambda<X> {
     pub fn new(
         dynamodb: aws_sdk_dynamodb::Client,
         sfn: aws_sdk_sfn::Client,
-        sqs: aws_sdk_sqs::Client,
+        sqs: impl Into<crate::aws::LazyClient<aws_sdk_sqs::Client>>,
         vars: crate::config::Vars<'_>,
         services: X,
     ) -> Result<Self, crate::config::ConfigError> {
@@ -279,7 +280,7 @@ impl<X> StepLambda<X> {
             crate::eventstore::DynamoEventStore::new(dynamodb, crate::eventstore::EventStoreConfig::from_vars(vars)?);
         let repo = crate::aggregate::Repository::new(store).with_retry(STEP_RETRY).with_snapshots_every(100);
         let dead_letters =
-            SqsDeadLetters { client: sqs, queue_url: crate::config::required(vars, "DEAD_LETTER_QUEUE_URL")? };
+            SqsDeadLetters { client: sqs.into(), queue_url: crate::config::required(vars, "DEAD_LETTER_QUEUE_URL")? };
         Ok(Self { repo, callback: sfn, dead_letters, services })
     }
 
@@ -289,7 +290,7 @@ impl<X> StepLambda<X> {
         Self::new(
             aws_sdk_dynamodb::Client::new(&sdk),
             aws_sdk_sfn::Client::new(&sdk),
-            aws_sdk_sqs::Client::new(&sdk),
+            crate::aws::LazyClient::new(&sdk, aws_sdk_sqs::Client::new),
             &crate::config::process_env,
             services,
         )
