@@ -487,3 +487,83 @@ async fn a_new_runner_resumes_the_stream_where_the_last_one_stopped() {
     assert_eq!(*replay.lock().unwrap(), [1, 2, 3]);
     let _ = std::fs::remove_file(&file);
 }
+
+#[tokio::test]
+async fn with_a_parallelization_factor_batches_run_at_once_and_each_key_keeps_its_order() {
+    // Given 8 keys with 5 versions each, written interleaved, already in the stream
+    let aws = LocalAws::load().await;
+    let stack = provision(&aws).await;
+    let table = stack.resources["Versions"].reference.clone();
+    let id = unique("v");
+    for n in 1..=5 {
+        for k in 0..8 {
+            put_item(&aws, &table, &format!("{id}-{k}"), "version", n).await;
+        }
+    }
+    // And a Fanout handler (BatchSize 5, ParallelizationFactor 4) that takes a while per batch,
+    // noting which keys are in flight
+    #[derive(Default)]
+    struct Seen {
+        in_flight: Vec<String>,
+        most_batches_at_once: usize,
+        batches_at_once: usize,
+        shared_keys: Vec<String>,
+        versions: HashMap<String, Vec<u32>>,
+        batch_sizes: Vec<usize>,
+    }
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let s = seen.clone();
+    let handlers = function("Fanout", move |event: DynamoDbEvent| {
+        let seen = s.clone();
+        async move {
+            let items: Vec<Item> = items(&event).into_iter().map(|(item, _)| item).collect();
+            {
+                let mut seen = seen.lock().unwrap();
+                seen.batches_at_once += 1;
+                seen.most_batches_at_once = seen.most_batches_at_once.max(seen.batches_at_once);
+                seen.batch_sizes.push(items.len());
+                for item in &items {
+                    if seen.in_flight.contains(&item.pk) {
+                        seen.shared_keys.push(item.pk.clone());
+                    }
+                    seen.versions.entry(item.pk.clone()).or_default().push(item.n);
+                }
+                let keys: Vec<String> = items.iter().map(|i| i.pk.clone()).collect();
+                seen.in_flight.extend(keys);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut seen = seen.lock().unwrap();
+            seen.batches_at_once -= 1;
+            for item in &items {
+                if let Some(at) = seen.in_flight.iter().position(|k| *k == item.pk) {
+                    seen.in_flight.remove(at);
+                }
+            }
+            Ok::<_, String>(DynamoDbEventResponse::default())
+        }
+    });
+    let runner = Runner::new(&stack, clients(&aws), handlers).expect("runner");
+    assert!(runner.mappings().iter().any(|m| m.contains("ParallelizationFactor 4")), "{:?}", runner.mappings());
+    let running = runner.start();
+
+    // When the runner has delivered all 40 records
+    let s = seen.clone();
+    let all =
+        eventually(Duration::from_secs(30), || s.lock().unwrap().versions.values().map(Vec::len).sum::<usize>() >= 40)
+            .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.stop().await;
+
+    // Then each key's versions came once each, in order; no key was in two batches at once;
+    // batches kept to BatchSize; and more than one batch was in flight at a time
+    assert!(all, "not every record was delivered");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.versions.len(), 8);
+    for (key, versions) in &seen.versions {
+        assert_eq!(*versions, [1, 2, 3, 4, 5], "{key}");
+    }
+    assert!(seen.shared_keys.is_empty(), "keys in two batches at once: {:?}", seen.shared_keys);
+    assert!(seen.batch_sizes.iter().all(|&n| (1..=5).contains(&n)), "{:?}", seen.batch_sizes);
+    assert!(seen.most_batches_at_once >= 2, "at most {} batch at once", seen.most_batches_at_once);
+    assert!(seen.most_batches_at_once <= 4, "{} batches at once", seen.most_batches_at_once);
+}

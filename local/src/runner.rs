@@ -22,14 +22,16 @@
 //! Retries back off; after `MaximumRetryAttempts` (unless -1) the batch is skipped with an error
 //! log naming its sequence numbers, and recorded as Lambda records it (`DDBStreamBatchInfo`) on
 //! `DestinationConfig.OnFailure` when that is an SQS queue. Delivery is in order and at least
-//! once per shard.
+//! once per shard. With `ParallelizationFactor` N, up to N batches of a shard are in flight at
+//! once, its records split into N lanes by partition key (from `DescribeStream`'s key schema), so
+//! each key's records still arrive in order; the position recorded is the end of the longest
+//! handled prefix, and a failing lane holds the next round back until it is retried or skipped.
 //!
 //! Differences from AWS, by design: positions live in memory unless the runner is given a file
 //! ([`Runner::with_checkpoints`], as `local-env run` does); without one, a new runner starts
 //! again from `StartingPosition` (with TRIM_HORIZON that replays the stream's 24 hours);
-//! `BisectBatchOnFunctionError`, `ParallelizationFactor`, `MaximumRecordAgeInSeconds`,
-//! destinations other than SQS and tumbling windows are not modelled; FIFO queues get no
-//! ordering beyond what SQS itself gives.
+//! `BisectBatchOnFunctionError`, `MaximumRecordAgeInSeconds`, destinations other than SQS and
+//! tumbling windows are not modelled; FIFO queues get no ordering beyond what SQS itself gives.
 //!
 //! Timeouts, crashes and function errors are the Lambda service's: each comes back as a function
 //! error, which fails the whole batch (an unreadable response does too, as on Lambda).
@@ -180,6 +182,9 @@ struct StreamMapping {
     stream_arn: String,
     starting_position: ShardIteratorType,
     max_retry_attempts: i64,
+    /// `ParallelizationFactor`: batches of one shard in flight at once, records split by
+    /// partition key so that each key's records stay in order.
+    parallelization_factor: usize,
     /// `DestinationConfig.OnFailure` when it is an SQS queue: where a skipped batch is recorded.
     on_failure: Option<Destination>,
     function_arn: String,
@@ -210,12 +215,13 @@ impl Mapping {
                 m.source.options()
             ),
             Self::Stream(m) => format!(
-                "{}: DynamoDB {} -> {} ({}, MaximumRetryAttempts {}, {}{})",
+                "{}: DynamoDB {} -> {} ({}, MaximumRetryAttempts {}, ParallelizationFactor {}, {}{})",
                 m.source.name(),
                 m.stream_arn,
                 m.source.function,
                 m.starting_position.as_str(),
                 m.max_retry_attempts,
+                m.parallelization_factor,
                 m.source.options(),
                 m.on_failure.as_ref().map(|d| format!(", OnFailure {}", d.arn)).unwrap_or_default()
             ),
@@ -303,6 +309,11 @@ impl Runner {
                             other => bail!("{}: StartingPosition {other:?} (TRIM_HORIZON or LATEST)", context()),
                         };
                         let max_retry_attempts = integer(p.get("MaximumRetryAttempts")).with_context(context)?;
+                        let parallelization_factor =
+                            integer(p.get("ParallelizationFactor")).with_context(context)?.unwrap_or(1);
+                        if !(1..=10).contains(&parallelization_factor) {
+                            bail!("{}: ParallelizationFactor {parallelization_factor} (1 to 10)", context());
+                        }
                         let on_failure = match p.pointer("/DestinationConfig/OnFailure/Destination") {
                             None | Some(Value::Null) => None,
                             Some(Value::String(destination)) if Arn::parse(destination, "sqs").is_ok() => {
@@ -334,6 +345,7 @@ impl Runner {
                             stream_arn: stream_arn.to_owned(),
                             starting_position,
                             max_retry_attempts: max_retry_attempts.unwrap_or(-1).max(-1),
+                            parallelization_factor: parallelization_factor as usize,
                             on_failure,
                             function_arn,
                             functions: functions.clone(),
@@ -805,7 +817,7 @@ async fn run_stream(
     loop {
         match stop.run(list_shards(&client, &m.stream_arn)).await {
             None => break,
-            Some(Ok(listed)) => {
+            Some(Ok((listed, partition_key))) => {
                 failures = 0;
                 let ids: HashSet<String> = listed.iter().filter_map(|s| s.shard_id.clone()).collect();
                 let mut remaining: Vec<_> = listed
@@ -836,6 +848,7 @@ async fn run_stream(
                         let mut reader = ShardReader::new(m.clone(), client.clone(), sqs.clone(), id, position);
                         reader.last_sequence = checkpoints.get(&name, &m.stream_arn, &reader.shard_id);
                         reader.checkpoints = checkpoints.clone();
+                        reader.partition_key = partition_key.clone();
                         shards.spawn(reader.run(parent, done_tx, stop.clone()));
                     }
                 }
@@ -863,11 +876,15 @@ async fn run_stream(
     }
 }
 
+/// The stream's shards, and the name of its table's partition key (the key Lambda splits a
+/// shard's records by under `ParallelizationFactor`).
 async fn list_shards(
     client: &aws_sdk_dynamodbstreams::Client,
     stream_arn: &str,
-) -> Result<Vec<aws_sdk_dynamodbstreams::types::Shard>, String> {
+) -> Result<(Vec<aws_sdk_dynamodbstreams::types::Shard>, Option<String>), String> {
+    use aws_sdk_dynamodbstreams::types::KeyType;
     let mut shards = Vec::new();
+    let mut partition_key = None;
     let mut start: Option<String> = None;
     loop {
         let described = client
@@ -878,13 +895,17 @@ async fn list_shards(
             .await
             .map_err(|e| aws_sdk_dynamodbstreams::error::DisplayErrorContext(&e).to_string())?;
         let Some(description) = described.stream_description else { break };
+        partition_key = partition_key.or_else(|| {
+            let keys = description.key_schema.as_deref().unwrap_or_default();
+            keys.iter().find(|k| k.key_type == KeyType::Hash).map(|k| k.attribute_name.clone())
+        });
         shards.extend(description.shards.unwrap_or_default());
         match description.last_evaluated_shard_id {
             Some(last) if start.as_ref() != Some(&last) => start = Some(last),
             _ => break,
         }
     }
-    Ok(shards)
+    Ok((shards, partition_key))
 }
 
 /// Reads one shard to its end (or until stopped), delivering in order.
@@ -908,6 +929,8 @@ struct ShardReader {
     attempts: u32,
     /// Where the position is recorded once records are handled.
     checkpoints: Arc<Checkpoints>,
+    /// The table's partition key attribute, when the stream names it.
+    partition_key: Option<String>,
 }
 
 impl ShardReader {
@@ -933,6 +956,7 @@ impl ShardReader {
             pending: VecDeque::new(),
             attempts: 0,
             checkpoints: Arc::new(Checkpoints::default()),
+            partition_key: None,
         }
     }
 
@@ -1074,20 +1098,75 @@ impl ShardReader {
         self.position = ShardIteratorType::TrimHorizon;
     }
 
-    /// Invokes with the batch at the head of `pending`; settles it, or backs off for a retry.
+    /// Invokes with the head of `pending`: one batch, or with `ParallelizationFactor` up to that
+    /// many batches at once, one per lane of partition keys. Settles what was handled, or backs
+    /// off for a retry of what was not.
     async fn deliver(&mut self, stop: &mut Stop) {
-        let size = self.pending.len().min(self.m.source.batch_size);
-        let records: Vec<EventRecord> = self.pending.iter().take(size).cloned().collect();
+        let factor = self.m.parallelization_factor;
+        let key = self.partition_key.as_deref();
+        let lanes_of: Vec<usize> = self.pending.iter().map(|r| lane(r, key, factor)).collect();
+        let (window, lanes) = plan(&lanes_of, factor, self.m.source.batch_size);
+        let records: Vec<EventRecord> = self.pending.iter().take(window).cloned().collect();
         let sequences: Vec<String> =
             records.iter().map(|r| r.change.sequence_number.clone().unwrap_or_default()).collect();
+        // Kept for the failure record, should records be skipped.
+        let arrivals: Vec<String> =
+            records.iter().map(|r| r.change.approximate_creation_date_time.to_rfc3339()).collect();
+        let batches = lanes.iter().map(|lane| {
+            let batch: Vec<EventRecord> = lane.iter().map(|&i| records[i].clone()).collect();
+            let lane_sequences: Vec<String> = lane.iter().map(|&i| sequences[i].clone()).collect();
+            self.invoke_batch(batch, lane_sequences)
+        });
+        let done = futures::future::join_all(batches).await;
+
+        // What each lane handled: its records up to its first failure.
+        let mut handled = vec![false; window];
+        for (lane, done) in lanes.iter().zip(&done) {
+            for &i in &lane[..*done] {
+                handled[i] = true;
+            }
+        }
+        let settled = handled.iter().take_while(|h| **h).count();
+        let kept: Vec<EventRecord> =
+            self.pending.drain(..window).zip(&handled).filter(|(_, h)| !**h).map(|(r, _)| r).collect();
+        let failed: Vec<usize> = (0..window).filter(|&i| !handled[i]).collect();
+        for record in kept.into_iter().rev() {
+            self.pending.push_front(record);
+        }
+        if settled > 0 {
+            self.checkpoint(&sequences[settled - 1]);
+        }
+        if failed.is_empty() {
+            self.attempts = 0;
+            return;
+        }
+        // Progress made counts as the first failure of the new head; otherwise one more.
+        self.attempts = if failed.len() < window { 1 } else { self.attempts + 1 };
+        let max = self.m.max_retry_attempts;
+        if max >= 0 && i64::from(self.attempts) > max {
+            let skipped: Vec<String> = failed.iter().map(|&i| sequences[i].clone()).collect();
+            let skipped_arrivals: Vec<String> = failed.iter().map(|&i| arrivals[i].clone()).collect();
+            self.pending.drain(..failed.len());
+            error!(
+                mapping = %self.name,
+                shard = %self.shard_id,
+                sequence_numbers = ?skipped,
+                "MaximumRetryAttempts ({max}) exhausted: these records are skipped"
+            );
+            self.send_failure_record(&skipped, &skipped_arrivals).await;
+            self.checkpoint(&sequences[window - 1]);
+            self.attempts = 0;
+            return;
+        }
+        stop.sleep(backoff(self.attempts)).await;
+    }
+
+    /// One invocation; how many records of the batch, from its start, were handled.
+    async fn invoke_batch(&self, records: Vec<EventRecord>, sequences: Vec<String>) -> usize {
+        let size = records.len();
         let mut event = DynamoDbEvent::default();
         event.records = records;
-        // Kept for the failure record, should the batch be skipped.
-        let arrivals: Vec<String> =
-            event.records.iter().map(|r| r.change.approximate_creation_date_time.to_rfc3339()).collect();
-        let done = match invoke::<DynamoDbEventResponse>(self.m.functions.as_ref(), &self.m.source.function, &event)
-            .await
-        {
+        match invoke::<DynamoDbEventResponse>(self.m.functions.as_ref(), &self.m.source.function, &event).await {
             Err(e) => {
                 warn!(
                     mapping = %self.name,
@@ -1120,36 +1199,46 @@ impl ShardReader {
                 }
             },
             Ok(_) => size,
-        };
-        self.pending.drain(..done);
-        if done > 0 {
-            self.checkpoint(&sequences[done - 1]);
         }
-        if done == size {
-            self.attempts = 0;
-            return;
-        }
-        // Progress made counts as the first failure of the new head; otherwise one more.
-        self.attempts = if done > 0 { 1 } else { self.attempts + 1 };
-        let max = self.m.max_retry_attempts;
-        if max >= 0 && i64::from(self.attempts) > max {
-            let skipped: Vec<String> = sequences[done..].to_vec();
-            self.pending.drain(..size - done);
-            error!(
-                mapping = %self.name,
-                shard = %self.shard_id,
-                sequence_numbers = ?skipped,
-                "MaximumRetryAttempts ({max}) exhausted: these records are skipped"
-            );
-            self.send_failure_record(&skipped, &arrivals[done..]).await;
-            if let Some(last) = skipped.last() {
-                self.checkpoint(last);
-            }
-            self.attempts = 0;
-            return;
-        }
-        stop.sleep(backoff(self.attempts)).await;
     }
+}
+
+/// The lane (of `factor`) a record goes to: by its partition key's value, so that one key's
+/// records always share a lane and keep their order. Without a known key, by all its keys.
+fn lane(record: &EventRecord, partition_key: Option<&str>, factor: usize) -> usize {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    if factor <= 1 {
+        return 0;
+    }
+    let keys = &record.change.keys;
+    let text = match partition_key.and_then(|k| keys.get(k)) {
+        Some(value) => format!("{value:?}"),
+        None => {
+            let sorted: std::collections::BTreeMap<_, _> = keys.iter().map(|(k, v)| (k, format!("{v:?}"))).collect();
+            format!("{sorted:?}")
+        }
+    };
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    (hasher.finish() % factor as u64) as usize
+}
+
+/// The next delivery: the longest head of the pending records (their lanes in `lanes_of`) that
+/// fits `factor` lanes of at most `batch_size` records each. Returns its length and, per
+/// non-empty lane, the indices of its records in order. The head stops at the first record whose
+/// lane is full, so that what is delivered is always a prefix of the stream.
+fn plan(lanes_of: &[usize], factor: usize, batch_size: usize) -> (usize, Vec<Vec<usize>>) {
+    let mut lanes: Vec<Vec<usize>> = vec![Vec::new(); factor.max(1)];
+    let mut window = 0;
+    for (i, &lane) in lanes_of.iter().enumerate() {
+        if lanes[lane].len() == batch_size {
+            break;
+        }
+        lanes[lane].push(i);
+        window = i + 1;
+    }
+    lanes.retain(|l| !l.is_empty());
+    (window, lanes)
 }
 
 impl ShardReader {
@@ -1305,6 +1394,41 @@ mod tests {
         assert!(first_failure(&response(&[Some("999")]), &seqs).is_err());
         assert!(first_failure(&response(&[Some("")]), &seqs).is_err());
         assert!(first_failure(&response(&[None]), &seqs).is_err());
+    }
+
+    #[test]
+    fn a_delivery_is_a_stream_prefix_split_into_lanes_of_at_most_batch_size() {
+        // One lane: a plain batch.
+        assert_eq!(plan(&[0, 0, 0], 1, 2), (2, vec![vec![0, 1]]));
+        // Two lanes of two: records 0..4 fit; record 4 (lane 0, full) ends the delivery even
+        // though lane 1 has room, so that nothing after an undelivered record goes ahead of it.
+        assert_eq!(plan(&[0, 1, 0, 1, 0, 1], 2, 2), (4, vec![vec![0, 2], vec![1, 3]]));
+        assert_eq!(plan(&[1, 1, 1], 4, 2), (2, vec![vec![0, 1]]));
+        assert_eq!(plan(&[], 4, 2), (0, vec![]));
+    }
+
+    #[test]
+    fn one_partition_keys_records_always_share_a_lane() {
+        use aws_lambda_events::event::dynamodb::EventRecord;
+        let record = |stream: &str, version: &str| {
+            let mut r = EventRecord::default();
+            r.change.keys = serde_dynamo::Item::from(HashMap::from([
+                ("streamId".to_owned(), serde_dynamo::AttributeValue::S(stream.to_owned())),
+                ("version".to_owned(), serde_dynamo::AttributeValue::N(version.to_owned())),
+            ]));
+            r
+        };
+        let key = Some("streamId");
+        for stream in ["Order-a", "Order-b", "Order-c", "Inventory-x"] {
+            let first = lane(&record(stream, "1"), key, 8);
+            assert!(first < 8);
+            for version in 2..20 {
+                assert_eq!(lane(&record(stream, &version.to_string()), key, 8), first, "{stream}");
+            }
+        }
+        let lanes: HashSet<usize> = (0..64).map(|i| lane(&record(&format!("Order-{i}"), "1"), key, 8)).collect();
+        assert!(lanes.len() > 4, "keys spread over the lanes: {lanes:?}");
+        assert_eq!(lane(&record("Order-a", "1"), key, 1), 0);
     }
 
     #[test]
