@@ -112,6 +112,10 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync {
     /// The schema of the serialized state; bump it when the state's shape changes so that old
     /// snapshots are ignored rather than misread.
     const SNAPSHOT_SCHEMA_VERSION: u32 = 1;
+    /// Whether this aggregate's streams are snapshotted. A stream that always stays short (one
+    /// order's payment, say) replays in the same one Query that would follow a snapshot, so
+    /// looking a snapshot up first is a wasted round trip: `false` skips it, and takes none.
+    const SNAPSHOTS: bool = true;
     type Event: DomainEvent;
     type Command: Send + Sync;
     type Error: std::error::Error + Send + Sync + 'static;
@@ -156,6 +160,19 @@ pub enum Executed {
     Unchanged {
         version: u64,
     },
+}
+
+impl Executed {
+    /// The version the state returned with this outcome stands at, when that is known without a
+    /// load: for [`Repository::execute_from`]. Not for a duplicate, whose events may be behind
+    /// the head.
+    pub fn state_version(&self) -> Option<u64> {
+        match self {
+            Self::Appended { committed, .. } => Some(committed.last_version),
+            Self::Unchanged { version } => Some(*version),
+            Self::Duplicate { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,8 +248,8 @@ impl<S: EventStore> Repository<S> {
     /// Loads from the latest usable snapshot, then the events after it.
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, LoadError> {
         let stream = StreamId::new(A::CATEGORY, id)?;
-        let start = match self.store.load_snapshot(&stream).await? {
-            Some(snapshot) => restore::<A>(snapshot),
+        let start = match A::SNAPSHOTS.then(|| self.store.load_snapshot(&stream)) {
+            Some(lookup) => lookup.await?.and_then(restore::<A>),
             None => None,
         };
         let (state, version, snapshot_version) = match start {
@@ -282,11 +299,17 @@ impl<S: EventStore> Repository<S> {
     ) -> Result<(Executed, A), ExecuteError<A::Error>> {
         let stream = StreamId::new(A::CATEGORY, id).map_err(LoadError::from)?;
         let key = ctx.idempotency_key.as_deref();
-        // Checked before deciding: after the first execution the state has moved on, and
-        // deciding again could reject a command that in fact succeeded.
-        if let Some(key) = key
-            && let Some(committed) = self.store.find_committed(key).await.map_err(LoadError::from)?
-        {
+        // The key is checked before deciding: after the first execution the state has moved on,
+        // and deciding again could reject a command that in fact succeeded. Both reads are
+        // independent, so they go out together: one round trip, not two.
+        let committed = async {
+            match key {
+                Some(key) => self.store.find_committed(key).await.map_err(LoadError::from),
+                None => Ok(None),
+            }
+        };
+        let (committed, loaded) = futures::future::join(committed, self.load::<A>(id)).await;
+        if let (Some(key), Some(committed)) = (key, committed?) {
             if committed.stream_id != stream.as_str() {
                 return Err(ExecuteError::Append(AppendError::IdempotencyKeyReused {
                     key: key.to_owned(),
@@ -294,16 +317,48 @@ impl<S: EventStore> Repository<S> {
                     original_stream: committed.stream_id,
                 }));
             }
-            let state = self.load::<A>(id).await?.state;
-            return Ok((Executed::Duplicate { committed }, state));
+            return Ok((Executed::Duplicate { committed }, loaded?.state));
         }
+        let Loaded { state, version, .. } = loaded?;
+        // Boxed: callers' futures nest this one deep enough to reach the compiler's type-layout
+        // depth limit (place-order's handler did); one allocation per command.
+        Box::pin(self.decide_and_append(&stream, state, version, command, ctx)).await
+    }
+
+    /// As [`Self::execute_with_state`] without a load: from `state` at `version`, which the
+    /// caller holds (what an earlier command on the same stream returned). Should newer events
+    /// exist, the append conflicts and the state catches up on them, as after any conflict. For a
+    /// command that follows another on the same stream (record a request, then its answer).
+    pub async fn execute_from<A: Aggregate>(
+        &self,
+        id: &str,
+        state: A,
+        version: u64,
+        command: &A::Command,
+        ctx: &CommandContext,
+    ) -> Result<(Executed, A), ExecuteError<A::Error>> {
+        if ctx.idempotency_key.is_some() {
+            // The key must be checked before deciding: the full path does that.
+            return self.execute_with_state::<A>(id, command, ctx).await;
+        }
+        let stream = StreamId::new(A::CATEGORY, id).map_err(LoadError::from)?;
+        self.decide_and_append(&stream, state, version, command, ctx).await
+    }
+
+    /// Decides on `state` at `version` and appends; on a conflict, backs off, catches up on the
+    /// events after `version` (one Query) and decides again.
+    async fn decide_and_append<A: Aggregate>(
+        &self,
+        stream: &StreamId,
+        mut state: A,
+        mut version: u64,
+        command: &A::Command,
+        ctx: &CommandContext,
+    ) -> Result<(Executed, A), ExecuteError<A::Error>> {
+        let key = ctx.idempotency_key.as_deref();
+        let id = stream.id();
         let metadata =
             EventMetadata { correlation_id: ctx.correlation_id.clone(), causation_id: ctx.causation_id.clone() };
-        // The first attempt loads (snapshot, then the events after it). A conflict means only
-        // that newer events exist: after the backoff, the state already held catches up on the
-        // events after its version (one Query) instead of loading again from the snapshot, and
-        // the store is asked for no head it would have to look up.
-        let Loaded { mut state, mut version, .. } = self.load::<A>(id).await?;
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -315,13 +370,13 @@ impl<S: EventStore> Repository<S> {
                 .iter()
                 .map(|e| encode_event(e).map(|n| n.with_metadata(metadata.clone())))
                 .collect::<Result<Vec<_>, _>>()?;
-            match self.store.append_or_conflict(&stream, version, new_events, key).await {
+            match self.store.append_or_conflict(stream, version, new_events, key).await {
                 Ok(AppendOutcome::Appended(committed)) => {
                     let from_version = version;
                     for event in &events {
                         state.apply(event);
                     }
-                    self.snapshot_if_due(&stream, from_version, &state, committed.last_version).await;
+                    self.snapshot_if_due(stream, from_version, &state, committed.last_version).await;
                     return Ok((Executed::Appended { committed, attempts }, state));
                 }
                 Ok(AppendOutcome::Duplicate(committed)) => {
@@ -335,7 +390,7 @@ impl<S: EventStore> Repository<S> {
                     let delay = self.retry.delay(attempts - 1);
                     tracing::debug!(stream = %stream, expected, at_least = actual, attempts, ?delay, "version conflict; retrying");
                     tokio::time::sleep(delay).await;
-                    let newer = self.store.load_for_fold(&stream, version).await.map_err(LoadError::from)?;
+                    let newer = self.store.load_for_fold(stream, version).await.map_err(LoadError::from)?;
                     version = apply_all(&mut state, version, newer)?;
                 }
                 Err(e) => return Err(ExecuteError::Append(e)),
@@ -344,7 +399,7 @@ impl<S: EventStore> Repository<S> {
     }
 
     async fn snapshot_if_due<A: Aggregate>(&self, stream: &StreamId, from_version: u64, state: &A, version: u64) {
-        let Some(every) = self.snapshot_every else { return };
+        let Some(every) = self.snapshot_every.filter(|_| A::SNAPSHOTS) else { return };
         if from_version / every == version / every {
             return;
         }

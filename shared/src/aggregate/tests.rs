@@ -245,3 +245,22 @@ fn events_from_a_newer_schema_are_refused_not_misread() {
     };
     assert!(matches!(decode_event::<AccountEvent>(&recorded), Err(CodecError::FromTheFuture { current: 2, .. })));
 }
+
+#[tokio::test]
+async fn a_command_from_a_held_state_needs_no_load_and_catches_up_when_behind() {
+    // Given an open account whose state a caller holds at version 1
+    let repo = Repository::new(InMemoryEventStore::new()).with_retry(fast_retry(3));
+    let (executed, held) = repo.execute_with_state::<Account>("a1", &AccountCommand::Open, &ctx()).await.expect("open");
+    assert_eq!(executed.state_version(), Some(1));
+    // And another writer deposits meanwhile (version 2)
+    repo.execute::<Account>("a1", &AccountCommand::Deposit(100), &ctx()).await.expect("deposit");
+
+    // When the caller deposits from its held, stale state
+    let (executed, state) =
+        repo.execute_from::<Account>("a1", held, 1, &AccountCommand::Deposit(50), &ctx()).await.expect("deposit");
+
+    // Then the append conflicted once, caught up, and both deposits count
+    assert!(matches!(executed, Executed::Appended { ref committed, attempts: 2 } if committed.last_version == 3));
+    assert_eq!(state, Account { open: true, balance_cents: 150, deposits: 2 });
+    assert_eq!(repo.load::<Account>("a1").await.expect("load").state, state);
+}

@@ -204,6 +204,8 @@ pub enum OrderError {
 
 impl Aggregate for Order {
     const CATEGORY: &'static str = "Order";
+    /// One order's stream: a handful of events, replayed in one Query.
+    const SNAPSHOTS: bool = false;
     type Event = OrderEvent;
     type Command = OrderCommand;
     type Error = OrderError;

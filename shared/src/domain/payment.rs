@@ -68,6 +68,8 @@ impl Payment {
 
 impl Aggregate for Payment {
     const CATEGORY: &'static str = "Payment";
+    /// One order's stream: a handful of events, replayed in one Query.
+    const SNAPSHOTS: bool = false;
     type Event = PaymentEvent;
     type Command = PaymentCommand;
     type Error = PaymentError;

@@ -50,6 +50,8 @@ pub struct ShipmentError(&'static str, &'static str);
 
 impl Aggregate for Shipment {
     const CATEGORY: &'static str = "Shipment";
+    /// One order's stream: a handful of events, replayed in one Query.
+    const SNAPSHOTS: bool = false;
     type Event = ShipmentEvent;
     type Command = ShipmentCommand;
     type Error = ShipmentError;

@@ -2,6 +2,7 @@
 //! services. Each returns its outcome from the aggregates' state, so running it again (a
 //! redelivery, a retry by the state machine) gives the same outcome with no second effect.
 
+use futures::future::{join4, try_join_all};
 use serde_json::json;
 
 use super::errors::*;
@@ -36,10 +37,15 @@ pub async fn reserve_inventory<S: EventStore>(
 ) -> Result<StepOutcome, StepError> {
     let order_id = &msg.order.order_id;
     let ctx = context(msg);
-    let mut short = Vec::new();
-    for line in &msg.order.lines {
+    // One Inventory stream per SKU: the lines are independent, so they go out together.
+    let reserved = try_join_all(msg.order.lines.iter().map(|line| {
         let cmd = InventoryCommand::Reserve { order_id: order_id.clone(), quantity: line.quantity };
-        let (_, inventory) = repo.execute_with_state::<Inventory>(line.sku.as_str(), &cmd, &ctx).await?;
+        let ctx = &ctx;
+        async move { repo.execute_with_state::<Inventory>(line.sku.as_str(), &cmd, ctx).await.map(|(_, i)| i) }
+    }))
+    .await?;
+    let mut short = Vec::new();
+    for (line, inventory) in msg.order.lines.iter().zip(&reserved) {
         match inventory.reservation(order_id) {
             Some(Reservation::Reserved(_) | Reservation::Committed(_)) => {}
             Some(Reservation::Rejected(requested)) => {
@@ -57,16 +63,13 @@ pub async fn reserve_inventory<S: EventStore>(
 
 async fn release_all<S: EventStore>(repo: &Repository<S>, msg: &StepMessage) -> Result<u32, StepError> {
     let ctx = context(msg);
-    let mut released = 0;
-    for line in &msg.order.lines {
+    let released = try_join_all(msg.order.lines.iter().map(|line| {
         let cmd = InventoryCommand::Release { order_id: msg.order.order_id.clone() };
-        if let crate::aggregate::Executed::Appended { .. } =
-            repo.execute::<Inventory>(line.sku.as_str(), &cmd, &ctx).await?
-        {
-            released += 1;
-        }
-    }
-    Ok(released)
+        let ctx = &ctx;
+        async move { repo.execute::<Inventory>(line.sku.as_str(), &cmd, ctx).await }
+    }))
+    .await?;
+    Ok(released.iter().filter(|e| matches!(e, crate::aggregate::Executed::Appended { .. })).count() as u32)
 }
 
 /// Compensation of `reserve_inventory`: returns every unit this order holds. Nothing held is
@@ -86,6 +89,7 @@ async fn resolve_charge<S: EventStore, G: PaymentGateway>(
     gateway: &G,
     msg: &StepMessage,
     amount: crate::domain::Money,
+    at: Option<u64>,
 ) -> Result<Result<Payment, Unavailable>, StepError> {
     let order = &msg.order;
     let key = format!("charge-{}", order.order_id);
@@ -98,7 +102,12 @@ async fn resolve_charge<S: EventStore, G: PaymentGateway>(
             PaymentCommand::RecordDecline { order_id: order.order_id.clone(), reason }
         }
     };
-    Ok(Ok(repo.execute_with_state::<Payment>(order.order_id.as_str(), &command, &context(msg)).await?.1))
+    let (id, ctx) = (order.order_id.as_str(), context(msg));
+    // The request state is held (`at`): recording the answer needs no second load.
+    Ok(Ok(match at {
+        Some(version) => repo.execute_from(id, Payment::Requested { amount }, version, &command, &ctx).await?.1,
+        None => repo.execute_with_state::<Payment>(id, &command, &ctx).await?.1,
+    }))
 }
 
 /// Records the request, asks the gateway, records its answer.
@@ -109,9 +118,10 @@ pub async fn charge_payment<S: EventStore, G: PaymentGateway>(
 ) -> Result<StepOutcome, StepError> {
     let order = &msg.order;
     let request = PaymentCommand::Request { order_id: order.order_id.clone(), amount: order.total };
-    let (_, mut payment) = repo.execute_with_state::<Payment>(order.order_id.as_str(), &request, &context(msg)).await?;
+    let (executed, mut payment) =
+        repo.execute_with_state::<Payment>(order.order_id.as_str(), &request, &context(msg)).await?;
     if let Payment::Requested { amount } = payment {
-        payment = match resolve_charge(repo, gateway, msg, amount).await? {
+        payment = match resolve_charge(repo, gateway, msg, amount, executed.state_version()).await? {
             Ok(p) => p,
             Err(e) => return Ok(unavailable(e)),
         };
@@ -137,9 +147,10 @@ pub async fn refund_payment<S: EventStore, G: PaymentGateway>(
 ) -> Result<StepOutcome, StepError> {
     let order = &msg.order;
     let id = order.order_id.as_str();
-    let mut payment = repo.load::<Payment>(id).await?.state;
+    let loaded = repo.load::<Payment>(id).await?;
+    let mut payment = loaded.state;
     if let Payment::Requested { amount } = payment {
-        payment = match resolve_charge(repo, gateway, msg, amount).await? {
+        payment = match resolve_charge(repo, gateway, msg, amount, Some(loaded.version)).await? {
             Ok(p) => p,
             Err(e) => return Ok(unavailable(e)),
         };
@@ -167,6 +178,7 @@ async fn resolve_booking<S: EventStore, C: Carrier>(
     repo: &Repository<S>,
     carrier: &C,
     msg: &StepMessage,
+    at: Option<u64>,
 ) -> Result<Result<Shipment, Unavailable>, StepError> {
     let order = &msg.order;
     let items = order.lines.iter().map(|l| l.quantity).sum();
@@ -180,7 +192,11 @@ async fn resolve_booking<S: EventStore, C: Carrier>(
             ShipmentCommand::RecordRejected { order_id: order.order_id.clone(), reason }
         }
     };
-    Ok(Ok(repo.execute_with_state::<Shipment>(order.order_id.as_str(), &command, &context(msg)).await?.1))
+    let (id, ctx) = (order.order_id.as_str(), context(msg));
+    Ok(Ok(match at {
+        Some(version) => repo.execute_from(id, Shipment::Requested, version, &command, &ctx).await?.1,
+        None => repo.execute_with_state::<Shipment>(id, &command, &ctx).await?.1,
+    }))
 }
 
 /// Records the request, books with the carrier, records its answer.
@@ -191,10 +207,10 @@ pub async fn create_shipment<S: EventStore, C: Carrier>(
 ) -> Result<StepOutcome, StepError> {
     let order = &msg.order;
     let request = ShipmentCommand::Request { order_id: order.order_id.clone() };
-    let (_, mut shipment) =
+    let (executed, mut shipment) =
         repo.execute_with_state::<Shipment>(order.order_id.as_str(), &request, &context(msg)).await?;
     if shipment == Shipment::Requested {
-        shipment = match resolve_booking(repo, carrier, msg).await? {
+        shipment = match resolve_booking(repo, carrier, msg, executed.state_version()).await? {
             Ok(s) => s,
             Err(e) => return Ok(unavailable(e)),
         };
@@ -217,9 +233,10 @@ pub async fn cancel_shipment<S: EventStore, C: Carrier>(
 ) -> Result<StepOutcome, StepError> {
     let order = &msg.order;
     let id = order.order_id.as_str();
-    let mut shipment = repo.load::<Shipment>(id).await?.state;
+    let loaded = repo.load::<Shipment>(id).await?;
+    let mut shipment = loaded.state;
     if shipment == Shipment::Requested {
-        shipment = match resolve_booking(repo, carrier, msg).await? {
+        shipment = match resolve_booking(repo, carrier, msg, Some(loaded.version)).await? {
             Ok(s) => s,
             Err(e) => return Ok(unavailable(e)),
         };
@@ -253,7 +270,8 @@ pub async fn send_notification<S: EventStore, N: Notifier>(
 ) -> Result<StepOutcome, StepError> {
     let order = &msg.order;
     let id = order.order_id.as_str();
-    if repo.load::<Order>(id).await?.state.notified {
+    let current = repo.load::<Order>(id).await?;
+    if current.state.notified {
         return Ok(Ok(json!({ "notified": true })));
     }
     let text = format!("Your order {id} of {} is confirmed and on its way.", order.total);
@@ -262,7 +280,7 @@ pub async fn send_notification<S: EventStore, N: Notifier>(
         Ok(NotifyOutcome::Undeliverable { reason }) => Ok(Err(StepFailure::new(NOTIFICATION_UNDELIVERABLE, reason))),
         Ok(NotifyOutcome::Sent { message_id }) => {
             let cmd = OrderCommand::RecordNotification { channel: "email".into(), message_id: message_id.clone() };
-            repo.execute::<Order>(id, &cmd, &context(msg)).await?;
+            repo.execute_from(id, current.state, current.version, &cmd, &context(msg)).await?;
             Ok(Ok(json!({ "notified": true, "messageId": message_id })))
         }
     }
@@ -273,24 +291,27 @@ pub async fn complete_order<S: EventStore>(repo: &Repository<S>, msg: &StepMessa
     let order = &msg.order;
     let id = order.order_id.as_str();
     let ctx = context(msg);
-    for line in &order.lines {
-        repo.execute::<Inventory>(
-            line.sku.as_str(),
-            &InventoryCommand::Commit { order_id: order.order_id.clone() },
-            &ctx,
-        )
-        .await?;
-    }
-    let payment_id = match repo.load::<Payment>(id).await?.state {
+    // The stock commits (one stream per SKU) and the reads of payment, shipment and order are
+    // independent: they go out together, and the order completes once all are in.
+    let commits = try_join_all(order.lines.iter().map(|line| {
+        let cmd = InventoryCommand::Commit { order_id: order.order_id.clone() };
+        let ctx = &ctx;
+        async move { repo.execute::<Inventory>(line.sku.as_str(), &cmd, ctx).await }
+    }));
+    let (commits, payment, shipment, current) =
+        join4(commits, repo.load::<Payment>(id), repo.load::<Shipment>(id), repo.load::<Order>(id)).await;
+    commits?;
+    let payment_id = match payment?.state {
         Payment::Charged { payment_id, .. } => payment_id,
         other => return Err(StepError::Permanent(format!("completing an order whose payment is {other:?}"))),
     };
-    let shipment_id = match repo.load::<Shipment>(id).await?.state {
+    let shipment_id = match shipment?.state {
         Shipment::Created { shipment_id, .. } => shipment_id,
         other => return Err(StepError::Permanent(format!("completing an order whose shipment is {other:?}"))),
     };
+    let current = current?;
     let cmd = OrderCommand::Complete { payment_id: payment_id.clone(), shipment_id: shipment_id.clone() };
-    repo.execute::<Order>(id, &cmd, &ctx).await?;
+    repo.execute_from(id, current.state, current.version, &cmd, &ctx).await?;
     Ok(Ok(json!({ "status": "Completed", "paymentId": payment_id, "shipmentId": shipment_id })))
 }
 
