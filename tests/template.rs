@@ -83,8 +83,13 @@ fn every_sqs_event_source_follows_the_aws_advice() {
     }
 }
 
+/// Every task ends within its `TimeoutSeconds`, and none has `HeartbeatSeconds`: the workers
+/// never send heartbeats, so a heartbeat would only be a second timeout. And LocalStack (4.9.2)
+/// sets a callback task's heartbeat timer up only after the command is sent, so an answer that
+/// comes back before then is lost and the task times out after `HeartbeatSeconds` (seen with a
+/// fast responder: a 120 s stall in one step of about 80).
 #[test]
-fn every_task_of_the_saga_has_a_timeout_and_a_heartbeat_and_jittered_retries() {
+fn every_task_of_the_saga_has_a_timeout_no_heartbeat_and_jittered_retries() {
     let asl: Value = serde_json::from_str(
         &std::fs::read_to_string(workspace_root().join("statemachine/order-saga.asl.json")).expect("asl"),
     )
@@ -94,8 +99,8 @@ fn every_task_of_the_saga_has_a_timeout_and_a_heartbeat_and_jittered_retries() {
     assert!(tasks.len() >= 10);
     for (name, task) in tasks {
         let timeout = task["TimeoutSeconds"].as_u64().unwrap_or_else(|| panic!("{name}: TimeoutSeconds"));
-        let heartbeat = task["HeartbeatSeconds"].as_u64().unwrap_or_else(|| panic!("{name}: HeartbeatSeconds"));
-        assert!(heartbeat < timeout, "{name}: the heartbeat must fire before the timeout");
+        assert!((1..=120).contains(&timeout), "{name}: TimeoutSeconds {timeout}");
+        assert!(task.get("HeartbeatSeconds").is_none(), "{name}: HeartbeatSeconds");
         for retry in task["Retry"].as_array().unwrap_or_else(|| panic!("{name}: Retry")) {
             assert_eq!(retry["JitterStrategy"], "FULL", "{name}");
             assert!(retry["MaxAttempts"].as_u64().is_some_and(|n| n > 0), "{name}");

@@ -92,6 +92,29 @@ pub fn saga_steps(history: &[aws_sdk_sfn::types::HistoryEvent]) -> Vec<String> {
         .collect()
 }
 
+/// Each task state's time, entered to exited, in seconds, in the order the states ran: what a
+/// step costs, from the command sent to its answer applied, in Step Functions' own clock.
+pub fn task_durations(history: &[aws_sdk_sfn::types::HistoryEvent]) -> Vec<(String, f64)> {
+    let mut entered: Option<(String, f64)> = None;
+    let mut steps = Vec::new();
+    for e in history {
+        match e.r#type() {
+            HistoryEventType::TaskStateEntered => {
+                entered = e.state_entered_event_details().map(|d| (d.name().to_owned(), seconds(e.timestamp())));
+            }
+            HistoryEventType::TaskStateExited => {
+                if let (Some((name, at)), Some(d)) = (entered.take(), e.state_exited_event_details())
+                    && d.name() == name
+                {
+                    steps.push((name, seconds(e.timestamp()) - at));
+                }
+            }
+            _ => {}
+        }
+    }
+    steps
+}
+
 /// The state transitions Step Functions bills a Standard execution for: one per state entered.
 pub fn transitions(history: &[aws_sdk_sfn::types::HistoryEvent]) -> u64 {
     history.iter().filter(|e| e.r#type().as_str().ends_with("StateEntered")).count() as u64
@@ -118,6 +141,48 @@ mod tests {
             execution_arn("arn:aws:states:us-east-1:000000000000:stateMachine:s-order-saga", "ord-1"),
             "arn:aws:states:us-east-1:000000000000:execution:s-order-saga:ord-1"
         );
+    }
+
+    #[test]
+    fn task_durations_pair_each_task_state_with_its_exit() {
+        use aws_sdk_sfn::primitives::DateTime;
+        use aws_sdk_sfn::types::{HistoryEvent, StateEnteredEventDetails, StateExitedEventDetails};
+        let at = |ms: i64| DateTime::from_millis(ms);
+        let entered = |name: &str, ms| {
+            HistoryEvent::builder()
+                .r#type(HistoryEventType::TaskStateEntered)
+                .timestamp(at(ms))
+                .id(ms)
+                .state_entered_event_details(StateEnteredEventDetails::builder().name(name).build().unwrap())
+                .build()
+                .unwrap()
+        };
+        let exited = |name: &str, ms| {
+            HistoryEvent::builder()
+                .r#type(HistoryEventType::TaskStateExited)
+                .timestamp(at(ms))
+                .id(ms)
+                .state_exited_event_details(StateExitedEventDetails::builder().name(name).build().unwrap())
+                .build()
+                .unwrap()
+        };
+        let scheduled =
+            HistoryEvent::builder().r#type(HistoryEventType::TaskScheduled).timestamp(at(1_100)).id(1).build().unwrap();
+        let history = [
+            entered("Reserve", 1_000),
+            scheduled,
+            exited("Reserve", 1_450),
+            entered("Charge", 1_460),
+            exited("Charge", 2_060),
+        ];
+
+        let steps = task_durations(&history);
+
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[0].0, "Reserve");
+        assert!((steps[0].1 - 0.45).abs() < 1e-9, "{steps:?}");
+        assert_eq!(steps[1].0, "Charge");
+        assert!((steps[1].1 - 0.6).abs() < 1e-9, "{steps:?}");
     }
 
     #[test]

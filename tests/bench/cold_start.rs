@@ -9,7 +9,7 @@
 //! `LOCAL_LAMBDA_BINARIES=<dir>` measures prebuilt binaries instead (`<dir>/<crate>` or
 //! `<dir>/<crate>/bootstrap`, the baseline as `bare-lambda`); `COLD_START_ZIPS=<dir>` adds the
 //! size of `<dir>/<crate>/bootstrap.zip` (what `cargo lambda build --output-format zip` leaves)
-//! as a column. Under `cargo test` (no `--bench` argument) it runs at smoke size.
+//! as a column. Under `cargo test` (no `--bench` argument) it runs at smoke size, on dev binaries.
 //! Figures are from a shared 2-core machine: compare the columns, not absolutes with AWS.
 
 use std::collections::{BTreeMap, HashMap};
@@ -98,8 +98,11 @@ async fn main() -> anyhow::Result<()> {
     crates.sort();
     crates.dedup();
 
-    eprintln!("building {} binaries with the release profile…", crates.len());
-    let built = binaries::build(&workspace_root(), &crates, Some("release"))?;
+    // Under `cargo test`, the dev binaries the other tests use: a smoke run need not pay for a
+    // release build of the SDK.
+    let profile = benching.then_some("release");
+    eprintln!("building {} binaries with the {} profile…", crates.len(), profile.unwrap_or("dev"));
+    let built = binaries::build(&workspace_root(), &crates, profile)?;
     let mut lambda_options = local_env::lambda::Options::new(&stack);
     lambda_options.log_dir = workspace_root().join(".local/logs").join(&stack.stack_name);
     lambda_options.aws_env =

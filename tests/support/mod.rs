@@ -159,8 +159,16 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())
 }
 
+static BINARY_PROFILE: OnceLock<&'static str> = OnceLock::new();
+
+/// Benchmarks measure release binaries, as deployed: call before the first [`function_binaries`].
+pub fn use_release_binaries() {
+    let _ = BINARY_PROFILE.set("release");
+}
+
 /// The binary of every function crate of `template.yaml`, built by cargo once per test binary
-/// (the debug profile: what `cargo test` just built is reused).
+/// (the debug profile unless [`use_release_binaries`] was called: what `cargo test` just built
+/// is reused).
 pub fn function_binaries() -> &'static HashMap<String, PathBuf> {
     static BINARIES: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
     BINARIES.get_or_init(|| {
@@ -173,6 +181,7 @@ pub fn function_binaries() -> &'static HashMap<String, PathBuf> {
             .collect();
         crates.sort();
         crates.dedup();
-        binaries::build(&workspace_root(), &crates, None).expect("the functions' binaries build")
+        binaries::build(&workspace_root(), &crates, BINARY_PROFILE.get().copied())
+            .expect("the functions' binaries build")
     })
 }
