@@ -1,7 +1,8 @@
 //! Saga step against the emulator's floor, side by side in one run.
 //!
-//! The saga: the whole system (template provisioned under a fresh stack, every function its own
-//! release binary in the local Lambda service, fed by the local runner); an
+//! The saga: the whole system (the stack `scripts/env.sh up` provisioned, every function its own
+//! release binary in the local Lambda service, fed by the local runner from the stream positions
+//! `local-env run` keeps); an
 //! order placed through the place-order binary runs its happy path, five callback steps.
 //!
 //! The floor: the saga's own state machine definition with every queue pointed at one floor
@@ -104,11 +105,15 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 20 } else { 1 });
 
-    if benching {
+    // Given the system running, and the floor beside it on the same emulators: benching, on the
+    // provisioned stack (fresh DynamoDB Local tables are slower) with release binaries; as a
+    // smoke test, on a stack of its own.
+    let env = if benching {
         system_tests::use_release_binaries();
-    }
-    // Given the system running, and the floor beside it on the same emulators.
-    let env = SagaEnv::start().await;
+        SagaEnv::start_provisioned().await
+    } else {
+        SagaEnv::start().await
+    };
     let sqs = env.aws.sqs();
     let floor_queue = sqs
         .create_queue()
