@@ -305,8 +305,6 @@ impl DynamoEventStore {
     }
 }
 
-/// An event item as its envelope, read field by field (strings are moved out of the item, not
-/// copied). Either payload encoding is accepted.
 /// What a fold reads of an event: its version, type, schema and payload (in either encoding).
 const FOLD_PROJECTION: &str = "#v, eventType, schemaVersion, payloadJson, payload";
 
@@ -317,21 +315,9 @@ fn version_name() -> HashMap<String, String> {
 
 /// An item read with [`FOLD_PROJECTION`]: the envelope's other fields are left empty.
 fn decode_fold_item(stream: &StreamId, mut item: Item) -> Result<RecordedEvent, String> {
-    let event_type = match item.remove("eventType") {
-        Some(AttributeValue::S(v)) => v,
-        _ => return Err("no eventType".into()),
-    };
-    let number = |name: &str| match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse::<u64>().map_err(|_| format!("{name} {v:?} is not a whole number")),
-        _ => Err(format!("no number {name}")),
-    };
-    let version = number("version")?;
-    let schema_version = u32::try_from(number("schemaVersion")?).map_err(|_| "schemaVersion out of range")?;
-    let json = match item.remove(PAYLOAD_JSON) {
-        Some(AttributeValue::S(v)) => Some(v),
-        None => None,
-        Some(_) => return Err("payloadJson is not a string".into()),
-    };
+    let event_type = take_string(&mut item, "eventType")?.ok_or("no eventType")?;
+    let (version, schema_version) = versions(&item)?;
+    let json = take_string(&mut item, PAYLOAD_JSON)?;
     let payload = decode_value(json, item.remove("payload"))?;
     Ok(RecordedEvent {
         stream_id: stream.to_string(),
@@ -347,12 +333,29 @@ fn decode_fold_item(stream: &StreamId, mut item: Item) -> Result<RecordedEvent, 
     })
 }
 
-fn decode_event_item(mut item: Item) -> Result<RecordedEvent, String> {
-    let mut take_s = |name: &str| match item.remove(name) {
+/// A string attribute, moved out of the item (not copied); `None` when absent.
+fn take_string(item: &mut Item, name: &str) -> Result<Option<String>, String> {
+    match item.remove(name) {
         Some(AttributeValue::S(v)) => Ok(Some(v)),
         None => Ok(None),
         Some(_) => Err(format!("{name} is not a string")),
+    }
+}
+
+/// The `version` and `schemaVersion` numbers of an event or snapshot item.
+fn versions(item: &Item) -> Result<(u64, u32), String> {
+    let number = |name: &str| match item.get(name) {
+        Some(AttributeValue::N(v)) => v.parse::<u64>().map_err(|_| format!("{name} {v:?} is not a whole number")),
+        _ => Err(format!("no number {name}")),
     };
+    let version = number("version")?;
+    let schema_version = u32::try_from(number("schemaVersion")?).map_err(|_| "schemaVersion out of range")?;
+    Ok((version, schema_version))
+}
+
+/// An event item as its envelope, read field by field. Either payload encoding is accepted.
+fn decode_event_item(mut item: Item) -> Result<RecordedEvent, String> {
+    let mut take_s = |name: &str| take_string(&mut item, name);
     let stream_id = take_s("streamId")?.ok_or("no streamId")?;
     let event_id = take_s("eventId")?.ok_or("no eventId")?;
     let event_type = take_s("eventType")?.ok_or("no eventType")?;
@@ -361,12 +364,7 @@ fn decode_event_item(mut item: Item) -> Result<RecordedEvent, String> {
     let idempotency_key = take_s("idempotencyKey")?;
     let recorded_at = take_s("recordedAt")?.ok_or("no recordedAt")?;
     let payload_json = take_s(PAYLOAD_JSON)?;
-    let number = |name: &str| match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse::<u64>().map_err(|_| format!("{name} {v:?} is not a whole number")),
-        _ => Err(format!("no number {name}")),
-    };
-    let version = number("version")?;
-    let schema_version = u32::try_from(number("schemaVersion")?).map_err(|_| "schemaVersion out of range")?;
+    let (version, schema_version) = versions(&item)?;
     let payload = decode_value(payload_json, item.remove("payload"))?;
     Ok(RecordedEvent {
         stream_id,
@@ -392,20 +390,11 @@ fn decode_value(json: Option<String>, map: Option<AttributeValue>) -> Result<Val
 }
 
 fn decode_snapshot_item(mut item: Item) -> Result<Snapshot, String> {
-    let mut take_s = |name: &str| match item.remove(name) {
-        Some(AttributeValue::S(v)) => Ok(Some(v)),
-        None => Ok(None),
-        Some(_) => Err(format!("{name} is not a string")),
-    };
+    let mut take_s = |name: &str| take_string(&mut item, name);
     let stream_id = take_s("streamId")?.ok_or("no streamId")?;
     let taken_at = take_s("takenAt")?.ok_or("no takenAt")?;
     let state_json = take_s(STATE_JSON)?;
-    let number = |name: &str| match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse::<u64>().map_err(|_| format!("{name} {v:?} is not a whole number")),
-        _ => Err(format!("no number {name}")),
-    };
-    let version = number("version")?;
-    let schema_version = u32::try_from(number("schemaVersion")?).map_err(|_| "schemaVersion out of range")?;
+    let (version, schema_version) = versions(&item)?;
     let state = decode_value(state_json, item.remove("state"))?;
     Ok(Snapshot { stream_id, version, schema_version, state, taken_at })
 }
