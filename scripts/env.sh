@@ -241,9 +241,15 @@ start_localstack() {
   # FILESYSTEM_ROOT keeps host-mode state out of the venv and /tmp; CONFIG_DIR ignores the user's
   # ~/.localstack profiles; DNS_ADDRESS=0 turns off its DNS server (would bind 0.0.0.0:53);
   # path-style SQS URLs on 127.0.0.1 need no public DNS.
+  # IN_MEMORY_CLIENT=1: LocalStack's calls to itself (Step Functions' SQS integration, EventBridge
+  # delivering to its SQS targets) skip the HTTP round trip through its own gateway. Measured on
+  # this machine: PutEvents of 5 entries matching 3 rules 280 ms -> 25 ms; the saga-step floor
+  # 53-94 ms -> 28-41 ms. It is the emulator's own work, which otherwise stalls every other
+  # request on the 2 shared cores.
   launch localstack "$LOCAL_DIR" env \
     GATEWAY_LISTEN="127.0.0.1:$LOCALSTACK_PORT" \
     GATEWAY_SERVER=hypercorn \
+    IN_MEMORY_CLIENT=1 \
     OVERRIDE_IN_DOCKER=0 \
     LOCALSTACK_HOST="127.0.0.1:$LOCALSTACK_PORT" \
     SERVICES="$LS_SERVICES" \

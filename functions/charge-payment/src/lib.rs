@@ -5,13 +5,18 @@
 //! Step Functions per message and reports per-message failures for redelivery.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::deadline::Deadline;
 use shared::domain::services::PaymentGateway;
 use shared::saga::runtime::StepLambda;
 use shared::saga::{Step, steps};
 
-pub async fn handle<X: PaymentGateway>(lambda: &StepLambda<X>, event: SqsEvent) -> SqsBatchResponse {
+pub async fn handle<X: PaymentGateway>(
+    lambda: &StepLambda<X>,
+    event: SqsEvent,
+    deadline: Deadline,
+) -> SqsBatchResponse {
     lambda
-        .handle(event, &[Step::ChargePayment], |msg| async move {
+        .handle(event, deadline, &[Step::ChargePayment], |msg| async move {
             steps::charge_payment(&lambda.repo, &lambda.services, &msg).await
         })
         .await

@@ -5,15 +5,14 @@
 //! Step Functions per message and reports per-message failures for redelivery.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::deadline::Deadline;
 use shared::saga::runtime::StepLambda;
 use shared::saga::{Step, steps};
 
-pub async fn handle(lambda: &StepLambda<()>, event: SqsEvent) -> SqsBatchResponse {
+pub async fn handle(lambda: &StepLambda<()>, event: SqsEvent, deadline: Deadline) -> SqsBatchResponse {
     lambda
-        .handle(
-            event,
-            &[Step::ReserveInventory],
-            |msg| async move { steps::reserve_inventory(&lambda.repo, &msg).await },
-        )
+        .handle(event, deadline, &[Step::ReserveInventory], |msg| async move {
+            steps::reserve_inventory(&lambda.repo, &msg).await
+        })
         .await
 }

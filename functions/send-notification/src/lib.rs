@@ -5,13 +5,14 @@
 //! Step Functions per message and reports per-message failures for redelivery.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::deadline::Deadline;
 use shared::domain::services::Notifier;
 use shared::saga::runtime::StepLambda;
 use shared::saga::{Step, steps};
 
-pub async fn handle<X: Notifier>(lambda: &StepLambda<X>, event: SqsEvent) -> SqsBatchResponse {
+pub async fn handle<X: Notifier>(lambda: &StepLambda<X>, event: SqsEvent, deadline: Deadline) -> SqsBatchResponse {
     lambda
-        .handle(event, &[Step::SendNotification], |msg| async move {
+        .handle(event, deadline, &[Step::SendNotification], |msg| async move {
             steps::send_notification(&lambda.repo, &lambda.services, &msg).await
         })
         .await

@@ -3,6 +3,7 @@
 //! goes to the step's DLQ at once with the reason: no poison-message loop, nothing dropped.
 
 use std::future::Future;
+use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::types::MessageAttributeValue;
@@ -12,6 +13,7 @@ use tracing::Instrument;
 
 use super::errors::{MALFORMED_COMMAND, STEP_FAILED};
 use super::{Step, StepError, StepMessage, StepOutcome};
+use crate::deadline::Deadline;
 
 /// How a callback to the state machine went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,9 +152,13 @@ pub const STEP_CONCURRENCY: usize = 4;
 
 /// Processes one SQS batch of step commands, up to [`STEP_CONCURRENCY`] at a time: each message is answered to the state machine
 /// and deleted, or reported as a batch item failure to be redelivered (and, after
-/// `maxReceiveCount`, moved to the DLQ by the redrive policy).
+/// `maxReceiveCount`, moved to the DLQ by the redrive policy). Work still running at `deadline`
+/// is cut off and reported with the messages not started, so the invocation answers before
+/// Lambda kills it: the finished messages are not redelivered, and a redelivered one finds its
+/// effects recorded (every step is idempotent).
 pub async fn process_batch<C, D, F, Fut>(
     event: SqsEvent,
+    deadline: &Deadline,
     accepts: &[Step],
     callback: &C,
     dead_letters: &D,
@@ -170,7 +176,12 @@ where
     let failures: Vec<BatchItemFailure> = stream::iter(&event.records)
         .map(|message| async move {
             let id = message.message_id.clone().unwrap_or_default();
-            let result = process_one(message, accepts, callback, dead_letters, step).await;
+            let result = if deadline.allows(Duration::ZERO) {
+                let work = process_one(message, accepts, callback, dead_letters, step);
+                deadline.run(work).await.unwrap_or_else(|| Err("the invocation's deadline came first".to_owned()))
+            } else {
+                Err("not started before the invocation's deadline".to_owned())
+            };
             result.err().map(|reason| {
                 tracing::warn!(message_id = %id, %reason, "step command left for redelivery");
                 let mut failure = BatchItemFailure::default();
@@ -296,13 +307,19 @@ impl<X> StepLambda<X> {
         )
     }
 
-    /// Runs `step` for every command of the batch this function `accepts`.
-    pub async fn handle<F, Fut>(&self, event: SqsEvent, accepts: &[Step], step: F) -> SqsBatchResponse
+    /// Runs `step` for every command of the batch this function `accepts`, until `deadline`.
+    pub async fn handle<F, Fut>(
+        &self,
+        event: SqsEvent,
+        deadline: Deadline,
+        accepts: &[Step],
+        step: F,
+    ) -> SqsBatchResponse
     where
         F: Fn(StepMessage) -> Fut,
         Fut: Future<Output = Result<StepOutcome, StepError>>,
     {
-        process_batch(event, accepts, &self.callback, &self.dead_letters, step).await
+        process_batch(event, &deadline, accepts, &self.callback, &self.dead_letters, step).await
     }
 }
 
@@ -375,7 +392,8 @@ mod tests {
 
         // When a batch of 9 commands and one unreadable message is processed
         let began = tokio::time::Instant::now();
-        let response = process_batch(batch(9), &[Step::ReserveInventory], &answers, &parked, step).await;
+        let response =
+            process_batch(batch(9), &Deadline::never(), &[Step::ReserveInventory], &answers, &parked, step).await;
 
         // Then the commands ran STEP_CONCURRENCY at a time (3 rounds, not 9)
         assert_eq!(most.load(Ordering::SeqCst), STEP_CONCURRENCY);
@@ -390,5 +408,31 @@ mod tests {
         // and the unreadable message was parked with its reason
         let parked = parked.reasons();
         assert!(parked.len() == 1 && parked[0].starts_with("malformed step command"), "{parked:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_deadline_unfinished_and_unstarted_commands_are_left_for_redelivery() {
+        // Given a step that takes 1 s per command, and an invocation with 1.5 s left
+        let (answers, parked) = (Answers::default(), KeptDeadLetters::default());
+        let step = |command: StepMessage| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(Ok(json!({ "done": command.task_token })))
+        };
+        let deadline = Deadline::after(Duration::from_millis(1_500));
+
+        // When a batch of 9 commands (4 at a time) is processed
+        let began = tokio::time::Instant::now();
+        let response = process_batch(batch(9), &deadline, &[Step::ReserveInventory], &answers, &parked, step).await;
+
+        // Then the invocation answers at its deadline, not after the 3 s the batch needs
+        assert_eq!(began.elapsed(), Duration::from_millis(1_500));
+        // and the first four commands were answered; the rest, cut off (m5-m8) or never started
+        // (m9 and the unreadable one), stay on the queue
+        let mut answered: Vec<String> = answers.0.lock().expect("lock").iter().map(|(t, _)| t.clone()).collect();
+        answered.sort();
+        assert_eq!(answered, ["t1", "t2", "t3", "t4"]);
+        let failed: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
+        assert_eq!(failed, ["m5", "m6", "m7", "m8", "m9", "bad"]);
+        assert!(parked.reasons().is_empty());
     }
 }
