@@ -571,10 +571,11 @@ async fn main() {
     let run = unique("bench");
     let (es_events, es_snapshots) = create_es_tables(&aws.dynamodb(), &run).await;
     // Like for like: both stores on tables this run creates, neither with a stream. DynamoDB
-    // Local writes stream records in the request (AWS does not): measured with one-item
-    // transactions, 2.6 ms on a table without a stream, ~30 ms on one created with a stream while
-    // DynamoDB Local runs, ~3.4 ms on one it loaded at start-up. The template's events table has
-    // its stream (the outbox); that is a table setting, not work of the store's code.
+    // Local writes stream records in the request (AWS does not), at a cost that varies by table:
+    // one-item transactions measured 2.6 ms without a stream, 3.4 ms on the provisioned events
+    // table, ~30 ms on a table created later with the same stream settings (cause not found).
+    // The template's events table has its stream (the outbox): a table setting, not work of the
+    // store's code.
     let config = create_our_tables(&aws.dynamodb(), &run).await;
     let bench = Bench {
         sizes,
