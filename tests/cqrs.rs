@@ -22,6 +22,7 @@ use shared::readmodel::OrderView;
 use shared::readmodel::runtime::ProjectionLambda;
 use shared::readmodel::store::ReadModelStore;
 use shared::retry::RetryPolicy;
+use shared::saga::runtime::SqsDeadLetters;
 use system_tests::invoke::{Except, Replace};
 use system_tests::saga::SagaEnv;
 use system_tests::{LocalAws, unique};
@@ -82,6 +83,7 @@ async fn every_event_reaches_the_bus_exactly_once_per_stream_position_despite_pa
     // real EventBridge, fed by the real stream mapping; every other function is its binary)
     let aws = LocalAws::load().await;
     let events_client = aws.eventbridge();
+    let dlq_client = aws.sqs();
     let env = SagaEnv::start_with(move |stack, service| {
         let bus_name = stack.outputs["OrderEventsBusName"].clone();
         let inner = EventBridgeBus { client: events_client, bus_name };
@@ -91,7 +93,11 @@ async fn every_event_reaches_the_bus_exactly_once_per_stream_position_despite_pa
             base_delay: Duration::from_millis(5),
             max_delay: Duration::from_millis(50),
         };
-        let relay = Arc::new(Relay { bus, retry });
+        let dead_letters = SqsDeadLetters {
+            client: dlq_client.into(),
+            queue_url: stack.functions["OutboxRelayFunction"]["DEAD_LETTER_QUEUE_URL"].clone(),
+        };
+        let relay = Arc::new(Relay { bus, retry, dead_letters });
         Arc::new(Replace {
             inner: service,
             function: "OutboxRelayFunction",
@@ -411,4 +417,54 @@ async fn a_gap_is_filled_from_the_store_and_the_late_event_then_changes_nothing(
     let payment = StreamId::new("Payment", &id).expect("id");
     let lag = shared::readmodel::store::lag::<OrderView, _>(&store, &models, &payment).await.expect("lag");
     assert_eq!((lag.head, lag.behind), (2, 2), "payment events not projected yet: 2 behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_item_that_is_not_an_event_goes_to_the_relays_dlq_and_the_events_behind_it_still_project() {
+    // Given the system running (the relay is its own binary, fed by the stream mapping)
+    let env = SagaEnv::start().await;
+    let sqs = env.aws.sqs();
+    let dlq = env.queue_url("OutboxRelayDlq");
+
+    // When something other than the store writes an item to the events table, and an order
+    // is placed right after it
+    let foreign = unique("Foreign");
+    env.aws
+        .dynamodb()
+        .put_item()
+        .table_name(&env.stack.environment["EVENTS_TABLE"])
+        .item("streamId", aws_sdk_dynamodb::types::AttributeValue::S(foreign.clone()))
+        .item("version", aws_sdk_dynamodb::types::AttributeValue::N("1".into()))
+        .send()
+        .await
+        .expect("foreign item");
+    let id = env.place(env.sample("happy-path")).await;
+
+    // Then the relay parks the foreign item, with the reason, on its first delivery
+    let mut parked = Vec::new();
+    for _ in 0..30 {
+        let got = sqs
+            .receive_message()
+            .queue_url(&dlq)
+            .message_attribute_names("All")
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .expect("receive");
+        for m in got.messages() {
+            let reason = m.message_attributes().and_then(|a| a.get("reason")).and_then(|a| a.string_value());
+            parked.push((m.body().unwrap_or_default().to_owned(), reason.unwrap_or_default().to_owned()));
+        }
+        if !parked.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(parked[0].0.contains(&foreign), "the record itself is kept: {parked:?}");
+    assert!(parked[0].1.starts_with("not an event envelope"), "{parked:?}");
+    // And the order's events, behind it on the stream, reach the order view
+    assert_eq!(env.finished(&id).await.status, "SUCCEEDED");
+    wait_for_projections(&env, std::slice::from_ref(&id)).await;
+    env.stop().await;
 }

@@ -20,6 +20,7 @@ use shared::config::{ConfigError, Vars, required};
 use shared::deadline::Deadline;
 use shared::eventstore::{RecordedEvent, StreamId};
 use shared::retry::RetryPolicy;
+use shared::saga::runtime::{DeadLetters, Source};
 
 pub const SOURCE_PREFIX: &str = "order-saga.";
 /// PutEvents takes 10 entries and 256 KB per call.
@@ -95,9 +96,11 @@ pub fn entry(event: &RecordedEvent) -> BusEntry {
     BusEntry { source: format!("{SOURCE_PREFIX}{category}"), detail_type: event.event_type.clone(), detail: text }
 }
 
-pub struct Relay<B> {
+pub struct Relay<B, D> {
     pub bus: B,
     pub retry: RetryPolicy,
+    /// Where a record that is not a stored event goes, with the reason (`DEAD_LETTER_QUEUE_URL`).
+    pub dead_letters: D,
 }
 
 /// PutEvents calls in flight at once. EventBridge's PutEvents quota is thousands of entries per
@@ -107,7 +110,7 @@ pub const PUBLISH_CONCURRENCY: usize = 8;
 
 /// Publishes `entries`, sending again only those that failed, never past `deadline`; `Err(i)`
 /// names the first entry still unpublished.
-async fn publish<B: Bus>(relay: &Relay<B>, entries: &[BusEntry], deadline: &Deadline) -> Result<(), usize> {
+async fn publish<B: Bus, D>(relay: &Relay<B, D>, entries: &[BusEntry], deadline: &Deadline) -> Result<(), usize> {
     let mut pending: Vec<usize> = (0..entries.len()).collect();
     let mut attempt = 0;
     loop {
@@ -166,7 +169,11 @@ fn chunks(entries: &[BusEntry]) -> Vec<Range<usize>> {
 /// `deadline`. On a failure or at the deadline, the response names the first unpublished
 /// record, so the stream resumes there: what was published before it is not sent again, and
 /// a batch too large for one invocation still moves forward.
-pub async fn handle<B: Bus>(relay: &Relay<B>, batch: Event, deadline: Deadline) -> DynamoDbEventResponse {
+pub async fn handle<B: Bus, D: DeadLetters>(
+    relay: &Relay<B, D>,
+    batch: Event,
+    deadline: Deadline,
+) -> DynamoDbEventResponse {
     let mut response = DynamoDbEventResponse::default();
     let mut fail_at = |sequence: Option<String>| {
         let mut failure = DynamoDbBatchItemFailure::default();
@@ -177,20 +184,26 @@ pub async fn handle<B: Bus>(relay: &Relay<B>, batch: Event, deadline: Deadline) 
     let mut entries = Vec::new();
     for record in batch.records.into_iter().filter(|r| r.event_name == "INSERT") {
         let sequence = record.change.sequence_number.clone();
-        match serde_dynamo::from_item::<_, RecordedEvent>(record.change.new_image) {
+        let reason = match serde_dynamo::from_item::<_, RecordedEvent>(record.change.new_image.clone()) {
             Ok(event) if StreamId::parse(&event.stream_id).is_ok() => {
                 sequences.push(sequence);
                 entries.push(entry(&event));
+                continue;
             }
-            Ok(event) => tracing::error!(stream = %event.stream_id, "skipping an item that is not an event"),
-            // The store wrote it; if it does not decode, retrying will not help: the mapping's
-            // retries end in its OnFailure destination, which keeps the record.
-            Err(e) => {
-                tracing::error!(error = %e, "undecodable event in the store's stream");
-                fail_at(sequence);
-                return response;
-            }
+            Ok(event) => format!("not an event: stream id {:?}", event.stream_id),
+            Err(e) => format!("not an event envelope: {e}"),
+        };
+        // Something other than the store wrote to its table. Retrying will not make it an event,
+        // and failing here would hold back (and, once the retries run out, skip) every event
+        // behind it: park it with the reason and go on.
+        let body = serde_json::to_string(&record.change.new_image).unwrap_or_default();
+        let source = Source { arn: record.event_source_arn.as_deref(), id: sequence.as_deref() };
+        if let Err(e) = relay.dead_letters.dead_letter(&body, &reason, &source).await {
+            tracing::error!(%reason, error = %e, "an unreadable record could not be dead-lettered; the stream retries from it");
+            fail_at(sequence);
+            return response;
         }
+        tracing::error!(%reason, sequence = ?sequence, "unreadable record in the store's stream dead-lettered");
     }
     let entries = &entries;
     let deadline = &deadline;
@@ -221,6 +234,7 @@ mod tests {
     use std::time::Duration;
 
     use aws_lambda_events::event::dynamodb::EventRecord;
+    use shared::saga::runtime::KeptDeadLetters;
 
     use super::*;
 
@@ -286,8 +300,12 @@ mod tests {
         event
     }
 
-    fn relay(bus: RecordingBus) -> Relay<RecordingBus> {
-        Relay { bus, retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() } }
+    fn relay(bus: RecordingBus) -> Relay<RecordingBus, KeptDeadLetters> {
+        Relay {
+            bus,
+            retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
+            dead_letters: KeptDeadLetters::default(),
+        }
     }
 
     fn failed_at(response: &DynamoDbEventResponse) -> Vec<Option<String>> {
@@ -355,6 +373,7 @@ mod tests {
         let relay = Relay {
             bus: Refusing(RecordingBus::default()),
             retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
+            dead_letters: KeptDeadLetters::default(),
         };
 
         // When 40 records are relayed
@@ -364,5 +383,33 @@ mod tests {
         assert_eq!(failed_at(&response), vec![Some("25".to_owned())]);
         let accepted: HashSet<String> = relay.bus.0.accepted.lock().expect("lock").iter().cloned().collect();
         assert!((1..25).all(|v| accepted.contains(&format!("Order-o1/{v}"))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_that_is_not_an_event_is_dead_lettered_and_the_rest_published() {
+        // Given a batch of 30 events with two foreign items among them (one with no envelope,
+        // one whose stream id is not a stream's)
+        let relay = relay(RecordingBus::default());
+        let mut batch = batch(30);
+        batch.records[9].change.new_image =
+            serde_dynamo::to_item(json!({ "streamId": "x", "version": 10 })).expect("item");
+        let mut bad_stream = batch.records[19].change.new_image.clone();
+        bad_stream.insert("streamId".into(), serde_dynamo::AttributeValue::S("NoSeparator".into()));
+        batch.records[19].change.new_image = bad_stream;
+
+        // When the batch is relayed
+        let response = handle(&relay, batch, Deadline::never()).await;
+
+        // Then nothing is retried, the 28 events are published, and both items are parked with
+        // their reasons
+        assert!(response.batch_item_failures.is_empty(), "{:?}", failed_at(&response));
+        let accepted: HashSet<String> = relay.bus.accepted.lock().expect("lock").iter().cloned().collect();
+        let expected: HashSet<String> =
+            (1..=30).filter(|v| *v != 10 && *v != 20).map(|v| format!("Order-o1/{v}")).collect();
+        assert_eq!(accepted, expected);
+        let reasons = relay.dead_letters.reasons();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons[0].starts_with("not an event envelope"), "{reasons:?}");
+        assert!(reasons[1].starts_with("not an event: stream id"), "{reasons:?}");
     }
 }

@@ -1,16 +1,22 @@
 use aws_lambda_events::event::dynamodb::Event;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use outbox_relay::{EventBridgeBus, Relay};
-use shared::config::process_env;
+use shared::aws::LazyClient;
+use shared::config::{process_env, required};
 use shared::deadline::Deadline;
 use shared::retry::RetryPolicy;
+use shared::saga::runtime::SqsDeadLetters;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
     let sdk = shared::aws::sdk_config().await;
     let bus = EventBridgeBus::new(aws_sdk_eventbridge::Client::new(&sdk), &process_env)?;
-    let relay = Relay { bus, retry: RetryPolicy::default() };
+    let dead_letters = SqsDeadLetters {
+        client: LazyClient::new(&sdk, aws_sdk_sqs::Client::new),
+        queue_url: required(&process_env, "DEAD_LETTER_QUEUE_URL")?,
+    };
+    let relay = Relay { bus, retry: RetryPolicy::default(), dead_letters };
     let relay = &relay;
     run(service_fn(|event: LambdaEvent<Event>| async move {
         let deadline = Deadline::from_epoch_millis(event.context.deadline);
