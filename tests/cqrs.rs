@@ -423,8 +423,6 @@ async fn a_gap_is_filled_from_the_store_and_the_late_event_then_changes_nothing(
 async fn an_item_that_is_not_an_event_goes_to_the_relays_dlq_and_the_events_behind_it_still_project() {
     // Given the system running (the relay is its own binary, fed by the stream mapping)
     let env = SagaEnv::start().await;
-    let sqs = env.aws.sqs();
-    let dlq = env.queue_url("OutboxRelayDlq");
 
     // When something other than the store writes an item to the events table, and an order
     // is placed right after it
@@ -441,28 +439,10 @@ async fn an_item_that_is_not_an_event_goes_to_the_relays_dlq_and_the_events_behi
     let id = env.place(env.sample("happy-path")).await;
 
     // Then the relay parks the foreign item, with the reason, on its first delivery
-    let mut parked = Vec::new();
-    for _ in 0..30 {
-        let got = sqs
-            .receive_message()
-            .queue_url(&dlq)
-            .message_attribute_names("All")
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .send()
-            .await
-            .expect("receive");
-        for m in got.messages() {
-            let reason = m.message_attributes().and_then(|a| a.get("reason")).and_then(|a| a.string_value());
-            parked.push((m.body().unwrap_or_default().to_owned(), reason.unwrap_or_default().to_owned()));
-        }
-        if !parked.is_empty() {
-            break;
-        }
-    }
+    let parked = env.dead_letters("OutboxRelayDlq", 1, 30).await;
     assert_eq!(parked.len(), 1, "{parked:?}");
-    assert!(parked[0].0.contains(&foreign), "the record itself is kept: {parked:?}");
-    assert!(parked[0].1.starts_with("not an event envelope"), "{parked:?}");
+    assert!(parked[0].body.contains(&foreign), "the record itself is kept: {parked:?}");
+    assert!(parked[0].reason.starts_with("not an event envelope"), "{parked:?}");
     // And the order's events, behind it on the stream, reach the order view
     assert_eq!(env.finished(&id).await.status, "SUCCEEDED");
     wait_for_projections(&env, std::slice::from_ref(&id)).await;

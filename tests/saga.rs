@@ -329,7 +329,6 @@ async fn malformed_commands_go_to_the_steps_dlq_with_the_reason_and_nothing_else
     let env = SagaEnv::start().await;
     let sqs = &env.aws.sqs();
     let queue = env.queue_url("ReserveInventoryQueue");
-    let dlq = env.queue_url("ReserveInventoryDlq");
 
     // Given a message that is not JSON and a well-formed one meant for another step (the
     // charge-payment sample), on the reserve-inventory queue
@@ -345,29 +344,9 @@ async fn malformed_commands_go_to_the_steps_dlq_with_the_reason_and_nothing_else
     let id = env.place(env.sample("happy-path")).await;
 
     // Then both malformed messages are in the DLQ with a reason, the first time round
-    let mut reasons = Vec::new();
-    for _ in 0..20 {
-        let got = sqs
-            .receive_message()
-            .queue_url(&dlq)
-            .message_attribute_names("All")
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .send()
-            .await
-            .expect("receive");
-        for m in got.messages() {
-            let attrs = m.message_attributes().cloned().unwrap_or_default();
-            reasons.push(attrs.get("reason").and_then(|a| a.string_value()).unwrap_or_default().to_owned());
-            let receive_count = m
-                .attributes()
-                .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount));
-            assert!(receive_count.is_none_or(|c| c == "1"), "dead-lettered at once, not after retries");
-        }
-        if reasons.len() >= 2 {
-            break;
-        }
-    }
+    let parked = env.dead_letters("ReserveInventoryDlq", 2, 20).await;
+    assert!(parked.iter().all(|p| p.receive_count.as_deref() == Some("1")), "dead-lettered at once: {parked:?}");
+    let mut reasons: Vec<String> = parked.into_iter().map(|p| p.reason).collect();
     reasons.sort();
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(reasons.iter().any(|r| r.starts_with("malformed step command")), "{reasons:?}");

@@ -35,6 +35,16 @@ fn overrides() -> HashMap<String, String> {
     ])
 }
 
+/// A message on a dead-letter queue.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub body: String,
+    /// The `reason` attribute the function gave it.
+    pub reason: String,
+    /// SQS's `ApproximateReceiveCount` of this receive.
+    pub receive_count: Option<String>,
+}
+
 impl SagaEnv {
     pub async fn start() -> Self {
         Self::start_with(|_, service| service).await
@@ -106,6 +116,41 @@ impl SagaEnv {
     /// The URL of a queue of the stack, by logical id.
     pub fn queue_url(&self, logical_id: &str) -> String {
         self.stack.resources[logical_id].reference.clone()
+    }
+
+    /// Receives from the stack's queue `logical_id` (a DLQ) until `want` messages are in or
+    /// about `want_within` seconds pass; each as it was parked.
+    pub async fn dead_letters(&self, logical_id: &str, want: usize, want_within: u32) -> Vec<DeadLetter> {
+        let (sqs, url) = (self.aws.sqs(), self.queue_url(logical_id));
+        let mut parked = Vec::new();
+        for _ in 0..want_within {
+            let got = sqs
+                .receive_message()
+                .queue_url(&url)
+                .message_attribute_names("All")
+                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .expect("receive");
+            for m in got.messages() {
+                let attribute = m.message_attributes().and_then(|a| a.get("reason")).and_then(|a| a.string_value());
+                let receive_count = m
+                    .attributes()
+                    .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount))
+                    .cloned();
+                parked.push(DeadLetter {
+                    body: m.body().unwrap_or_default().to_owned(),
+                    reason: attribute.unwrap_or_default().to_owned(),
+                    receive_count,
+                });
+            }
+            if parked.len() >= want {
+                break;
+            }
+        }
+        parked
     }
 
     /// A sample order from `events/place-order/`, with a test-unique id.
