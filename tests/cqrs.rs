@@ -14,6 +14,7 @@ use aws_sdk_dynamodb::types::{
 use outbox_relay::{Bus, BusEntry, EventBridgeBus, Relay};
 use serde_json::{Value, json};
 use shared::aggregate::{CommandContext, Repository};
+use shared::domain::dead_letter::Status;
 use shared::domain::order::{Order, OrderCommand, OrderRequest};
 use shared::domain::payment::{Payment, PaymentCommand};
 use shared::domain::shipment::{Shipment, ShipmentCommand};
@@ -438,11 +439,13 @@ async fn an_item_that_is_not_an_event_goes_to_the_relays_dlq_and_the_events_behi
         .expect("foreign item");
     let id = env.place(env.sample("happy-path")).await;
 
-    // Then the relay parks the foreign item, with the reason, on its first delivery
-    let parked = env.dead_letters("OutboxRelayDlq", 1, 30).await;
+    // Then the relay parks the foreign item with the reason, and it is recorded as a dead
+    // letter waiting for a person
+    let parked = env.dead_letters("OutboxRelayDlq", 1, Status::Parked, 30).await;
     assert_eq!(parked.len(), 1, "{parked:?}");
     assert!(parked[0].body.contains(&foreign), "the record itself is kept: {parked:?}");
-    assert!(parked[0].reason.starts_with("not an event envelope"), "{parked:?}");
+    assert!(parked[0].reason.contains("not an event envelope"), "{parked:?}");
+    assert_eq!(parked[0].failure, Some(shared::domain::dead_letter::Failure::Poison));
     // And the order's events, behind it on the stream, reach the order view
     assert_eq!(env.finished(&id).await.status, "SUCCEEDED");
     wait_for_projections(&env, std::slice::from_ref(&id)).await;

@@ -60,6 +60,10 @@ async fn the_project_template_provisions_with_nothing_left_out() {
         .await
         .expect("ttl");
     assert_eq!(ttl.time_to_live_description().and_then(|t| t.attribute_name()), Some("expiresAt"));
+    // No endpoint given: the alarm topic exists, its subscription is left out by its condition
+    assert_eq!(status(&stack, "AlarmTopic"), &Status::Created);
+    assert_eq!(status(&stack, "AlarmSubscription"), &Status::Skipped("condition HasAlarmSubscription is false".into()));
+    aws.remove_alarms_and_queues(&stack).await;
 }
 
 #[tokio::test]
@@ -69,17 +73,42 @@ async fn every_supported_type_is_created_and_behaves_and_the_rest_is_named() {
     let stack = provision(&aws, "tests/fixtures/provisioning.yaml", &stack_name).await;
     let report = local_env::report(&stack);
 
-    // Nothing failed; the SNS topic is reported by name as not created; stand-ins are marked
+    // Nothing failed; the dashboard is reported by name as not created; stand-ins are marked;
+    // what its condition leaves out is skipped
     assert!(stack.failed().is_empty(), "{report}");
-    assert_eq!(status(&stack, "Alerts"), &Status::Unsupported);
-    assert!(report.contains("Not created locally: Alerts (AWS::SNS::Topic)"), "{report}");
-    // The alarm watches the DLQ's depth on CloudWatch
+    assert_eq!(status(&stack, "Board"), &Status::Unsupported);
+    assert!(report.contains("Not created locally: Board (AWS::CloudWatch::Dashboard)"), "{report}");
+    assert_eq!(status(&stack, "ProductionOnly"), &Status::Skipped("condition IsProduction is false".into()));
+    assert!(!stack.resources.contains_key("ProductionOnly"));
+    // The alarm watches the DLQ's depth on CloudWatch and notifies the topic, by its ARN
     assert_eq!(status(&stack, "WorkAlarm"), &Status::Created);
     let alarms = aws.cloudwatch().describe_alarms().alarm_names(&stack.resources["WorkAlarm"].reference).send().await;
     let alarm = alarms.expect("describe alarms").metric_alarms().first().cloned().expect("the alarm exists");
     assert_eq!(alarm.metric_name(), Some("ApproximateNumberOfMessagesVisible"));
     assert_eq!(alarm.dimensions()[0].value(), Some(format!("{stack_name}-work-dlq").as_str()));
     assert_eq!(alarm.threshold(), Some(0.0));
+    let topic_arn = stack.resources["Alerts"].reference.clone();
+    assert_eq!(topic_arn, format!("arn:aws:sns:{}:000000000000:{stack_name}-alerts", aws.var("AWS_REGION")));
+    assert_eq!(alarm.alarm_actions(), std::slice::from_ref(&topic_arn));
+    assert_eq!(alarm.ok_actions(), std::slice::from_ref(&topic_arn));
+
+    // Topic: what is published reaches its SQS subscriber (raw and filtered, as subscribed); the e-mail
+    // subscription is recorded, not made; the topic policy is a stand-in
+    assert_eq!(status(&stack, "Alerts"), &Status::Created);
+    assert_eq!(status(&stack, "AlertsToInbox"), &Status::Created);
+    assert!(matches!(status(&stack, "AlertsByMail"), Status::Local(why) if why.contains("email")), "{report}");
+    assert!(matches!(status(&stack, "AlertsPolicy"), Status::Local(_)));
+    let subscriptions = aws.sns().list_subscriptions_by_topic().topic_arn(&topic_arn).send().await.expect("list");
+    assert_eq!(subscriptions.subscriptions().len(), 1, "{subscriptions:?}");
+    let page = aws_sdk_sns::types::MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value("page")
+        .build()
+        .expect("attribute");
+    let publish = aws.sns().publish().topic_arn(&topic_arn).message("paged").message_attributes("kind", page);
+    publish.send().await.expect("publish");
+    let inbox = receive_one(&aws.sqs(), &stack.resources["AlertsInbox"].reference).await.expect("delivered");
+    assert_eq!(inbox.body(), Some("paged"));
     assert!(matches!(status(&stack, "Worker"), Status::Local(_)));
     assert!(matches!(status(&stack, "WorkerRole"), Status::Local(_)));
 
@@ -193,4 +222,8 @@ async fn every_supported_type_is_created_and_behaves_and_the_rest_is_named() {
     assert_eq!(status(&stack, "OrdersRule"), &Status::Created);
     assert_eq!(status(&again, "OrdersRule"), &Status::Updated);
     assert_eq!(again.resources["WorkQueue"].reference, work_url);
+    assert_eq!(status(&again, "Alerts"), &Status::Exists);
+    assert_eq!(status(&again, "AlertsToInbox"), &Status::Exists);
+    assert_eq!(again.resources["Alerts"].reference, topic_arn);
+    aws.remove_alarms_and_queues(&again).await;
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use local_env::lambda::Faults;
 use serde_json::{Value, json};
+use shared::domain::dead_letter::{Failure, Status};
 use shared::domain::inventory::{Inventory, Reservation};
 use shared::domain::order::{Order, OrderStatus};
 use shared::domain::payment::Payment;
@@ -325,10 +326,11 @@ async fn a_charge_past_its_timeout_is_killed_redelivered_and_charged_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn malformed_commands_go_to_the_steps_dlq_with_the_reason_and_nothing_else_is_affected() {
+async fn malformed_commands_are_parked_as_dead_letters_people_are_told_and_an_operator_discards_one() {
     let env = SagaEnv::start().await;
     let sqs = &env.aws.sqs();
     let queue = env.queue_url("ReserveInventoryQueue");
+    let pager = env.pager().await;
 
     // Given a message that is not JSON and a well-formed one meant for another step (the
     // charge-payment sample), on the reserve-inventory queue
@@ -343,14 +345,44 @@ async fn malformed_commands_go_to_the_steps_dlq_with_the_reason_and_nothing_else
     // And a good order at the same time
     let id = env.place(env.sample("happy-path")).await;
 
-    // Then both malformed messages are in the DLQ with a reason, the first time round
-    let parked = env.dead_letters("ReserveInventoryDlq", 2, 20).await;
-    assert!(parked.iter().all(|p| p.receive_count.as_deref() == Some("1")), "dead-lettered at once: {parked:?}");
-    let mut reasons: Vec<String> = parked.into_iter().map(|p| p.reason).collect();
-    reasons.sort();
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.starts_with("malformed step command")), "{reasons:?}");
+    // Then both are recorded as dead letters, parked for a person with the reason: each was
+    // dead-lettered on its first receive, not after the queue's five
+    let parked = env.dead_letters("ReserveInventoryDlq", 2, Status::Parked, 30).await;
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    assert!(parked.iter().all(|d| d.status == Status::Parked && d.failure == Some(Failure::Poison)), "{parked:?}");
+    assert!(parked.iter().all(|d| d.receive_count == 1), "dead-lettered at once: {parked:?}");
+    assert!(
+        parked
+            .iter()
+            .all(|d| d.source.as_deref() == Some(&*env.stack.resources["ReserveInventoryQueue"].attributes["Arn"]))
+    );
+    let reasons: Vec<&str> = parked.iter().map(|d| d.reason.as_str()).collect();
+    assert!(reasons.iter().any(|r| r.contains("malformed step command")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("does not belong on this queue")), "{reasons:?}");
+    assert!(parked.iter().any(|d| d.body == "{not json"), "the body is kept as it came: {parked:?}");
+    // And people were told about each, by dead letter id
+    let ids: Vec<&str> = parked.iter().map(|d| d.dead_letter_id.as_str()).collect();
+    let told = env.told(&pager, &ids, 20).await;
+    for id in &ids {
+        let about = |(subject, m): &&(String, String)| m.contains(id) && subject.contains("ReserveInventoryDlq");
+        assert!(told.iter().any(|t| about(&t)), "{id}: {told:?}");
+    }
+    // When an operator discards one, saying why
+    let operator = env.operator();
+    let discarded_id = &parked[0].dead_letter_id;
+    let refused = operator.settle_by_operator(discarded_id, "ana", true, "").await;
+    assert!(refused.is_err(), "a discard needs a note");
+    let discarded =
+        operator.settle_by_operator(discarded_id, "ana", true, "malformed by a test").await.expect("discard");
+    // Then it is discarded on its stream and in the view, naming who and why
+    assert_eq!(discarded.status, Status::Discarded);
+    let listed = env.dead_letters("ReserveInventoryDlq", 1, Status::Discarded, 20).await;
+    let view = listed.iter().find(|d| &d.dead_letter_id == discarded_id).expect("listed");
+    let last = view.history.last().expect("history");
+    assert_eq!(
+        (last.what.as_str(), last.by.as_deref(), last.detail.as_str()),
+        ("discarded", Some("ana"), "malformed by a test")
+    );
     // And the good order completed
     assert_eq!(env.finished(&id).await.status, "SUCCEEDED");
     assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Completed);

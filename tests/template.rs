@@ -77,7 +77,11 @@ fn every_sqs_event_source_follows_the_aws_advice() {
             assert!(props["ScalingConfig"]["MaximumConcurrency"] != Value::Null, "{context}: MaximumConcurrency");
             let queue = props["Queue"]["Fn::GetAtt"][0].as_str().unwrap_or_else(|| panic!("{context}: Queue"));
             let queue = &t.resources[queue].properties;
-            assert!(queue["RedrivePolicy"]["maxReceiveCount"].as_u64().is_some(), "{context}: maxReceiveCount");
+            // The dead-letter handler reads the last stop: a message it fails to handle stays on
+            // its DLQ (14 days) for another try, there is no queue behind it.
+            if f.logical_id != "DeadLetterHandlerFunction" {
+                assert!(queue["RedrivePolicy"]["maxReceiveCount"].as_u64().is_some(), "{context}: maxReceiveCount");
+            }
             assert_eq!(queue["VisibilityTimeout"], serde_json::json!({ "Ref": "StepVisibilityTimeout" }), "{context}");
         }
     }
@@ -135,4 +139,78 @@ fn every_dead_letter_queue_has_a_depth_alarm() {
         .collect();
     let unwatched: Vec<_> = dead_letter.difference(&watched).collect();
     assert!(unwatched.is_empty(), "dead-letter queues without a depth alarm: {unwatched:?}");
+}
+
+/// Every alarm reaches someone: its ALARM and its OK go to the one alarm topic, and the topic's
+/// subscription is made only when an endpoint is given (there is none by default).
+#[test]
+fn every_alarm_notifies_the_alarm_topic() {
+    let t = template();
+    assert_eq!(t.resources["AlarmTopic"].kind, "AWS::SNS::Topic");
+    let topic = serde_json::json!([{ "Ref": "AlarmTopic" }]);
+    let alarms: Vec<_> = t.resources.values().filter(|r| r.kind == "AWS::CloudWatch::Alarm").collect();
+    assert!(alarms.len() >= 17, "{} alarms", alarms.len());
+    for alarm in alarms {
+        assert_eq!(alarm.properties["AlarmActions"], topic, "{}: AlarmActions", alarm.logical_id);
+        assert_eq!(alarm.properties["OKActions"], topic, "{}: OKActions", alarm.logical_id);
+    }
+    let subscription = &t.resources["AlarmSubscription"];
+    assert_eq!(subscription.properties["TopicArn"], serde_json::json!({ "Ref": "AlarmTopic" }));
+    assert_eq!(subscription.condition.as_deref(), Some("HasAlarmSubscription"));
+    assert_eq!(t.parameters["AlarmSubscriptionEndpoint"]["Default"], "");
+}
+
+/// A stalled pipeline pages before anything reaches a DLQ: every stream consumer has an
+/// iterator-age alarm, every queue a function consumes an age-of-oldest-message alarm, every
+/// HTTP API a 5xx alarm, and the functions' errors and throttles are watched.
+#[test]
+fn every_stream_consumer_and_consumed_queue_has_a_stall_alarm() {
+    let t = template();
+    let alarms: Vec<&Value> =
+        t.resources.values().filter(|r| r.kind == "AWS::CloudWatch::Alarm").map(|r| &r.properties).collect();
+    // The logical ids the alarms on `metric` watch through their first dimension.
+    let watched = |metric: &str| -> BTreeSet<String> {
+        alarms
+            .iter()
+            .filter(|a| a["MetricName"] == metric)
+            .filter_map(|a| {
+                let value = &a["Dimensions"][0]["Value"];
+                value["Ref"].as_str().or_else(|| value["Fn::GetAtt"][0].as_str()).map(str::to_owned)
+            })
+            .collect()
+    };
+    let iterator_age = watched("IteratorAge");
+    // A queue with a depth alarm (a DLQ: any message pages at once) needs no age alarm as well.
+    let queue_age: BTreeSet<String> = watched("ApproximateAgeOfOldestMessage")
+        .union(&watched("ApproximateNumberOfMessagesVisible"))
+        .cloned()
+        .collect();
+    let mut consumers = 0;
+    for f in t.resources.values().filter(|r| r.kind == "AWS::Serverless::Function") {
+        for (name, event) in f.properties["Events"].as_object().into_iter().flatten() {
+            let context = format!("{}.{name}", f.logical_id);
+            match event["Type"].as_str() {
+                Some("DynamoDB" | "Kinesis") => {
+                    assert!(iterator_age.contains(&f.logical_id), "{context}: no IteratorAge alarm");
+                }
+                Some("SQS") => {
+                    let queue = event["Properties"]["Queue"]["Fn::GetAtt"][0].as_str().unwrap_or_default();
+                    assert!(queue_age.contains(queue), "{context}: no ApproximateAgeOfOldestMessage alarm on {queue}");
+                }
+                _ => continue,
+            }
+            consumers += 1;
+        }
+    }
+    assert!(consumers >= 14, "{consumers} consumers");
+    for api in t.resources.values().filter(|r| r.kind == "AWS::Serverless::HttpApi") {
+        assert!(watched("5xx").contains(&api.logical_id), "{}: no 5xx alarm", api.logical_id);
+    }
+    // Errors and throttles of every function: Lambda's metrics without a dimension
+    for metric in ["Errors", "Throttles"] {
+        let across = alarms
+            .iter()
+            .any(|a| a["Namespace"] == "AWS/Lambda" && a["MetricName"] == metric && a["Dimensions"].is_null());
+        assert!(across, "no alarm on {metric} across the functions");
+    }
 }

@@ -53,6 +53,7 @@ pub fn report(stack: &Stack) -> String {
             Status::Updated => "updated".to_owned(),
             Status::Exists => "exists".to_owned(),
             Status::Local(why) => format!("local stand-in ({why})"),
+            Status::Skipped(why) => format!("skipped ({why})"),
             Status::Unsupported => "NOT CREATED: resource type not supported locally".to_owned(),
             Status::Failed(e) => format!("FAILED: {e}"),
         };

@@ -21,6 +21,7 @@ pub struct Clients {
     pub sfn: aws_sdk_sfn::Client,
     pub cloudwatch: aws_sdk_cloudwatch::Client,
     pub logs: aws_sdk_cloudwatchlogs::Client,
+    pub sns: aws_sdk_sns::Client,
 }
 
 impl Clients {
@@ -32,6 +33,7 @@ impl Clients {
             sfn: aws_sdk_sfn::Client::new(config),
             cloudwatch: aws_sdk_cloudwatch::Client::new(config),
             logs: aws_sdk_cloudwatchlogs::Client::new(config),
+            sns: aws_sdk_sns::Client::new(config),
         }
     }
 }
@@ -52,6 +54,8 @@ pub enum Status {
     Exists,
     /// Not created locally, by design (the reason says what stands in for it).
     Local(String),
+    /// Not created because its `Condition` is false, locally as on AWS (the condition is named).
+    Skipped(String),
     /// A resource type the provisioner cannot create.
     Unsupported,
     Failed(String),
@@ -130,6 +134,33 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
             .as_object()
             .map(|p| p.keys().filter(|k| NO_LOCAL_EFFECT.contains(&k.as_str())).cloned().collect())
             .unwrap_or_default();
+        if let Some(condition) = &resource.condition {
+            match resolver.condition(condition) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let status = Status::Skipped(format!("condition {condition} is false"));
+                    outcomes.push(Outcome {
+                        logical_id: id.clone(),
+                        kind: resource.kind.clone(),
+                        status,
+                        physical_id: None,
+                        ignored,
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    let status = Status::Failed(e.to_string());
+                    outcomes.push(Outcome {
+                        logical_id: id.clone(),
+                        kind: resource.kind.clone(),
+                        status,
+                        physical_id: None,
+                        ignored,
+                    });
+                    continue;
+                }
+            }
+        }
         let result = match resolver.resolve(&resource.properties) {
             Err(e) => Err(anyhow!(e)),
             Ok(props) => {
@@ -240,6 +271,15 @@ impl Ctx<'_> {
         generated
     }
 
+    /// A list of strings (`AlarmActions`…); `None` when the property is absent.
+    fn strings(&self, name: &str) -> anyhow::Result<Option<Vec<String>>> {
+        let Some(value) = self.props.get(name) else { return Ok(None) };
+        let items = value.as_array().with_context(|| format!("{name} is not a list"))?;
+        let strings =
+            items.iter().map(|v| v.as_str().map(str::to_owned).with_context(|| format!("{name}: {v} is not a string")));
+        Ok(Some(strings.collect::<anyhow::Result<_>>()?))
+    }
+
     fn arn(&self, service: &str, resource: &str) -> String {
         format!("arn:aws:{service}:{}:{}:{resource}", self.options.region, self.options.account_id)
     }
@@ -257,6 +297,8 @@ async fn create(kind: &str, ctx: Ctx<'_>) -> anyhow::Result<Created> {
         "AWS::Events::Archive" => archive(&ctx).await,
         "AWS::StepFunctions::StateMachine" | "AWS::Serverless::StateMachine" => state_machine(&ctx).await,
         "AWS::CloudWatch::Alarm" => alarm(&ctx).await,
+        "AWS::SNS::Topic" => topic(&ctx).await,
+        "AWS::SNS::Subscription" => subscription(&ctx).await,
         "AWS::Serverless::Function" | "AWS::Lambda::Function" => {
             let name = ctx.name("FunctionName", 64);
             let arn = ctx.arn("lambda", &format!("function:{name}"));
@@ -271,6 +313,7 @@ async fn create(kind: &str, ctx: Ctx<'_>) -> anyhow::Result<Created> {
         | "AWS::IAM::ManagedPolicy"
         | "AWS::Lambda::Permission"
         | "AWS::SQS::QueuePolicy"
+        | "AWS::SNS::TopicPolicy"
         | "AWS::Events::EventBusPolicy" => {
             let name = ctx.generated_name(255);
             Ok(stand_in("permissions are not enforced locally", name.clone(), name))
@@ -796,7 +839,7 @@ async fn state_machine(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
 // CloudWatch
 
 async fn alarm(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
-    use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, Statistic};
+    use aws_sdk_cloudwatch::types::{ComparisonOperator, Dimension, StandardUnit, Statistic};
     let client = &ctx.clients.cloudwatch;
     let name = ctx.name("AlarmName", 255);
     let number =
@@ -834,12 +877,128 @@ async fn alarm(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
         .set_threshold(number("Threshold")?)
         .set_comparison_operator(ctx.str("ComparisonOperator").map(|c| ComparisonOperator::from(c.as_str())))
         .set_treat_missing_data(ctx.str("TreatMissingData"))
+        .set_datapoints_to_alarm(whole("DatapointsToAlarm")?)
+        .set_unit(ctx.str("Unit").map(|u| StandardUnit::from(u.as_str())))
+        .set_extended_statistic(ctx.str("ExtendedStatistic"))
+        // The actions are what makes an alarm reach someone: LocalStack publishes a state change
+        // to the SNS topics named here, as CloudWatch does.
+        .set_actions_enabled(ctx.str("ActionsEnabled").map(|b| b == "true"))
+        .set_alarm_actions(ctx.strings("AlarmActions")?)
+        .set_ok_actions(ctx.strings("OKActions")?)
+        .set_insufficient_data_actions(ctx.strings("InsufficientDataActions")?)
         .send()
         .await
         .with_context(|| format!("PutMetricAlarm {name}"))?;
     let arn = ctx.arn("cloudwatch", &format!("alarm:{name}"));
     let status = if existed { Status::Updated } else { Status::Created };
     Ok(Some((status, resolved(name, &[("Arn", Some(arn))]))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// SNS
+
+/// Protocols whose endpoint the emulators can deliver to; the others (email, https, sms…) name
+/// something outside this machine.
+const LOCAL_PROTOCOLS: &[&str] = &["sqs"];
+
+async fn topic(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
+    let client = &ctx.clients.sns;
+    let fifo = ctx.str("FifoTopic").as_deref() == Some("true");
+    let mut name = ctx.name("TopicName", if fifo { 251 } else { 256 });
+    if fifo && !name.ends_with(".fifo") {
+        name.push_str(".fifo");
+    }
+    let arn = ctx.arn("sns", &name);
+    let existed = client.get_topic_attributes().topic_arn(&arn).send().await.is_ok();
+    let mut attributes = HashMap::new();
+    for attribute in ["DisplayName", "FifoTopic", "ContentBasedDeduplication"] {
+        if let Some(value) = ctx.str(attribute) {
+            attributes.insert(attribute.to_owned(), value);
+        }
+    }
+    // CreateTopic returns the existing topic when the attributes match; FifoTopic cannot change.
+    let created = client
+        .create_topic()
+        .name(&name)
+        .set_attributes((!attributes.is_empty()).then_some(attributes))
+        .send()
+        .await
+        .with_context(|| format!("CreateTopic {name}"))?;
+    let arn = created.topic_arn().map_or(arn, str::to_owned);
+    // Inline subscriptions, as the topic's `Subscription` property declares them.
+    for inline in ctx.props.get("Subscription").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
+        let field =
+            |k: &str| inline.get(k).and_then(Value::as_str).with_context(|| format!("Subscription without {k}"));
+        subscribe(ctx, &arn, field("Protocol")?, field("Endpoint")?, HashMap::new()).await?;
+    }
+    let status = if existed { Status::Exists } else { Status::Created };
+    Ok(Some((status, resolved(arn.clone(), &[("TopicArn", Some(arn)), ("TopicName", Some(name))]))))
+}
+
+async fn subscription(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
+    let topic = ctx.str("TopicArn").context("Subscription without TopicArn")?;
+    let protocol = ctx.str("Protocol").context("Subscription without Protocol")?;
+    let endpoint = ctx.str("Endpoint").context("Subscription without Endpoint")?;
+    let mut attributes = HashMap::new();
+    for attribute in ["RawMessageDelivery", "FilterPolicy", "FilterPolicyScope", "RedrivePolicy"] {
+        match ctx.props.get(attribute) {
+            None => {}
+            // Policies are JSON documents in SNS, objects in the template.
+            Some(v @ Value::Object(_)) => {
+                attributes.insert(attribute.to_owned(), v.to_string());
+            }
+            Some(_) => {
+                attributes.insert(attribute.to_owned(), ctx.str(attribute).unwrap_or_default());
+            }
+        }
+    }
+    Ok(Some(subscribe(ctx, &topic, &protocol, &endpoint, attributes).await?))
+}
+
+/// Subscribes an endpoint the emulators can deliver to; any other is recorded and skipped with a
+/// log line, since nothing here could receive it (and a confirmation mail would go nowhere).
+async fn subscribe(
+    ctx: &Ctx<'_>,
+    topic: &str,
+    protocol: &str,
+    endpoint: &str,
+    attributes: HashMap<String, String>,
+) -> anyhow::Result<(Status, Resolved)> {
+    if !LOCAL_PROTOCOLS.contains(&protocol) {
+        tracing::warn!(
+            resource = ctx.id,
+            protocol,
+            endpoint,
+            topic,
+            "subscription not created locally: nothing here can receive it"
+        );
+        let reference = format!("{topic}:{}-local", ctx.id);
+        let reason = format!("a {protocol} subscription cannot be delivered locally (endpoint {endpoint})");
+        return Ok((Status::Local(reason), resolved(reference, &[])));
+    }
+    let client = &ctx.clients.sns;
+    let existing = client
+        .list_subscriptions_by_topic()
+        .topic_arn(topic)
+        .send()
+        .await
+        .with_context(|| format!("ListSubscriptionsByTopic {topic}"))?;
+    let existed =
+        existing.subscriptions().iter().any(|s| s.protocol() == Some(protocol) && s.endpoint() == Some(endpoint));
+    // Subscribe returns the existing subscription for the same protocol and endpoint.
+    let subscribed = client
+        .subscribe()
+        .topic_arn(topic)
+        .protocol(protocol)
+        .endpoint(endpoint)
+        .return_subscription_arn(true)
+        .set_attributes((!attributes.is_empty()).then_some(attributes))
+        .send()
+        .await
+        .with_context(|| format!("Subscribe {protocol} {endpoint} to {topic}"))?;
+    let arn = subscribed.subscription_arn().context("Subscribe returned no SubscriptionArn")?.to_owned();
+    let status = if existed { Status::Exists } else { Status::Created };
+    Ok((status, resolved(arn, &[])))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 //! `template.yaml` as data: YAML (with CloudFormation's short-form tags) turned into JSON with
 //! intrinsics in their long form, the resources in dependency order, and a resolver for `Ref`,
-//! `Fn::GetAtt`, `Fn::Sub`, `Fn::Join`, `Fn::Select` and `Fn::Split`.
+//! `Fn::GetAtt`, `Fn::Sub`, `Fn::Join`, `Fn::Select`, `Fn::Split` and `Fn::If`, with the
+//! `Conditions` (`Fn::Equals`, `Fn::Not`, `Fn::And`, `Fn::Or`, `Condition`) they and the
+//! resources' `Condition` refer to.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -29,6 +31,8 @@ pub struct Resource {
     pub kind: String,
     pub properties: Value,
     pub depends_on: BTreeSet<String>,
+    /// The name of the template condition that decides whether it is created at all.
+    pub condition: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +41,8 @@ pub struct Template {
     pub parameters: BTreeMap<String, Value>,
     /// SAM `Globals` (long-form intrinsics, unresolved).
     pub globals: Value,
+    /// `Conditions`, by name (long-form intrinsics, evaluated by the [`Resolver`]).
+    pub conditions: BTreeMap<String, Value>,
     pub resources: BTreeMap<String, Resource>,
     pub outputs: BTreeMap<String, Value>,
 }
@@ -98,6 +104,7 @@ impl Template {
         let section = |name: &str| root.get(name).and_then(Value::as_object).cloned().unwrap_or_default();
 
         let parameters = section("Parameters").into_iter().collect();
+        let conditions: BTreeMap<String, Value> = section("Conditions").into_iter().collect();
         let outputs = section("Outputs").into_iter().collect();
         let mut resources = BTreeMap::new();
         for (logical_id, body) in section("Resources") {
@@ -106,12 +113,15 @@ impl Template {
                 .and_then(Value::as_str)
                 .ok_or_else(|| TemplateError::Invalid(format!("resource {logical_id} has no Type")))?
                 .to_owned();
-            if body.get("Condition").is_some() {
-                return Err(TemplateError::UnsupportedIntrinsic {
-                    function: "Condition".into(),
-                    context: logical_id.clone(),
-                });
-            }
+            let condition = match body.get("Condition") {
+                None => None,
+                Some(Value::String(name)) if conditions.contains_key(name) => Some(name.clone()),
+                Some(other) => {
+                    return Err(TemplateError::Invalid(format!(
+                        "{logical_id}: Condition {other} is not in Conditions"
+                    )));
+                }
+            };
             let depends_on = match body.get("DependsOn") {
                 None => BTreeSet::new(),
                 Some(Value::String(s)) => BTreeSet::from([s.clone()]),
@@ -119,9 +129,9 @@ impl Template {
                 Some(other) => return Err(TemplateError::Invalid(format!("{logical_id}: DependsOn {other}"))),
             };
             let properties = body.get("Properties").cloned().unwrap_or_else(|| json!({}));
-            resources.insert(logical_id.clone(), Resource { logical_id, kind, properties, depends_on });
+            resources.insert(logical_id.clone(), Resource { logical_id, kind, properties, depends_on, condition });
         }
-        Ok(Self { path: path.into(), parameters, globals: section("Globals").into(), resources, outputs })
+        Ok(Self { path: path.into(), parameters, globals: section("Globals").into(), conditions, resources, outputs })
     }
 
     /// The folder relative paths in the template (e.g. `DefinitionUri`) are resolved against.
@@ -219,8 +229,12 @@ pub struct Resolved {
 pub struct Resolver {
     pub pseudo: HashMap<String, String>,
     pub parameters: HashMap<String, Value>,
+    pub conditions: BTreeMap<String, Value>,
     pub resources: BTreeMap<String, Resolved>,
 }
+
+/// Conditions may refer to conditions; deeper than this is a cycle.
+const MAX_CONDITION_DEPTH: usize = 32;
 
 impl Resolver {
     pub fn new(
@@ -251,7 +265,53 @@ impl Resolver {
             };
             parameters.insert(name.clone(), value);
         }
-        Ok(Self { pseudo, parameters, resources: BTreeMap::new() })
+        Ok(Self { pseudo, parameters, conditions: template.conditions.clone(), resources: BTreeMap::new() })
+    }
+
+    /// Whether the named condition of `Conditions` holds, as CloudFormation decides it at deploy
+    /// time from the parameters.
+    pub fn condition(&self, name: &str) -> Result<bool, TemplateError> {
+        self.named_condition(name, 0)
+    }
+
+    fn named_condition(&self, name: &str, depth: usize) -> Result<bool, TemplateError> {
+        if depth > MAX_CONDITION_DEPTH {
+            return Err(TemplateError::Invalid(format!("condition {name} refers to itself")));
+        }
+        let body = self.conditions.get(name).ok_or_else(|| TemplateError::Unresolved(format!("Condition {name}")))?;
+        self.evaluate(body, depth + 1)
+    }
+
+    fn evaluate(&self, value: &Value, depth: usize) -> Result<bool, TemplateError> {
+        let invalid = || TemplateError::Invalid(format!("condition {value}"));
+        let (function, arg) =
+            value.as_object().filter(|m| m.len() == 1).and_then(|m| m.iter().next()).ok_or_else(invalid)?;
+        let operands = || arg.as_array().map(Vec::as_slice).ok_or_else(invalid);
+        match function.as_str() {
+            "Condition" => self.named_condition(arg.as_str().ok_or_else(invalid)?, depth),
+            "Fn::Equals" => match operands()? {
+                // CloudFormation compares the values as strings: `!Equals [!Ref Count, 0]`.
+                [a, b] => Ok(self.resolve_string(a)? == self.resolve_string(b)?),
+                _ => Err(invalid()),
+            },
+            "Fn::Not" => match operands()? {
+                [c] => Ok(!self.evaluate(c, depth)?),
+                _ => Err(invalid()),
+            },
+            "Fn::And" | "Fn::Or" => {
+                let items = operands()?;
+                if items.len() < 2 {
+                    return Err(invalid());
+                }
+                let mut results = items.iter().map(|c| self.evaluate(c, depth));
+                if function == "Fn::And" {
+                    results.try_fold(true, |all, r| Ok(all && r?))
+                } else {
+                    results.try_fold(false, |any, r| Ok(any || r?))
+                }
+            }
+            _ => Err(invalid()),
+        }
     }
 
     /// Resolves every intrinsic inside `value`.
@@ -267,6 +327,7 @@ impl Resolver {
                     "Fn::Join" => self.join(arg),
                     "Fn::Select" => self.select(arg),
                     "Fn::Split" => self.split(arg),
+                    "Fn::If" => self.if_(arg),
                     k if k.starts_with("Fn::") || k == "Condition" => {
                         Err(TemplateError::UnsupportedIntrinsic { function: k.to_owned(), context: value.to_string() })
                     }
@@ -384,6 +445,15 @@ impl Resolver {
         item.cloned().ok_or_else(|| TemplateError::Invalid(format!("Fn::Select {arg}")))
     }
 
+    /// `Fn::If [condition, then, else]`; only the branch taken is resolved, as it may refer to a
+    /// resource the condition left out.
+    fn if_(&self, arg: &Value) -> Result<Value, TemplateError> {
+        let Some([Value::String(condition), then, otherwise]) = arg.as_array().map(Vec::as_slice) else {
+            return Err(TemplateError::Invalid(format!("Fn::If {arg}")));
+        };
+        self.resolve(if self.condition(condition)? { then } else { otherwise })
+    }
+
     fn split(&self, arg: &Value) -> Result<Value, TemplateError> {
         let parts = self.resolve(arg)?;
         let (Some(sep), Some(text)) = (parts.get(0).and_then(Value::as_str), parts.get(1).and_then(Value::as_str))
@@ -477,12 +547,84 @@ Resources:
         );
     }
 
+    const CONDITIONAL: &str = r#"
+Parameters:
+  Endpoint: { Type: String, Default: "" }
+  Count: { Type: Number, Default: 0 }
+Conditions:
+  HasEndpoint: !Not [!Equals [!Ref Endpoint, ""]]
+  NoCount: !Equals [!Ref Count, 0]
+  Both: !And [!Condition HasEndpoint, !Condition NoCount]
+  Either: !Or [!Condition HasEndpoint, !Condition NoCount]
+  Loop: !Not [!Condition Loop]
+Resources:
+  Topic:
+    Type: AWS::SNS::Topic
+  Subscription:
+    Type: AWS::SNS::Subscription
+    Condition: HasEndpoint
+    Properties:
+      Endpoint: !Ref Endpoint
+      Label: !If [HasEndpoint, !Ref Endpoint, !GetAtt Missing.Arn]
+"#;
+
+    fn with(template: &Template, overrides: &[(&str, &str)]) -> Resolver {
+        let overrides = overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Resolver::new(template, "stack", "eu-west-1", "000000000000", &overrides).expect("resolver")
+    }
+
+    #[test]
+    fn a_resource_keeps_the_name_of_its_condition() {
+        let t = Template::parse(Path::new("t.yaml"), CONDITIONAL).expect("parses");
+        assert_eq!(t.resources["Subscription"].condition.as_deref(), Some("HasEndpoint"));
+        assert_eq!(t.resources["Topic"].condition, None);
+        assert_eq!(t.conditions["HasEndpoint"], json!({"Fn::Not": [{"Fn::Equals": [{"Ref": "Endpoint"}, ""]}]}));
+    }
+
+    #[test]
+    fn conditions_are_decided_by_the_parameters() {
+        let t = Template::parse(Path::new("t.yaml"), CONDITIONAL).expect("parses");
+        let defaults = resolver(&t);
+        assert!(!defaults.condition("HasEndpoint").unwrap());
+        // A number parameter compares with a number in the template as CloudFormation does
+        assert!(defaults.condition("NoCount").unwrap());
+        assert!(!defaults.condition("Both").unwrap());
+        assert!(defaults.condition("Either").unwrap());
+
+        let set = with(&t, &[("Endpoint", "ops@example.com"), ("Count", "2")]);
+        assert!(set.condition("HasEndpoint").unwrap());
+        assert!(!set.condition("NoCount").unwrap());
+        assert!(!set.condition("Both").unwrap());
+        assert!(set.condition("Either").unwrap());
+    }
+
+    #[test]
+    fn fn_if_resolves_only_the_branch_its_condition_takes() {
+        let t = Template::parse(Path::new("t.yaml"), CONDITIONAL).expect("parses");
+        let set = with(&t, &[("Endpoint", "ops@example.com")]);
+        let props = set.resolve(&t.resources["Subscription"].properties).unwrap();
+        assert_eq!(props["Label"], json!("ops@example.com"));
+        // The other branch refers to a resource that does not exist: taking it fails by name
+        let err = resolver(&t).resolve(&t.resources["Subscription"].properties).unwrap_err();
+        assert!(matches!(err, TemplateError::Unresolved(ref what) if what.contains("Missing.Arn")), "{err}");
+    }
+
+    #[test]
+    fn bad_conditions_are_errors_not_answers() {
+        let t = Template::parse(Path::new("t.yaml"), CONDITIONAL).expect("parses");
+        let r = resolver(&t);
+        assert!(matches!(r.condition("Loop"), Err(TemplateError::Invalid(_))));
+        assert!(matches!(r.condition("Nowhere"), Err(TemplateError::Unresolved(_))));
+        let undeclared = "Resources:\n  A: {Type: X, Condition: Nowhere}\n";
+        assert!(matches!(Template::parse(Path::new("t.yaml"), undeclared), Err(TemplateError::Invalid(_))));
+    }
+
     #[test]
     fn unsupported_intrinsics_are_named() {
         let t = Template::parse(Path::new("t.yaml"), "Resources: {}\n").unwrap();
-        let err = resolver(&t).resolve(&json!({"Fn::If": ["C", 1, 2]})).unwrap_err();
+        let err = resolver(&t).resolve(&json!({"Fn::FindInMap": ["M", "k", "v"]})).unwrap_err();
         assert!(
-            matches!(err, TemplateError::UnsupportedIntrinsic { ref function, .. } if function == "Fn::If"),
+            matches!(err, TemplateError::UnsupportedIntrinsic { ref function, .. } if function == "Fn::FindInMap"),
             "{err}"
         );
     }

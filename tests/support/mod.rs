@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
-use local_env::Stack;
 use local_env::lambda::{LambdaService, binaries};
+use local_env::{Stack, Status};
 use shared::eventstore::{DynamoEventStore, EventStoreConfig};
 
 pub fn workspace_root() -> PathBuf {
@@ -118,6 +118,12 @@ impl LocalAws {
         aws_sdk_cloudwatchlogs::Client::from_conf(b.build())
     }
 
+    pub fn sns(&self) -> aws_sdk_sns::Client {
+        let mut b = aws_sdk_sns::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("SNS"));
+        aws_sdk_sns::Client::from_conf(b.build())
+    }
+
     /// Clients for the provisioner, each pointed at its own emulator.
     pub fn provisioning_clients(&self) -> local_env::Clients {
         local_env::Clients {
@@ -127,6 +133,32 @@ impl LocalAws {
             sfn: self.sfn(),
             cloudwatch: self.cloudwatch(),
             logs: self.logs(),
+            sns: self.sns(),
+        }
+    }
+
+    /// Deletes a test stack's alarms and queues once it is done with them: LocalStack evaluates
+    /// every alarm each `Period` x `EvaluationPeriods` and publishes every queue's depth each
+    /// minute for as long as it runs, so a stack left behind keeps the idle emulator busy.
+    pub async fn remove_alarms_and_queues(&self, stack: &Stack) {
+        let of_kind = |kind: &str| -> Vec<String> {
+            stack
+                .outcomes
+                .iter()
+                .filter(|o| o.kind == kind && matches!(o.status, Status::Created | Status::Updated | Status::Exists))
+                .filter_map(|o| o.physical_id.clone())
+                .collect()
+        };
+        for names in of_kind("AWS::CloudWatch::Alarm").chunks(100) {
+            self.cloudwatch()
+                .delete_alarms()
+                .set_alarm_names(Some(names.to_vec()))
+                .send()
+                .await
+                .expect("delete alarms");
+        }
+        for url in of_kind("AWS::SQS::Queue") {
+            self.sqs().delete_queue().queue_url(url).send().await.expect("delete queue");
         }
     }
 

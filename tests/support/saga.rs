@@ -6,13 +6,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues};
 use local_env::lambda::LambdaService;
 use local_env::observe::{Finished, history, saga_steps, wait_for_saga};
 use local_env::runner::{Invoke, Runner, RunnerClients, RunnerHandle};
 use local_env::{Options, Stack, Template};
 use serde_json::Value;
 use shared::aggregate::Repository;
+use shared::domain::dead_letter::Status;
 use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, RecordedEvent, StreamId};
+use shared::readmodel::dead_letters::DeadLetterView;
+use shared::readmodel::store::ReadModelStore;
 
 use crate::{LocalAws, unique, workspace_root};
 
@@ -24,25 +28,19 @@ pub struct SagaEnv {
     pub repo: Repository<DynamoEventStore>,
     running: Option<RunnerHandle>,
     run_id: String,
+    /// This test's own stack: its alarms and queues go when it stops.
+    disposable: bool,
 }
 
 /// Test settings: redeliveries after 3 s instead of 60 (so a crashed or timed-out invocation's
-/// message comes back quickly), two pollers per queue.
+/// message comes back quickly), two pollers per queue, dead letters redriven within a second.
 fn overrides() -> HashMap<String, String> {
     HashMap::from([
         ("StepVisibilityTimeout".to_owned(), "3".to_owned()),
         ("StepMaximumConcurrency".to_owned(), "2".to_owned()),
+        // A dead letter's automatic redrive after at most a second, not 30.
+        ("RedriveBaseDelaySeconds".to_owned(), "1".to_owned()),
     ])
-}
-
-/// A message on a dead-letter queue.
-#[derive(Debug)]
-pub struct DeadLetter {
-    pub body: String,
-    /// The `reason` attribute the function gave it.
-    pub reason: String,
-    /// SQS's `ApproximateReceiveCount` of this receive.
-    pub receive_count: Option<String>,
 }
 
 impl SagaEnv {
@@ -81,7 +79,7 @@ impl SagaEnv {
         let runner = Runner::new(&stack, clients, service.clone()).expect("runner").with_checkpoints(positions);
         let running = Some(runner.start());
         let sfn = aws.sfn();
-        Self { aws, stack, service, sfn, repo, running, run_id: unique("") }
+        Self { aws, stack, service, sfn, repo, running, run_id: unique(""), disposable: false }
     }
 
     async fn start_inner(customise: Option<impl FnOnce(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>>) -> Self {
@@ -106,7 +104,7 @@ impl SagaEnv {
             Runner::new(&stack, clients, functions).expect("runner").start()
         });
         let sfn = aws.sfn();
-        Self { aws, stack, service, sfn, repo, running, run_id: unique("") }
+        Self { aws, stack, service, sfn, repo, running, run_id: unique(""), disposable: true }
     }
 
     pub fn state_machine(&self) -> &str {
@@ -118,39 +116,84 @@ impl SagaEnv {
         self.stack.resources[logical_id].reference.clone()
     }
 
-    /// Receives from the stack's queue `logical_id` (a DLQ) until `want` messages are in or
-    /// about `want_within` seconds pass; each as it was parked.
-    pub async fn dead_letters(&self, logical_id: &str, want: usize, want_within: u32) -> Vec<DeadLetter> {
-        let (sqs, url) = (self.aws.sqs(), self.queue_url(logical_id));
-        let mut parked = Vec::new();
-        for _ in 0..want_within {
-            let got = sqs
-                .receive_message()
-                .queue_url(&url)
-                .message_attribute_names("All")
-                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount)
-                .max_number_of_messages(10)
-                .wait_time_seconds(1)
-                .send()
-                .await
-                .expect("receive");
-            for m in got.messages() {
-                let attribute = m.message_attributes().and_then(|a| a.get("reason")).and_then(|a| a.string_value());
-                let receive_count = m
-                    .attributes()
-                    .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount))
-                    .cloned();
-                parked.push(DeadLetter {
-                    body: m.body().unwrap_or_default().to_owned(),
-                    reason: attribute.unwrap_or_default().to_owned(),
-                    receive_count,
-                });
+    /// The dead letters the dead-letter handler recorded from the stack's DLQ `logical_id`, as
+    /// the dead letters view lists them, once `want` of them are `settled` (or about
+    /// `want_within` seconds pass).
+    pub async fn dead_letters(
+        &self,
+        logical_id: &str,
+        want: usize,
+        settled: Status,
+        want_within: u32,
+    ) -> Vec<DeadLetterView> {
+        let queue_arn = &self.stack.resources[logical_id].attributes["Arn"];
+        let models = ReadModelStore::new(self.aws.dynamodb(), &self.stack.environment["READ_MODEL_TABLE"]);
+        let mut found = Vec::new();
+        for _ in 0..want_within * 2 {
+            found = models.dead_letters(None, 10_000).await.expect("list dead letters");
+            found.retain(|d| &d.dead_letter_queue == queue_arn);
+            if found.iter().filter(|d| d.status == settled).count() >= want {
+                break;
             }
-            if parked.len() >= want {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        found
+    }
+
+    /// What the `ops` command line acts through, on this stack.
+    pub fn operator(&self) -> DeadLetterHandler<DynamoEventStore, SqsQueues, SnsNotifier, aws_sdk_sfn::Client> {
+        let env = &self.stack.environment;
+        let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned()).expect("event store config");
+        DeadLetterHandler {
+            repo: Repository::new(DynamoEventStore::new(self.aws.dynamodb(), config)),
+            queues: SqsQueues::new(self.aws.sqs()),
+            notifier: SnsNotifier {
+                client: self.aws.sns(),
+                topic_arn: self.stack.resources["AlarmTopic"].reference.clone(),
+            },
+            tasks: self.aws.sfn(),
+            policy: shared::retry::RetryPolicy::no_retry(),
+        }
+    }
+
+    /// A queue subscribed to the stack's alarm topic: who gets paged, for a test to read.
+    pub async fn pager(&self) -> String {
+        let sqs = self.aws.sqs();
+        let name = format!("{}-pager", self.stack.stack_name);
+        let url = sqs.create_queue().queue_name(&name).send().await.expect("pager queue").queue_url.expect("url");
+        let arn = sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .expect("pager arn")
+            .attributes
+            .and_then(|mut a| a.remove(&aws_sdk_sqs::types::QueueAttributeName::QueueArn))
+            .expect("arn");
+        let topic = &self.stack.resources["AlarmTopic"].reference;
+        self.aws.sns().subscribe().topic_arn(topic).protocol("sqs").endpoint(arn).send().await.expect("subscribe");
+        url
+    }
+
+    /// The notifications (`Subject`, `Message`) that reached `pager` until each of `about` is
+    /// mentioned by one, or about `within` seconds pass.
+    pub async fn told(&self, pager: &str, about: &[&str], within: u32) -> Vec<(String, String)> {
+        let sqs = self.aws.sqs();
+        let mut told: Vec<(String, String)> = Vec::new();
+        for _ in 0..within {
+            let got =
+                sqs.receive_message().queue_url(pager).max_number_of_messages(10).wait_time_seconds(1).send().await;
+            for m in got.expect("receive").messages() {
+                let envelope: Value = serde_json::from_str(m.body().unwrap_or_default()).expect("an SNS envelope");
+                let text = |k: &str| envelope[k].as_str().unwrap_or_default().to_owned();
+                told.push((text("Subject"), text("Message")));
+            }
+            if about.iter().all(|a| told.iter().any(|(_, m)| m.contains(a))) {
                 break;
             }
         }
-        parked
+        told
     }
 
     /// A sample order from `events/place-order/`, with a test-unique id.
@@ -188,5 +231,8 @@ impl SagaEnv {
             running.stop().await;
         }
         self.service.shutdown().await;
+        if self.disposable {
+            self.aws.remove_alarms_and_queues(&self.stack).await;
+        }
     }
 }

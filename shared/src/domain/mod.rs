@@ -1,6 +1,7 @@
 //! The order domain: aggregates, commands, events and the external services the saga calls.
 //! Nothing here knows about AWS.
 
+pub mod dead_letter;
 pub mod ids;
 pub mod inventory;
 pub mod money;

@@ -403,7 +403,7 @@ pub(crate) fn validate_idempotency_key(key: &str) -> Result<(), AppendError> {
 
 /// UTC now as RFC 3339 with a fixed six-digit fraction, so timestamps sort as text (read
 /// models use them in sort keys).
-pub(crate) fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     let t = time::OffsetDateTime::now_utc();
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",

@@ -6,6 +6,7 @@
 //! All read models live in one table (`READ_MODEL_TABLE`): `pk`/`sk`, plus a `byCustomer` index
 //! (`gsi1pk`/`gsi1sk`) for the customer listing, newest first.
 
+pub mod dead_letters;
 pub mod runtime;
 pub mod store;
 

@@ -117,6 +117,44 @@ impl ReadModelStore {
         Ok(Some((model, revision)))
     }
 
+    /// Dead letters, newest first within each status; only those in `status` if given. Reads the
+    /// listing index (eventually consistent: a change shows a moment after the view has it).
+    pub async fn dead_letters(
+        &self,
+        status: Option<crate::domain::dead_letter::Status>,
+        limit: usize,
+    ) -> Result<Vec<super::dead_letters::DeadLetterView>, ProjectionError> {
+        let mut query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name("byCustomer")
+            .scan_index_forward(false)
+            .expression_attribute_values(":pk", AttributeValue::S(super::dead_letters::LISTING.into()));
+        query = match status {
+            Some(status) => query
+                .key_condition_expression("gsi1pk = :pk AND begins_with(gsi1sk, :status)")
+                .expression_attribute_values(":status", AttributeValue::S(super::dead_letters::listing_prefix(status))),
+            None => query.key_condition_expression("gsi1pk = :pk"),
+        };
+        let mut found = Vec::new();
+        let mut start = None;
+        loop {
+            let page =
+                query.clone().set_exclusive_start_key(start).send().await.map_err(|e| request_error("Query", e))?;
+            for item in page.items.unwrap_or_default() {
+                found.push(from_item(item).map_err(|e| ProjectionError::Corrupt(format!("a dead letter view: {e}")))?);
+                if found.len() >= limit {
+                    return Ok(found);
+                }
+            }
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                return Ok(found);
+            }
+        }
+    }
+
     fn item<M: serde::Serialize>(key: &(String, String), model: &M, revision: u64) -> Result<Item, ProjectionError> {
         let mut item: Item = to_item(model).map_err(|e| ProjectionError::Corrupt(e.to_string()))?;
         item.insert("pk".into(), AttributeValue::S(key.0.clone()));

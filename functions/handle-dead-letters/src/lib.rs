@@ -1,0 +1,683 @@
+//! The dead-letter handler: every DLQ of the system is an event source of this one function.
+//! Each message is recorded as a dead letter (its own stream in the event store, so every later
+//! action on it is audited), classified, and then acted on:
+//!
+//! - a transient failure (a consumer ran out of receives, EventBridge could not deliver) is
+//!   redriven to its source queue with exponential backoff and full jitter (SQS `DelaySeconds`),
+//!   a bounded number of times; the redriven copy carries the dead letter's id, so when it fails
+//!   again it returns to the same dead letter and the bound holds;
+//! - a saga command whose task has closed (the state machine timed it out and moved on) is
+//!   resolved, not redriven: the saga no longer waits for it;
+//! - a poison message (a consumer parked it with a `reason`: unreadable or invalid), a transient
+//!   one past its bound, and a stream consumer's skipped batch (a pointer to stream positions)
+//!   are parked for a person, and the alarm topic is told.
+//!
+//! A failure here (the store or SQS unavailable) leaves the message on its DLQ for another try:
+//! nothing is dropped. A redrive is sent before it is recorded, so a crash in between sends it
+//! twice at worst; every consumer is idempotent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use serde_json::Value;
+use shared::aggregate::{Aggregate, CommandContext, ExecuteError, Repository};
+use shared::domain::dead_letter::{Actor, Arrival, DeadLetter, DeadLetterCommand, Failure, NextAction};
+use shared::eventstore::{EventStore, StreamId};
+use shared::retry::RetryPolicy;
+
+/// The message attribute a redrive tags its copy with: the dead letter it belongs to.
+pub const DEAD_LETTER_ID: &str = "deadLetterId";
+
+/// Attributes that describe a failure rather than the message: not passed on by a redrive.
+const BOOKKEEPING: &[&str] =
+    &[DEAD_LETTER_ID, "reason", "sourceArn", "sourceId", "ERROR_CODE", "ERROR_MESSAGE", "RULE_ARN", "TARGET_ARN"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("event store: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Aws(String),
+}
+
+/// What an operator is told when an action is not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("no such dead letter")]
+    Unknown,
+    #[error("cannot redrive it: {0}")]
+    NotRedrivable(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Failed(#[from] HandlerError),
+}
+
+/// SQS as the handler needs it.
+pub trait Queues: Send + Sync {
+    /// The queue whose redrive policy names `dead_letter_queue` (both ARNs), if exactly one does.
+    fn source_of(&self, dead_letter_queue: &str) -> impl Future<Output = Result<Option<String>, HandlerError>> + Send;
+    /// Sends `body` with `attributes` to the queue `queue_arn`, visible after `delay_seconds`.
+    fn send(
+        &self,
+        queue_arn: &str,
+        body: &str,
+        attributes: &BTreeMap<String, String>,
+        delay_seconds: u32,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Where people are told about a parked dead letter (the alarm topic).
+pub trait Notifier: Send + Sync {
+    fn notify(&self, subject: &str, message: &str) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Whether a saga task still waits for its answer.
+pub trait Tasks: Send + Sync {
+    fn is_open(&self, token: &str) -> impl Future<Output = Result<bool, HandlerError>> + Send;
+}
+
+pub struct DeadLetterHandler<S, Q, N, T> {
+    pub repo: Repository<S>,
+    pub queues: Q,
+    pub notifier: N,
+    pub tasks: T,
+    /// `max_attempts` is the number of automatic redrives; the delays are the backoff's.
+    pub policy: RetryPolicy,
+}
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Redriven {
+        dead_letter_id: String,
+        attempt: u32,
+        delay_seconds: u32,
+    },
+    Parked {
+        dead_letter_id: String,
+        reason: String,
+    },
+    Resolved {
+        dead_letter_id: String,
+        note: String,
+    },
+    /// Already acted on (the DLQ delivered this message twice).
+    AlreadyHandled {
+        dead_letter_id: String,
+    },
+}
+
+impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks> DeadLetterHandler<S, Q, N, T> {
+    /// Handles every message of the batch; a message whose handling failed is left on its DLQ.
+    pub async fn handle(&self, batch: SqsEvent) -> SqsBatchResponse {
+        let mut response = SqsBatchResponse::default();
+        for message in batch.records {
+            let id = message.message_id.clone().unwrap_or_default();
+            match self.handle_one(&message).await {
+                Ok(outcome) => tracing::info!(message_id = %id, ?outcome, "dead letter handled"),
+                Err(e) => {
+                    tracing::error!(message_id = %id, error = %e, "dead letter left on its queue for another try");
+                    let mut failure = BatchItemFailure::default();
+                    failure.item_identifier = id;
+                    response.batch_item_failures.push(failure);
+                }
+            }
+        }
+        response
+    }
+
+    pub async fn handle_one(&self, message: &SqsMessage) -> Result<Outcome, HandlerError> {
+        let mut arrival = classify(message, shared::eventstore::now_rfc3339());
+        if arrival.source.is_none() && arrival.failure == Failure::Transient {
+            arrival.source = self.queues.source_of(&arrival.dead_letter_queue).await?;
+        }
+        // A returning redrive joins its dead letter; anything else starts one.
+        let id = arrival
+            .attributes
+            .get(DEAD_LETTER_ID)
+            .filter(|id| StreamId::new("DeadLetter", id).is_ok())
+            .cloned()
+            .unwrap_or_else(|| arrival.message_id.clone());
+        let ctx = CommandContext { correlation_id: Some(id.clone()), ..CommandContext::default() };
+        let record = DeadLetterCommand::Record { dead_letter_id: id.clone(), arrival: arrival.clone() };
+        let Some(state) = self.execute(&id, &record, &ctx).await? else {
+            return Ok(Outcome::AlreadyHandled { dead_letter_id: id });
+        };
+        match state.next_action(&self.policy) {
+            NextAction::Nothing => Ok(Outcome::AlreadyHandled { dead_letter_id: id }),
+            NextAction::Park { reason } => self.park(&id, &state, reason, &ctx).await,
+            NextAction::Redrive { .. } if arrival.failure == Failure::StreamBatch => {
+                let reason = format!(
+                    "a stream consumer skipped a batch of records after its retries: {}; replay those positions \
+                     or rebuild the read models",
+                    arrival.reason
+                );
+                self.park(&id, &state, reason, &ctx).await
+            }
+            NextAction::Redrive { attempt } => {
+                let task = task_token(&arrival.body);
+                if let Some(token) = task
+                    && !self.tasks.is_open(&token).await?
+                {
+                    let note = "the saga's task had closed (the state machine timed it out and moved on): \
+                                redriving would answer a saga that no longer waits"
+                        .to_owned();
+                    let resolve = DeadLetterCommand::Resolve { by: Actor::Automatic, note: note.clone() };
+                    self.execute(&id, &resolve, &ctx).await?;
+                    return Ok(Outcome::Resolved { dead_letter_id: id, note });
+                }
+                let Some(target) = arrival.source.clone() else {
+                    let reason = "no source queue is known to redrive it to".to_owned();
+                    return self.park(&id, &state, reason, &ctx).await;
+                };
+                let delay_seconds = self.policy.delay(attempt - 1).as_secs_f64().ceil().min(900.0) as u32;
+                self.queues.send(&target, &arrival.body, &redrive_attributes(&arrival, &id), delay_seconds).await?;
+                let redrive = DeadLetterCommand::Redrive { by: Actor::Automatic, delay_seconds };
+                self.execute(&id, &redrive, &ctx).await?;
+                Ok(Outcome::Redriven { dead_letter_id: id, attempt, delay_seconds })
+            }
+        }
+    }
+
+    /// An operator sends a dead letter back to its source (after fixing the cause), at once.
+    /// A skipped stream batch cannot be sent anywhere: it is replayed by rebuilding the read
+    /// models, then resolved.
+    pub async fn redrive_by_operator(&self, id: &str, operator: &str) -> Result<Outcome, OperatorError> {
+        let state = self.load(id).await?;
+        let arrival = state.first.clone().ok_or(OperatorError::Unknown)?;
+        if arrival.failure == Failure::StreamBatch {
+            return Err(OperatorError::NotRedrivable(
+                "a skipped stream batch is a pointer, not a message: rebuild the read models \
+                 (`cargo run -p local-env -- rebuild`), then resolve it"
+                    .into(),
+            ));
+        }
+        let target = arrival.source.clone().ok_or_else(|| {
+            OperatorError::NotRedrivable("no source queue is known; send the body where it belongs by hand".into())
+        })?;
+        // Checked before sending: a dead letter that cannot be redriven is not sent anywhere.
+        state
+            .clone()
+            .decide(&DeadLetterCommand::Redrive { by: Actor::Operator(operator.to_owned()), delay_seconds: 0 })
+            .map_err(|e| OperatorError::Refused(e.to_string()))?;
+        self.queues.send(&target, &arrival.body, &redrive_attributes(&arrival, id), 0).await?;
+        let ctx = CommandContext { correlation_id: Some(id.to_owned()), ..CommandContext::default() };
+        let redrive = DeadLetterCommand::Redrive { by: Actor::Operator(operator.to_owned()), delay_seconds: 0 };
+        self.execute(id, &redrive, &ctx).await?;
+        Ok(Outcome::Redriven { dead_letter_id: id.to_owned(), attempt: state.redrives + 1, delay_seconds: 0 })
+    }
+
+    /// An operator drops a dead letter (`discard`) or says it is dealt with (`resolve`), with a note.
+    pub async fn settle_by_operator(
+        &self,
+        id: &str,
+        operator: &str,
+        discard: bool,
+        note: &str,
+    ) -> Result<DeadLetter, OperatorError> {
+        let by = Actor::Operator(operator.to_owned());
+        let command = if discard {
+            DeadLetterCommand::Discard { by, note: note.to_owned() }
+        } else {
+            DeadLetterCommand::Resolve { by, note: note.to_owned() }
+        };
+        let ctx = CommandContext { correlation_id: Some(id.to_owned()), ..CommandContext::default() };
+        match self.repo.execute_with_state::<DeadLetter>(id, &command, &ctx).await {
+            Ok((_, state)) => Ok(state),
+            Err(ExecuteError::Rejected(e)) => Err(OperatorError::Refused(e.to_string())),
+            Err(e) => Err(OperatorError::Failed(HandlerError::Store(e.to_string()))),
+        }
+    }
+
+    /// A dead letter's state, from its stream.
+    pub async fn load(&self, id: &str) -> Result<DeadLetter, OperatorError> {
+        let loaded = self
+            .repo
+            .load::<DeadLetter>(id)
+            .await
+            .map_err(|e| OperatorError::Failed(HandlerError::Store(e.to_string())))?;
+        if loaded.version == 0 {
+            return Err(OperatorError::Unknown);
+        }
+        Ok(loaded.state)
+    }
+
+    async fn park(
+        &self,
+        id: &str,
+        state: &DeadLetter,
+        reason: String,
+        ctx: &CommandContext,
+    ) -> Result<Outcome, HandlerError> {
+        let first = state.first.as_ref();
+        let message = serde_json::json!({
+            "deadLetterId": id,
+            "reason": reason,
+            "failure": state.failure(),
+            "deadLetterQueue": first.map(|a| &a.dead_letter_queue),
+            "source": first.and_then(|a| a.source.as_ref()),
+            "timesSeen": state.times_seen,
+            "firstSeen": first.map(|a| &a.seen_at),
+            "act": format!("cargo run -p ops -- dead-letters show {id}"),
+        });
+        let queue = first.map(|a| queue_name(&a.dead_letter_queue)).unwrap_or_default();
+        let subject = format!("Dead letter parked from {queue}");
+        // Told first, then recorded: a crash in between tells twice rather than never.
+        self.notifier.notify(&subject, &message.to_string()).await?;
+        self.execute(id, &DeadLetterCommand::Park { reason: reason.clone() }, ctx).await?;
+        Ok(Outcome::Parked { dead_letter_id: id.to_owned(), reason })
+    }
+
+    /// Executes `command` on dead letter `id` (load, decide, append; a handful of events, so a
+    /// load per command costs one Query). `Ok(None)`: the domain refused it because another copy
+    /// of this message got there first, and there is nothing left to do.
+    async fn execute(
+        &self,
+        id: &str,
+        command: &DeadLetterCommand,
+        ctx: &CommandContext,
+    ) -> Result<Option<DeadLetter>, HandlerError> {
+        match self.repo.execute_with_state::<DeadLetter>(id, command, ctx).await {
+            Ok((_, state)) => Ok(Some(state)),
+            Err(ExecuteError::Rejected(e)) => {
+                tracing::warn!(dead_letter_id = %id, error = %e, "already acted on");
+                Ok(None)
+            }
+            Err(e) => Err(HandlerError::Store(e.to_string())),
+        }
+    }
+}
+
+/// The message's own attributes, and the dead letter it belongs to.
+fn redrive_attributes(arrival: &Arrival, id: &str) -> BTreeMap<String, String> {
+    let mut attributes: BTreeMap<String, String> = arrival
+        .attributes
+        .iter()
+        .filter(|(k, _)| !BOOKKEEPING.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    attributes.insert(DEAD_LETTER_ID.to_owned(), id.to_owned());
+    attributes
+}
+
+/// Reads what kind of failure a DLQ message is, from its attributes and body.
+pub fn classify(message: &SqsMessage, seen_at: String) -> Arrival {
+    let attributes: BTreeMap<String, String> =
+        message.message_attributes.iter().filter_map(|(k, v)| v.string_value.clone().map(|s| (k.clone(), s))).collect();
+    let body = message.body.clone().unwrap_or_default();
+    let receive_count = message.attributes.get("ApproximateReceiveCount").and_then(|c| c.parse().ok()).unwrap_or(0);
+    let dead_letter_queue = message.event_source_arn.clone().unwrap_or_default();
+    let parsed: Option<Value> = serde_json::from_str(&body).ok();
+    let (failure, reason, source) = if let Some(info) = parsed.as_ref().and_then(|v| v.get("DDBStreamBatchInfo")) {
+        let context = parsed.as_ref().and_then(|v| v.get("requestContext"));
+        let text =
+            |v: Option<&Value>, k: &str| v.and_then(|v| v.get(k)).and_then(Value::as_str).unwrap_or("?").to_owned();
+        let reason = format!(
+            "{} skipped {} records of shard {} ({} to {}): {}",
+            text(context, "functionArn"),
+            info.get("batchSize").and_then(Value::as_u64).unwrap_or(0),
+            text(Some(info), "shardId"),
+            text(Some(info), "startSequenceNumber"),
+            text(Some(info), "endSequenceNumber"),
+            text(context, "condition"),
+        );
+        (Failure::StreamBatch, reason, info.get("streamArn").and_then(Value::as_str).map(str::to_owned))
+    } else if let Some(reason) = attributes.get("reason") {
+        // A consumer parked it: it cannot read or accept it.
+        (Failure::Poison, reason.clone(), attributes.get("sourceArn").cloned())
+    } else if let Some(code) = attributes.get("ERROR_CODE") {
+        let detail = attributes.get("ERROR_MESSAGE").map(String::as_str).unwrap_or_default();
+        (
+            Failure::Transient,
+            format!("EventBridge could not deliver it: {code} {detail}"),
+            attributes.get("TARGET_ARN").cloned(),
+        )
+    } else {
+        (Failure::Transient, "its consumer failed it on every receive (the queue's maxReceiveCount)".to_owned(), None)
+    };
+    Arrival {
+        dead_letter_queue,
+        source,
+        message_id: message.message_id.clone().unwrap_or_default(),
+        body,
+        attributes,
+        failure,
+        reason,
+        receive_count,
+        seen_at,
+    }
+}
+
+/// A saga step command's task token, if the body is one.
+fn task_token(body: &str) -> Option<String> {
+    let value: Value = serde_json::from_str(body).ok()?;
+    value.get("taskToken")?.as_str().map(str::to_owned)
+}
+
+/// `arn:aws:sqs:<region>:<account>:<name>` → `<name>`.
+pub fn queue_name(arn: &str) -> &str {
+    arn.rsplit(':').next().unwrap_or(arn)
+}
+
+/// [`Queues`] on SQS, with the look-ups cached for the instance's life.
+pub struct SqsQueues {
+    pub client: aws_sdk_sqs::Client,
+    urls: Mutex<HashMap<String, String>>,
+    sources: Mutex<HashMap<String, Option<String>>>,
+}
+
+impl SqsQueues {
+    pub fn new(client: aws_sdk_sqs::Client) -> Self {
+        Self { client, urls: Mutex::default(), sources: Mutex::default() }
+    }
+
+    async fn url(&self, arn: &str) -> Result<String, HandlerError> {
+        if let Some(url) = self.urls.lock().ok().and_then(|u| u.get(arn).cloned()) {
+            return Ok(url);
+        }
+        let mut parts = arn.split(':');
+        let (account, name) = (parts.nth(4), parts.next());
+        let (Some(account), Some(name)) = (account, name) else {
+            return Err(HandlerError::Aws(format!("{arn} is not a queue ARN")));
+        };
+        let found = self
+            .client
+            .get_queue_url()
+            .queue_name(name)
+            .queue_owner_aws_account_id(account)
+            .send()
+            .await
+            .map_err(|e| HandlerError::Aws(aws_sdk_sqs::error::DisplayErrorContext(&e).to_string()))?;
+        let url = found.queue_url.unwrap_or_default();
+        if let Ok(mut urls) = self.urls.lock() {
+            urls.insert(arn.to_owned(), url.clone());
+        }
+        Ok(url)
+    }
+}
+
+fn sqs_error<E: std::error::Error + 'static, R: std::fmt::Debug>(
+    e: aws_sdk_sqs::error::SdkError<E, R>,
+) -> HandlerError {
+    HandlerError::Aws(aws_sdk_sqs::error::DisplayErrorContext(&e).to_string())
+}
+
+impl Queues for SqsQueues {
+    async fn source_of(&self, dead_letter_queue: &str) -> Result<Option<String>, HandlerError> {
+        if let Some(source) = self.sources.lock().ok().and_then(|s| s.get(dead_letter_queue).cloned()) {
+            return Ok(source);
+        }
+        let url = self.url(dead_letter_queue).await?;
+        let listed = self.client.list_dead_letter_source_queues().queue_url(url).send().await.map_err(sqs_error)?;
+        // Several sources share this DLQ: which one a message came from is not known.
+        let source = match listed.queue_urls() {
+            [one] => {
+                let attributes = self
+                    .client
+                    .get_queue_attributes()
+                    .queue_url(one)
+                    .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+                    .send()
+                    .await
+                    .map_err(sqs_error)?;
+                attributes.attributes().and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn)).cloned()
+            }
+            _ => None,
+        };
+        if let Ok(mut sources) = self.sources.lock() {
+            sources.insert(dead_letter_queue.to_owned(), source.clone());
+        }
+        Ok(source)
+    }
+
+    async fn send(
+        &self,
+        queue_arn: &str,
+        body: &str,
+        attributes: &BTreeMap<String, String>,
+        delay_seconds: u32,
+    ) -> Result<(), HandlerError> {
+        let url = self.url(queue_arn).await?;
+        let mut send =
+            self.client.send_message().queue_url(url).message_body(body).delay_seconds(delay_seconds.min(900) as i32);
+        for (name, value) in attributes {
+            let value = aws_sdk_sqs::types::MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(value)
+                .build()
+                .map_err(|e| HandlerError::Aws(e.to_string()))?;
+            send = send.message_attributes(name, value);
+        }
+        send.send().await.map(|_| ()).map_err(sqs_error)
+    }
+}
+
+/// [`Notifier`] on SNS.
+pub struct SnsNotifier {
+    pub client: aws_sdk_sns::Client,
+    pub topic_arn: String,
+}
+
+impl Notifier for SnsNotifier {
+    async fn notify(&self, subject: &str, message: &str) -> Result<(), HandlerError> {
+        // SNS subjects: at most 100 printable ASCII characters.
+        let subject: String = subject.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(100).collect();
+        self.client
+            .publish()
+            .topic_arn(&self.topic_arn)
+            .subject(subject)
+            .message(message)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| HandlerError::Aws(aws_sdk_sns::error::DisplayErrorContext(&e).to_string()))
+    }
+}
+
+/// [`Tasks`] on Step Functions: a heartbeat is accepted only while the task is open, and changes
+/// nothing for a state without `HeartbeatSeconds`.
+impl Tasks for aws_sdk_sfn::Client {
+    async fn is_open(&self, token: &str) -> Result<bool, HandlerError> {
+        match self.send_task_heartbeat().task_token(token).send().await {
+            Ok(_) => Ok(true),
+            Err(e) => match e.as_service_error() {
+                Some(s) if s.is_task_timed_out() || s.is_task_does_not_exist() || s.is_invalid_token() => Ok(false),
+                _ => Err(HandlerError::Aws(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string())),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use shared::domain::dead_letter::Status;
+    use shared::eventstore::InMemoryEventStore;
+
+    use super::*;
+
+    const SOURCE: &str = "arn:aws:sqs:us-east-1:123456789012:order-saga-ReserveInventoryQueue";
+
+    /// A sent message: queue, body, attributes, delay.
+    type Message = (String, String, BTreeMap<String, String>, u32);
+
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<Message>>);
+
+    impl Queues for Sent {
+        async fn source_of(&self, dead_letter_queue: &str) -> Result<Option<String>, HandlerError> {
+            Ok(dead_letter_queue.ends_with("ReserveInventoryDlq").then(|| SOURCE.to_owned()))
+        }
+        async fn send(
+            &self,
+            queue_arn: &str,
+            body: &str,
+            attributes: &BTreeMap<String, String>,
+            delay_seconds: u32,
+        ) -> Result<(), HandlerError> {
+            let sent = (queue_arn.to_owned(), body.to_owned(), attributes.clone(), delay_seconds);
+            self.0.lock().map_err(|e| HandlerError::Aws(e.to_string()))?.push(sent);
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Told(Mutex<Vec<(String, String)>>);
+
+    impl Notifier for Told {
+        async fn notify(&self, subject: &str, message: &str) -> Result<(), HandlerError> {
+            self.0.lock().map_err(|e| HandlerError::Aws(e.to_string()))?.push((subject.to_owned(), message.to_owned()));
+            Ok(())
+        }
+    }
+
+    struct TaskOpen(bool);
+
+    impl Tasks for TaskOpen {
+        async fn is_open(&self, _token: &str) -> Result<bool, HandlerError> {
+            Ok(self.0)
+        }
+    }
+
+    fn handler(task_open: bool) -> DeadLetterHandler<InMemoryEventStore, Sent, Told, TaskOpen> {
+        DeadLetterHandler {
+            repo: Repository::new(InMemoryEventStore::new()),
+            queues: Sent::default(),
+            notifier: Told::default(),
+            tasks: TaskOpen(task_open),
+            policy: RetryPolicy {
+                max_attempts: 2,
+                base_delay: Duration::from_secs(30),
+                max_delay: Duration::from_secs(900),
+            },
+        }
+    }
+
+    /// The first record of a sample in `events/handle-dead-letters/`.
+    fn sample(name: &str) -> SqsMessage {
+        let path = format!("{}/../../events/handle-dead-letters/{name}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).expect("sample event");
+        let event: SqsEvent = serde_json::from_str(&text).expect("an SQS event");
+        event.records.into_iter().next().expect("one record")
+    }
+
+    async fn state(h: &DeadLetterHandler<InMemoryEventStore, Sent, Told, TaskOpen>, id: &str) -> DeadLetter {
+        h.repo.load::<DeadLetter>(id).await.expect("load").state
+    }
+
+    #[tokio::test]
+    async fn a_command_that_ran_out_of_receives_is_redriven_to_its_queue_tagged_with_its_dead_letter() {
+        // Given a step command the redrive policy moved to the DLQ, its task still open
+        let h = handler(true);
+        let message = sample("receives-exhausted.json");
+        // When it is handled
+        let outcome = h.handle_one(&message).await.expect("handled");
+        // Then it went back to its queue, delayed within the first backoff, tagged with the dead letter
+        let id = message.message_id.clone().expect("id");
+        let Outcome::Redriven { attempt: 1, delay_seconds, .. } = outcome else { panic!("{outcome:?}") };
+        assert!(delay_seconds <= 30, "{delay_seconds}");
+        let sent = h.queues.0.lock().expect("sent").clone();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, SOURCE);
+        assert_eq!(Some(&sent[0].1), message.body.as_ref());
+        assert_eq!(sent[0].2.get(DEAD_LETTER_ID), Some(&id));
+        let dl = state(&h, &id).await;
+        assert_eq!((dl.status, dl.automatic_redrives), (Status::Redriven, 1));
+        assert!(h.notifier.0.lock().expect("told").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_redriven_copy_that_keeps_failing_is_parked_after_the_bound_and_people_are_told() {
+        // Given a command redriven twice (the policy's bound), each copy back on the DLQ
+        let h = handler(true);
+        let first = sample("receives-exhausted.json");
+        let id = first.message_id.clone().expect("id");
+        h.handle_one(&first).await.expect("first");
+        for n in 0..2 {
+            let mut back = first.clone();
+            back.message_id = Some(format!("copy-{n}"));
+            let (_, body, attributes, _) = h.queues.0.lock().expect("sent").last().cloned().expect("a redrive");
+            back.body = Some(body);
+            back.message_attributes = attributes
+                .into_iter()
+                .map(|(k, v)| {
+                    let mut a = aws_lambda_events::event::sqs::SqsMessageAttribute::default();
+                    a.string_value = Some(v);
+                    a.data_type = Some("String".into());
+                    (k, a)
+                })
+                .collect();
+            // When it comes back
+            let outcome = h.handle_one(&back).await.expect("handled");
+            if n == 0 {
+                assert!(matches!(outcome, Outcome::Redriven { attempt: 2, .. }), "{outcome:?}");
+            } else {
+                // Then the third arrival is parked, not redriven
+                assert!(matches!(outcome, Outcome::Parked { .. }), "{outcome:?}");
+            }
+        }
+        assert_eq!(h.queues.0.lock().expect("sent").len(), 2);
+        let dl = state(&h, &id).await;
+        assert_eq!((dl.status, dl.times_seen), (Status::Parked, 3));
+        let told = h.notifier.0.lock().expect("told").clone();
+        assert_eq!(told.len(), 1);
+        assert!(told[0].1.contains(&id) && told[0].1.contains("after 2 automatic redrives"), "{}", told[0].1);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_message_is_parked_with_its_reason_and_never_redriven() {
+        let h = handler(true);
+        let message = sample("unreadable.json");
+        let outcome = h.handle_one(&message).await.expect("handled");
+        let Outcome::Parked { reason, .. } = outcome else { panic!("{outcome:?}") };
+        assert!(reason.contains("expected struct Order"), "{reason}");
+        assert!(h.queues.0.lock().expect("sent").is_empty());
+        let dl = state(&h, message.message_id.as_deref().expect("id")).await;
+        assert_eq!(dl.failure(), Some(Failure::Poison));
+        assert_eq!(dl.first.and_then(|a| a.source).as_deref(), Some(SOURCE));
+        assert_eq!(h.notifier.0.lock().expect("told").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_undeliverable_bus_event_goes_to_the_rules_target() {
+        let h = handler(true);
+        let outcome = h.handle_one(&sample("undeliverable.json")).await.expect("handled");
+        assert!(matches!(outcome, Outcome::Redriven { attempt: 1, .. }), "{outcome:?}");
+        let sent = h.queues.0.lock().expect("sent").clone();
+        assert_eq!(sent[0].0, "arn:aws:sqs:us-east-1:123456789012:order-saga-OrderViewProjectionQueue");
+        assert!(!sent[0].2.contains_key("ERROR_CODE"), "bookkeeping attributes are not passed on");
+    }
+
+    #[tokio::test]
+    async fn a_command_whose_task_has_closed_is_resolved_not_redriven() {
+        let h = handler(false);
+        let message = sample("receives-exhausted.json");
+        let outcome = h.handle_one(&message).await.expect("handled");
+        assert!(matches!(outcome, Outcome::Resolved { .. }), "{outcome:?}");
+        assert!(h.queues.0.lock().expect("sent").is_empty());
+        assert_eq!(state(&h, message.message_id.as_deref().expect("id")).await.status, Status::Resolved);
+    }
+
+    #[tokio::test]
+    async fn a_skipped_stream_batch_is_parked_naming_its_positions() {
+        let h = handler(true);
+        let outcome = h.handle_one(&sample("stream-batch-skipped.json")).await.expect("handled");
+        let Outcome::Parked { reason, .. } = outcome else { panic!("{outcome:?}") };
+        assert!(reason.contains("OutboxRelayFunction skipped 100 records"), "{reason}");
+        assert!(reason.contains("4700000000000000000001 to 4700000000000000000100"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn the_same_dlq_message_delivered_twice_is_acted_on_once() {
+        let h = handler(true);
+        let message = sample("receives-exhausted.json");
+        h.handle_one(&message).await.expect("first");
+        let again = h.handle_one(&message).await.expect("second");
+        assert!(matches!(again, Outcome::AlreadyHandled { .. }), "{again:?}");
+        assert_eq!(h.queues.0.lock().expect("sent").len(), 1);
+    }
+}

@@ -1,0 +1,13 @@
+use aws_lambda_events::event::sqs::SqsEvent;
+use lambda_runtime::{Error, LambdaEvent, run, service_fn};
+use shared::readmodel::runtime::ProjectionLambda;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    shared::telemetry::init();
+    let lambda = ProjectionLambda::from_env().await?;
+    run(service_fn(|event: LambdaEvent<SqsEvent>| async {
+        Ok::<_, Error>(project_dead_letters::handle(&lambda, event.payload).await)
+    }))
+    .await
+}
