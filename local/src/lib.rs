@@ -10,6 +10,7 @@ pub mod http_client;
 pub mod lambda;
 pub mod meter;
 pub mod observe;
+pub mod operations;
 pub mod provision;
 pub mod runner;
 pub mod template;

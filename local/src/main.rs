@@ -98,12 +98,17 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
+    let run_started = time::OffsetDateTime::now_utc();
     let text = std::fs::read_to_string(&stack_path)
         .with_context(|| format!("reading {} (run `scripts/env.sh up` first)", stack_path.display()))?;
     let stack: local_env::Stack = serde_json::from_str(&text).context("parsing the stack")?;
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
 
     let mut options = local_env::lambda::Options::new(&stack);
+    // The functions reach Lambda (the dead-letter handler replays a skipped stream batch by
+    // invoking its consumer) at this service's own Invoke API.
+    let lambda_port = port("LOCAL_LAMBDA_PORT", invoke_api::DEFAULT_PORT)?;
+    options.aws_env.insert("AWS_ENDPOINT_URL_LAMBDA".into(), format!("http://127.0.0.1:{lambda_port}"));
     // Every request of the functions and of the SQS pollers goes through the cost meter.
     let meter = Arc::new(Meter::default());
     let metered = |env: &BTreeMap<String, String>, service: &str| {
@@ -126,11 +131,7 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let built = binaries::build(&std::env::current_dir()?, &crates, profile)?;
     let log_dir = options.log_dir.clone();
     let service = LambdaService::new(&stack, &built, options, Some(logs))?;
-    let lambda_api = invoke_api::serve(
-        service.clone(),
-        ([127, 0, 0, 1], port("LOCAL_LAMBDA_PORT", invoke_api::DEFAULT_PORT)?).into(),
-    )
-    .await?;
+    let lambda_api = invoke_api::serve(service.clone(), ([127, 0, 0, 1], lambda_port).into()).await?;
     println!(
         "Lambda service: {} functions, Invoke API on {} (logs in {}/)",
         specs.len(),
@@ -188,6 +189,8 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
         None
     };
+    let operations =
+        if outcome.is_some() { Some(local_env::operations::gather(&stack, &sdk, run_started).await) } else { None };
     if let Some(api) = api {
         api.stop().await;
     }
@@ -200,6 +203,7 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let stats = service.stats();
     println!("\n{}", local_env::demo::function_report(&stats));
     println!("\n{}", Bill::new(outcome.orders, &meter.usage(), &stats, outcome.transitions).report());
+    operations.iter().for_each(|o| println!("\n{}", local_env::operations::render(o)));
     Ok(outcome.ok)
 }
 

@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use aws_lambda_events::encodings::Base64Data;
-use aws_lambda_events::event::dynamodb::{Event as DynamoDbEvent, EventRecord, StreamRecord, UserIdentity};
+use aws_lambda_events::event::dynamodb::{Event as DynamoDbEvent, EventRecord};
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage, SqsMessageAttribute};
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
@@ -1077,7 +1077,7 @@ impl ShardReader {
         let records = out.records.unwrap_or_default();
         self.caught_up = records.is_empty();
         for record in records {
-            let converted = event_record(record, &self.m.stream_arn, &self.m.source.region);
+            let converted = shared::streams::lambda_record(record, &self.m.stream_arn, &self.m.source.region);
             self.last_sequence = converted.change.sequence_number.clone();
             let filters = &self.m.source.filters;
             if filters.is_empty() || filters.matches(&serde_json::to_value(&converted).unwrap_or(Value::Null)) {
@@ -1305,68 +1305,6 @@ fn first_failure(response: &DynamoDbEventResponse, sequences: &[String]) -> Resu
     Ok(first)
 }
 
-/// A stream record as Lambda delivers it.
-fn event_record(record: aws_sdk_dynamodbstreams::types::Record, stream_arn: &str, region: &str) -> EventRecord {
-    let mut converted = EventRecord::default();
-    converted.aws_region = region.to_owned();
-    converted.event_id = record.event_id.unwrap_or_default();
-    converted.event_name = record.event_name.map(|n| n.as_str().to_owned()).unwrap_or_default();
-    converted.event_source = Some("aws:dynamodb".to_owned());
-    converted.event_version = Some(record.event_version.unwrap_or_else(|| "1.1".to_owned()));
-    converted.event_source_arn = Some(stream_arn.to_owned());
-    converted.user_identity = record.user_identity.map(|i| {
-        let mut identity = UserIdentity::default();
-        identity.type_ = i.r#type.unwrap_or_default();
-        identity.principal_id = i.principal_id.unwrap_or_default();
-        identity
-    });
-    if let Some(change) = record.dynamodb {
-        converted.change = stream_record(change);
-    }
-    converted
-}
-
-fn stream_record(change: aws_sdk_dynamodbstreams::types::StreamRecord) -> StreamRecord {
-    // The timestamp type is chrono's, reached through the event's own (epoch seconds) serde.
-    let created = change.approximate_creation_date_time.map(|t| t.as_secs_f64()).unwrap_or_default();
-    let mut converted: StreamRecord =
-        serde_json::from_value(json!({ "ApproximateCreationDateTime": created, "SizeBytes": 0 })).unwrap_or_default();
-    converted.keys = item(change.keys);
-    converted.new_image = item(change.new_image);
-    converted.old_image = item(change.old_image);
-    converted.sequence_number = change.sequence_number;
-    converted.size_bytes = change.size_bytes.unwrap_or_default();
-    converted.stream_view_type =
-        change.stream_view_type.and_then(|v| serde_json::from_value(Value::String(v.as_str().to_owned())).ok());
-    converted
-}
-
-fn item(map: Option<HashMap<String, aws_sdk_dynamodbstreams::types::AttributeValue>>) -> serde_dynamo::Item {
-    map.unwrap_or_default().into_iter().map(|(k, v)| (k, attribute(v))).collect::<HashMap<_, _>>().into()
-}
-
-/// Like serde_dynamo's own conversion, without its panic on a type unknown to the SDK.
-fn attribute(value: aws_sdk_dynamodbstreams::types::AttributeValue) -> serde_dynamo::AttributeValue {
-    use aws_sdk_dynamodbstreams::types::AttributeValue as S;
-    use serde_dynamo::AttributeValue as D;
-    match value {
-        S::B(b) => D::B(b.into_inner()),
-        S::Bool(b) => D::Bool(b),
-        S::Bs(bs) => D::Bs(bs.into_iter().map(|b| b.into_inner()).collect()),
-        S::L(l) => D::L(l.into_iter().map(attribute).collect()),
-        S::M(m) => D::M(m.into_iter().map(|(k, v)| (k, attribute(v))).collect()),
-        S::N(n) => D::N(n),
-        S::Ns(ns) => D::Ns(ns),
-        S::Null(n) => D::Null(n),
-        S::S(s) => D::S(s),
-        S::Ss(ss) => D::Ss(ss),
-        other => {
-            warn!(?other, "an attribute type unknown to the SDK is passed on as NULL");
-            D::Null(true)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1477,7 +1415,7 @@ mod tests {
             .stream_view_type(StreamViewType::NewImage)
             .build();
         let record = Record::builder().event_id("e1").event_name(OperationType::Insert).dynamodb(change).build();
-        let converted = event_record(record, "arn:aws:dynamodb:r:1:table/t/stream/s", "us-east-1");
+        let converted = shared::streams::lambda_record(record, "arn:aws:dynamodb:r:1:table/t/stream/s", "us-east-1");
         let json = serde_json::to_value(&converted).expect("serializes");
         assert_eq!(json["eventName"], "INSERT");
         assert_eq!(json["eventSource"], "aws:dynamodb");

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues};
+use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues, StreamReplayer};
 use shared::aggregate::Repository;
 use shared::domain::dead_letter::Status;
 use shared::eventstore::{DynamoEventStore, EventStoreConfig};
@@ -114,6 +114,11 @@ async fn main() -> anyhow::Result<()> {
         // Operators act; nobody needs telling.
         notifier: SnsNotifier { client: aws_sdk_sns::Client::new(&sdk), topic_arn: String::new() },
         tasks: aws_sdk_sfn::Client::new(&sdk),
+        replayer: StreamReplayer {
+            streams: aws_sdk_dynamodbstreams::Client::new(&sdk),
+            lambda: aws_sdk_lambda::Client::new(&sdk),
+            region: sdk.region().map(ToString::to_string).unwrap_or_default(),
+        },
         policy: RetryPolicy { max_attempts: 0, base_delay: Duration::ZERO, max_delay: Duration::ZERO },
     };
     let Command::DeadLetters(command) = cli.command;

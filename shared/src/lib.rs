@@ -21,5 +21,7 @@ pub mod eventstore;
 pub mod readmodel;
 pub mod retry;
 pub mod saga;
+#[cfg(feature = "streams")]
+pub mod streams;
 pub mod telemetry;
 pub mod text;

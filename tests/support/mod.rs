@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use local_env::lambda::invoke_api::InvokeApi;
 use local_env::lambda::{LambdaService, binaries};
 use local_env::{Stack, Status};
 use shared::eventstore::{DynamoEventStore, EventStoreConfig};
@@ -106,6 +107,12 @@ impl LocalAws {
         aws_sdk_cloudwatch::Client::from_conf(b.build())
     }
 
+    pub fn lambda(&self) -> aws_sdk_lambda::Client {
+        let mut b = aws_sdk_lambda::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("LAMBDA"));
+        aws_sdk_lambda::Client::from_conf(b.build())
+    }
+
     pub fn sfn(&self) -> aws_sdk_sfn::Client {
         let mut b = aws_sdk_sfn::config::Builder::from(&self.config);
         b.set_endpoint_url(self.endpoint("SFN"));
@@ -165,11 +172,31 @@ impl LocalAws {
     /// The stack's functions in the local Lambda service: their own binaries, given the
     /// emulators' endpoints, logging to CloudWatch Logs and to `.local/logs/<stack>/`.
     pub fn lambda_service(&self, stack: &Stack) -> Arc<LambdaService> {
+        self.lambda_service_with(stack, None)
+    }
+
+    /// As [`Self::lambda_service`], with the functions' Lambda endpoint at `lambda_endpoint`.
+    pub fn lambda_service_with(&self, stack: &Stack, lambda_endpoint: Option<String>) -> Arc<LambdaService> {
         let mut options = local_env::lambda::Options::new(stack);
         options.log_dir = workspace_root().join(".local/logs").join(&stack.stack_name);
         options.aws_env =
             self.vars.iter().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(endpoint) = lambda_endpoint {
+            options.aws_env.insert("AWS_ENDPOINT_URL_LAMBDA".into(), endpoint);
+        }
         LambdaService::new(stack, function_binaries(), options, Some(self.logs())).expect("the Lambda service")
+    }
+
+    /// The stack's functions with their own Invoke API, which they reach as Lambda (the
+    /// dead-letter handler replays a skipped stream batch through it).
+    pub async fn lambda_service_and_api(&self, stack: &Stack) -> (Arc<LambdaService>, InvokeApi) {
+        // A free port, taken again at once: the service's functions must know it before it is served.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let service = self.lambda_service_with(stack, Some(format!("http://127.0.0.1:{port}")));
+        let api = local_env::lambda::invoke_api::serve(service.clone(), ([127, 0, 0, 1], port).into())
+            .await
+            .expect("the Invoke API");
+        (service, api)
     }
 
     pub fn event_store_config(&self) -> EventStoreConfig {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues};
+use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues, StreamReplayer};
 use local_env::lambda::LambdaService;
 use local_env::observe::{Finished, history, saga_steps, wait_for_saga};
 use local_env::runner::{Invoke, Runner, RunnerClients, RunnerHandle};
@@ -30,6 +30,8 @@ pub struct SagaEnv {
     run_id: String,
     /// This test's own stack: its alarms and queues go when it stops.
     disposable: bool,
+    /// The functions' Lambda endpoint (a test's own stack).
+    invoke_api: Option<local_env::lambda::invoke_api::InvokeApi>,
 }
 
 /// Test settings: redeliveries after 3 s instead of 60 (so a crashed or timed-out invocation's
@@ -38,8 +40,11 @@ fn overrides() -> HashMap<String, String> {
     HashMap::from([
         ("StepVisibilityTimeout".to_owned(), "3".to_owned()),
         ("StepMaximumConcurrency".to_owned(), "2".to_owned()),
-        // A dead letter's automatic redrive after at most a second, not 30.
+        // A dead letter's automatic redrive after a second or so, not 30, and more of them.
         ("RedriveBaseDelaySeconds".to_owned(), "1".to_owned()),
+        ("AutomaticRedrives".to_owned(), "10".to_owned()),
+        // A stream batch the relay keeps failing is skipped (and replayed) after 3 retries, not 20.
+        ("OutboxRelayMaximumRetryAttempts".to_owned(), "3".to_owned()),
     ])
 }
 
@@ -79,7 +84,7 @@ impl SagaEnv {
         let runner = Runner::new(&stack, clients, service.clone()).expect("runner").with_checkpoints(positions);
         let running = Some(runner.start());
         let sfn = aws.sfn();
-        Self { aws, stack, service, sfn, repo, running, run_id: unique(""), disposable: false }
+        Self { aws, stack, service, sfn, repo, running, run_id: unique(""), disposable: false, invoke_api: None }
     }
 
     async fn start_inner(customise: Option<impl FnOnce(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>>) -> Self {
@@ -93,7 +98,7 @@ impl SagaEnv {
         };
         let stack = local_env::provision(&template, &options, &aws.provisioning_clients()).await.expect("provision");
         assert!(stack.failed().is_empty() && stack.unresolved.is_empty(), "{}", local_env::report(&stack));
-        let service = aws.lambda_service(&stack);
+        let (service, invoke_api) = aws.lambda_service_and_api(&stack).await;
         let env = stack.environment.clone();
         let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned()).expect("event store config");
         let repo = Repository::new(DynamoEventStore::new(aws.dynamodb(), config));
@@ -104,7 +109,17 @@ impl SagaEnv {
             Runner::new(&stack, clients, functions).expect("runner").start()
         });
         let sfn = aws.sfn();
-        Self { aws, stack, service, sfn, repo, running, run_id: unique(""), disposable: true }
+        Self {
+            aws,
+            stack,
+            service,
+            sfn,
+            repo,
+            running,
+            run_id: unique(""),
+            disposable: true,
+            invoke_api: Some(invoke_api),
+        }
     }
 
     pub fn state_machine(&self) -> &str {
@@ -141,7 +156,9 @@ impl SagaEnv {
     }
 
     /// What the `ops` command line acts through, on this stack.
-    pub fn operator(&self) -> DeadLetterHandler<DynamoEventStore, SqsQueues, SnsNotifier, aws_sdk_sfn::Client> {
+    pub fn operator(
+        &self,
+    ) -> DeadLetterHandler<DynamoEventStore, SqsQueues, SnsNotifier, aws_sdk_sfn::Client, StreamReplayer> {
         let env = &self.stack.environment;
         let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned()).expect("event store config");
         DeadLetterHandler {
@@ -152,6 +169,11 @@ impl SagaEnv {
                 topic_arn: self.stack.resources["AlarmTopic"].reference.clone(),
             },
             tasks: self.aws.sfn(),
+            replayer: StreamReplayer {
+                streams: self.aws.dynamodb_streams(),
+                lambda: self.aws.lambda(),
+                region: self.aws.var("AWS_REGION"),
+            },
             policy: shared::retry::RetryPolicy::no_retry(),
         }
     }
@@ -229,6 +251,9 @@ impl SagaEnv {
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.stop().await;
+        }
+        if let Some(api) = self.invoke_api.take() {
+            api.stop();
         }
         self.service.shutdown().await;
         if self.disposable {

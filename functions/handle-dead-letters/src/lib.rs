@@ -19,7 +19,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
+use aws_lambda_events::event::dynamodb::{Event as DynamoDbEvent, EventRecord};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use serde_json::Value;
 use shared::aggregate::{Aggregate, CommandContext, ExecuteError, Repository};
 use shared::domain::dead_letter::{Actor, Arrival, DeadLetter, DeadLetterCommand, Failure, NextAction};
@@ -39,6 +41,8 @@ pub enum HandlerError {
     Store(String),
     #[error("{0}")]
     Aws(String),
+    #[error("the replay did not go through: {0}")]
+    ReplayFailed(String),
 }
 
 /// What an operator is told when an action is not taken.
@@ -58,6 +62,14 @@ pub enum OperatorError {
 pub trait Queues: Send + Sync {
     /// The queue whose redrive policy names `dead_letter_queue` (both ARNs), if exactly one does.
     fn source_of(&self, dead_letter_queue: &str) -> impl Future<Output = Result<Option<String>, HandlerError>> + Send;
+    /// Makes a received message of `queue_arn` visible again after `seconds` (a backoff before
+    /// its next try, instead of the queue's visibility timeout).
+    fn retry_after(
+        &self,
+        queue_arn: &str,
+        receipt_handle: &str,
+        seconds: u32,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
     /// Sends `body` with `attributes` to the queue `queue_arn`, visible after `delay_seconds`.
     fn send(
         &self,
@@ -73,16 +85,55 @@ pub trait Notifier: Send + Sync {
     fn notify(&self, subject: &str, message: &str) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
+/// Hands a skipped stream batch to its consumer again: reads the records between the pointer's
+/// positions back from the stream and invokes the consumer with them, as its event source
+/// mapping would have. `Ok`: how many records it took; `Err`: why not (another try may follow).
+pub trait Replayer: Send + Sync {
+    fn replay(&self, batch: &StreamBatch) -> impl Future<Output = Result<u32, String>> + Send;
+}
+
+/// Where a stream consumer's skipped batch lies (its `DDBStreamBatchInfo`) and who skipped it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamBatch {
+    pub function_arn: String,
+    pub stream_arn: String,
+    pub shard_id: String,
+    pub start: String,
+    pub end: String,
+}
+
+impl StreamBatch {
+    /// From an OnFailure record's body.
+    pub fn from_body(body: &str) -> Option<Self> {
+        let v: Value = serde_json::from_str(body).ok()?;
+        let info = v.get("DDBStreamBatchInfo")?;
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        Some(Self {
+            function_arn: text(v.get("requestContext")?, "functionArn")?,
+            stream_arn: text(info, "streamArn")?,
+            shard_id: text(info, "shardId")?,
+            start: text(info, "startSequenceNumber")?,
+            end: text(info, "endSequenceNumber")?,
+        })
+    }
+}
+
+/// Sequence numbers are decimal strings of growing length: compared as numbers.
+fn sequence_after(a: &str, b: &str) -> bool {
+    (a.len(), a) > (b.len(), b)
+}
+
 /// Whether a saga task still waits for its answer.
 pub trait Tasks: Send + Sync {
     fn is_open(&self, token: &str) -> impl Future<Output = Result<bool, HandlerError>> + Send;
 }
 
-pub struct DeadLetterHandler<S, Q, N, T> {
+pub struct DeadLetterHandler<S, Q, N, T, R> {
     pub repo: Repository<S>,
     pub queues: Q,
     pub notifier: N,
     pub tasks: T,
+    pub replayer: R,
     /// `max_attempts` is the number of automatic redrives; the delays are the backoff's.
     pub policy: RetryPolicy,
 }
@@ -103,13 +154,18 @@ pub enum Outcome {
         dead_letter_id: String,
         note: String,
     },
+    Replayed {
+        dead_letter_id: String,
+        attempt: u32,
+        records: u32,
+    },
     /// Already acted on (the DLQ delivered this message twice).
     AlreadyHandled {
         dead_letter_id: String,
     },
 }
 
-impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks> DeadLetterHandler<S, Q, N, T> {
+impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHandler<S, Q, N, T, R> {
     /// Handles every message of the batch; a message whose handling failed is left on its DLQ.
     pub async fn handle(&self, batch: SqsEvent) -> SqsBatchResponse {
         let mut response = SqsBatchResponse::default();
@@ -148,13 +204,25 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks> DeadLetterHandler<S, Q, N,
         match state.next_action(&self.policy) {
             NextAction::Nothing => Ok(Outcome::AlreadyHandled { dead_letter_id: id }),
             NextAction::Park { reason } => self.park(&id, &state, reason, &ctx).await,
-            NextAction::Redrive { .. } if arrival.failure == Failure::StreamBatch => {
-                let reason = format!(
-                    "a stream consumer skipped a batch of records after its retries: {}; replay those positions \
-                     or rebuild the read models",
-                    arrival.reason
-                );
-                self.park(&id, &state, reason, &ctx).await
+            NextAction::Redrive { attempt } if arrival.failure == Failure::StreamBatch => {
+                let Some(batch) = StreamBatch::from_body(&arrival.body) else {
+                    let reason = format!("a skipped stream batch whose pointer does not read: {}", arrival.reason);
+                    return self.park(&id, &state, reason, &ctx).await;
+                };
+                let result = self.replayer.replay(&batch).await;
+                let record = DeadLetterCommand::RecordReplay { by: Actor::Automatic, result: result.clone() };
+                self.execute(&id, &record, &ctx).await?;
+                match result {
+                    Ok(records) => Ok(Outcome::Replayed { dead_letter_id: id, attempt, records }),
+                    // Left on the DLQ, back after a backoff: then replayed again, or parked.
+                    Err(reason) => {
+                        let delay = self.policy.delay(attempt - 1).as_secs_f64().ceil().min(900.0) as u32;
+                        if let Some(handle) = &message.receipt_handle {
+                            self.queues.retry_after(&arrival.dead_letter_queue, handle, delay).await?;
+                        }
+                        Err(HandlerError::ReplayFailed(reason))
+                    }
+                }
             }
             NextAction::Redrive { attempt } => {
                 let task = task_token(&arrival.body);
@@ -181,18 +249,24 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks> DeadLetterHandler<S, Q, N,
         }
     }
 
-    /// An operator sends a dead letter back to its source (after fixing the cause), at once.
-    /// A skipped stream batch cannot be sent anywhere: it is replayed by rebuilding the read
-    /// models, then resolved.
+    /// An operator sends a dead letter back to its source (after fixing the cause), at once; a
+    /// skipped stream batch is replayed to its consumer.
     pub async fn redrive_by_operator(&self, id: &str, operator: &str) -> Result<Outcome, OperatorError> {
         let state = self.load(id).await?;
         let arrival = state.first.clone().ok_or(OperatorError::Unknown)?;
+        let by = Actor::Operator(operator.to_owned());
+        let ctx = CommandContext { correlation_id: Some(id.to_owned()), ..CommandContext::default() };
         if arrival.failure == Failure::StreamBatch {
-            return Err(OperatorError::NotRedrivable(
-                "a skipped stream batch is a pointer, not a message: rebuild the read models \
-                 (`cargo run -p local-env -- rebuild`), then resolve it"
-                    .into(),
-            ));
+            let batch = StreamBatch::from_body(&arrival.body)
+                .ok_or_else(|| OperatorError::NotRedrivable("its pointer does not read".into()))?;
+            state
+                .clone()
+                .decide(&DeadLetterCommand::RecordReplay { by: by.clone(), result: Ok(0) })
+                .map_err(|e| OperatorError::Refused(e.to_string()))?;
+            let result = self.replayer.replay(&batch).await;
+            self.execute(id, &DeadLetterCommand::RecordReplay { by, result: result.clone() }, &ctx).await?;
+            let records = result.map_err(|reason| OperatorError::Failed(HandlerError::ReplayFailed(reason)))?;
+            return Ok(Outcome::Replayed { dead_letter_id: id.to_owned(), attempt: state.redrives + 1, records });
         }
         let target = arrival.source.clone().ok_or_else(|| {
             OperatorError::NotRedrivable("no source queue is known; send the body where it belongs by hand".into())
@@ -203,8 +277,7 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks> DeadLetterHandler<S, Q, N,
             .decide(&DeadLetterCommand::Redrive { by: Actor::Operator(operator.to_owned()), delay_seconds: 0 })
             .map_err(|e| OperatorError::Refused(e.to_string()))?;
         self.queues.send(&target, &arrival.body, &redrive_attributes(&arrival, id), 0).await?;
-        let ctx = CommandContext { correlation_id: Some(id.to_owned()), ..CommandContext::default() };
-        let redrive = DeadLetterCommand::Redrive { by: Actor::Operator(operator.to_owned()), delay_seconds: 0 };
+        let redrive = DeadLetterCommand::Redrive { by, delay_seconds: 0 };
         self.execute(id, &redrive, &ctx).await?;
         Ok(Outcome::Redriven { dead_letter_id: id.to_owned(), attempt: state.redrives + 1, delay_seconds: 0 })
     }
@@ -432,6 +505,12 @@ impl Queues for SqsQueues {
         Ok(source)
     }
 
+    async fn retry_after(&self, queue_arn: &str, receipt_handle: &str, seconds: u32) -> Result<(), HandlerError> {
+        let url = self.url(queue_arn).await?;
+        let change = self.client.change_message_visibility().queue_url(url).receipt_handle(receipt_handle);
+        change.visibility_timeout(seconds.min(43_200) as i32).send().await.map(|_| ()).map_err(sqs_error)
+    }
+
     async fn send(
         &self,
         queue_arn: &str,
@@ -490,6 +569,96 @@ impl Tasks for aws_sdk_sfn::Client {
     }
 }
 
+/// [`Replayer`] on DynamoDB Streams and Lambda's Invoke API.
+pub struct StreamReplayer {
+    pub streams: aws_sdk_dynamodbstreams::Client,
+    pub lambda: aws_sdk_lambda::Client,
+    pub region: String,
+}
+
+/// Records per invocation of a replay: a stream mapping's largest batch here is 100.
+const REPLAY_CHUNK: usize = 100;
+
+impl StreamReplayer {
+    async fn read(&self, batch: &StreamBatch) -> Result<Vec<EventRecord>, String> {
+        use aws_sdk_dynamodbstreams::error::DisplayErrorContext;
+        let iterator = self
+            .streams
+            .get_shard_iterator()
+            .stream_arn(&batch.stream_arn)
+            .shard_id(&batch.shard_id)
+            .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::AtSequenceNumber)
+            .sequence_number(&batch.start)
+            .send()
+            .await
+            .map_err(|e| format!("the stream no longer holds them (24 h retention)? {}", DisplayErrorContext(&e)))?;
+        let mut iterator = iterator.shard_iterator;
+        let (mut records, mut empty_pages) = (Vec::new(), 0);
+        while let Some(current) = iterator.take() {
+            let page = self
+                .streams
+                .get_records()
+                .shard_iterator(current)
+                .limit(1000)
+                .send()
+                .await
+                .map_err(|e| format!("reading the stream: {}", DisplayErrorContext(&e)))?;
+            if page.records().is_empty() {
+                empty_pages += 1;
+            }
+            for record in page.records.unwrap_or_default() {
+                let sequence = record.dynamodb.as_ref().and_then(|d| d.sequence_number.clone()).unwrap_or_default();
+                if sequence_after(&sequence, &batch.end) {
+                    return Ok(records);
+                }
+                records.push(shared::streams::lambda_record(record, &batch.stream_arn, &self.region));
+            }
+            // An open shard answers empty pages past its end: the batch is behind us by then.
+            if empty_pages >= 3 {
+                break;
+            }
+            iterator = page.next_shard_iterator;
+        }
+        Ok(records)
+    }
+}
+
+impl Replayer for StreamReplayer {
+    async fn replay(&self, batch: &StreamBatch) -> Result<u32, String> {
+        let records = self.read(batch).await?;
+        if records.is_empty() {
+            return Err(format!("no records from {} to {} on {}", batch.start, batch.end, batch.shard_id));
+        }
+        let count = records.len() as u32;
+        for chunk in records.chunks(REPLAY_CHUNK) {
+            let mut event = DynamoDbEvent::default();
+            event.records = chunk.to_vec();
+            let payload = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
+            let out = self
+                .lambda
+                .invoke()
+                .function_name(&batch.function_arn)
+                .payload(aws_sdk_lambda::primitives::Blob::new(payload))
+                .send()
+                .await
+                .map_err(|e| {
+                    format!("invoking {}: {}", batch.function_arn, aws_sdk_lambda::error::DisplayErrorContext(&e))
+                })?;
+            let answer = out.payload.map(|p| String::from_utf8_lossy(p.as_ref()).into_owned()).unwrap_or_default();
+            if let Some(error) = out.function_error {
+                return Err(format!("{} failed ({error}): {answer}", batch.function_arn));
+            }
+            // A consumer reporting batch item failures did not take every record.
+            let response: DynamoDbEventResponse = serde_json::from_str(&answer).unwrap_or_default();
+            if let Some(first) = response.batch_item_failures.first() {
+                let at = first.item_identifier.clone().unwrap_or_default();
+                return Err(format!("{} did not take the records from {at} on", batch.function_arn));
+            }
+        }
+        Ok(count)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -506,11 +675,15 @@ mod tests {
     type Message = (String, String, BTreeMap<String, String>, u32);
 
     #[derive(Default)]
-    struct Sent(Mutex<Vec<Message>>);
+    struct Sent(Mutex<Vec<Message>>, Mutex<Vec<u32>>);
 
     impl Queues for Sent {
         async fn source_of(&self, dead_letter_queue: &str) -> Result<Option<String>, HandlerError> {
             Ok(dead_letter_queue.ends_with("ReserveInventoryDlq").then(|| SOURCE.to_owned()))
+        }
+        async fn retry_after(&self, _queue_arn: &str, _receipt_handle: &str, seconds: u32) -> Result<(), HandlerError> {
+            self.1.lock().map_err(|e| HandlerError::Aws(e.to_string()))?.push(seconds);
+            Ok(())
         }
         async fn send(
             &self,
@@ -543,12 +716,25 @@ mod tests {
         }
     }
 
-    fn handler(task_open: bool) -> DeadLetterHandler<InMemoryEventStore, Sent, Told, TaskOpen> {
+    /// Replays answering from a script, the last answer repeated.
+    struct Replays(Mutex<Vec<Result<u32, String>>>);
+
+    impl Replayer for Replays {
+        async fn replay(&self, _batch: &StreamBatch) -> Result<u32, String> {
+            let mut script = self.0.lock().map_err(|e| e.to_string())?;
+            if script.len() > 1 { script.remove(0) } else { script[0].clone() }
+        }
+    }
+
+    type Handler = DeadLetterHandler<InMemoryEventStore, Sent, Told, TaskOpen, Replays>;
+
+    fn handler(task_open: bool) -> Handler {
         DeadLetterHandler {
             repo: Repository::new(InMemoryEventStore::new()),
             queues: Sent::default(),
             notifier: Told::default(),
             tasks: TaskOpen(task_open),
+            replayer: Replays(Mutex::new(vec![Err("the relay crashed".into()), Ok(7)])),
             policy: RetryPolicy {
                 max_attempts: 2,
                 base_delay: Duration::from_secs(30),
@@ -565,7 +751,7 @@ mod tests {
         event.records.into_iter().next().expect("one record")
     }
 
-    async fn state(h: &DeadLetterHandler<InMemoryEventStore, Sent, Told, TaskOpen>, id: &str) -> DeadLetter {
+    async fn state(h: &Handler, id: &str) -> DeadLetter {
         h.repo.load::<DeadLetter>(id).await.expect("load").state
     }
 
@@ -663,12 +849,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_skipped_stream_batch_is_parked_naming_its_positions() {
+    async fn a_skipped_stream_batch_is_replayed_to_its_consumer_and_retried_after_a_backoff_if_that_fails() {
+        // Given a relay's skipped batch, whose first replay fails and second goes through
         let h = handler(true);
-        let outcome = h.handle_one(&sample("stream-batch-skipped.json")).await.expect("handled");
-        let Outcome::Parked { reason, .. } = outcome else { panic!("{outcome:?}") };
-        assert!(reason.contains("OutboxRelayFunction skipped 100 records"), "{reason}");
-        assert!(reason.contains("4700000000000000000001 to 4700000000000000000100"), "{reason}");
+        let message = sample("stream-batch-skipped.json");
+        let id = message.message_id.clone().expect("id");
+        // When it is handled: the replay fails, the message is left on the DLQ for a later try
+        let first = h.handle_one(&message).await;
+        assert!(matches!(first, Err(HandlerError::ReplayFailed(ref r)) if r.contains("crashed")), "{first:?}");
+        assert_eq!(h.queues.1.lock().expect("retries").len(), 1, "made visible again after a backoff");
+        assert_eq!(state(&h, &id).await.status, Status::Pending);
+        // When the DLQ delivers it again: the replay goes through and the dead letter is settled
+        let second = h.handle_one(&message).await.expect("handled");
+        assert_eq!(second, Outcome::Replayed { dead_letter_id: id.clone(), attempt: 2, records: 7 });
+        let dl = state(&h, &id).await;
+        assert_eq!((dl.status, dl.redrives), (Status::Resolved, 2));
+        assert!(h.queues.0.lock().expect("sent").is_empty(), "nothing is sent to a queue");
+    }
+
+    #[test]
+    fn a_pointer_reads_as_the_batch_it_names() {
+        let body = sample("stream-batch-skipped.json").body.expect("body");
+        let batch = StreamBatch::from_body(&body).expect("a pointer");
+        assert!(batch.function_arn.ends_with(":function:order-saga-OutboxRelayFunction"));
+        assert_eq!((batch.start.as_str(), batch.end.as_str()), ("4700000000000000000001", "4700000000000000000100"));
+        assert!(sequence_after("4700000000000000000101", &batch.end));
+        assert!(!sequence_after("999", &batch.end), "a shorter number is smaller");
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use aws_lambda_events::event::sqs::SqsEvent;
-use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues};
+use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues, StreamReplayer};
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use shared::aggregate::Repository;
 use shared::config::{process_env, required};
@@ -25,6 +25,11 @@ async fn main() -> Result<(), Error> {
             topic_arn: required(&process_env, "NOTIFICATION_TOPIC_ARN")?,
         },
         tasks: aws_sdk_sfn::Client::new(&sdk),
+        replayer: StreamReplayer {
+            streams: aws_sdk_dynamodbstreams::Client::new(&sdk),
+            lambda: aws_sdk_lambda::Client::new(&sdk),
+            region: sdk.region().map(ToString::to_string).unwrap_or_default(),
+        },
         policy: RetryPolicy {
             max_attempts: number("AUTOMATIC_REDRIVES", 3) as u32,
             base_delay: Duration::from_secs(number("REDRIVE_BASE_DELAY_SECONDS", 30)),

@@ -110,6 +110,21 @@ pub enum DeadLetterEvent {
         by: Actor,
         delay_seconds: u32,
     },
+    /// A skipped stream batch's records were read back from the stream and handed to its
+    /// consumer again, which took them all.
+    DeadLetterReplayed {
+        dead_letter_id: String,
+        attempt: u32,
+        by: Actor,
+        records: u32,
+    },
+    /// A replay that did not go through; another may follow.
+    DeadLetterReplayFailed {
+        dead_letter_id: String,
+        attempt: u32,
+        by: Actor,
+        reason: String,
+    },
     DeadLetterParked {
         dead_letter_id: String,
         reason: String,
@@ -139,6 +154,11 @@ pub enum DeadLetterCommand {
     Redrive {
         by: Actor,
         delay_seconds: u32,
+    },
+    /// Record how a replay of a skipped stream batch went: `Ok(records)` or `Err(reason)`.
+    RecordReplay {
+        by: Actor,
+        result: Result<u32, String>,
     },
     Park {
         reason: String,
@@ -260,6 +280,19 @@ impl Aggregate for DeadLetter {
                     self.automatic_redrives += 1;
                 }
             }
+            DeadLetterEvent::DeadLetterReplayed { by, .. } | DeadLetterEvent::DeadLetterReplayFailed { by, .. } => {
+                self.redrives += 1;
+                if *by == Actor::Automatic {
+                    self.automatic_redrives += 1;
+                }
+                self.status = match event {
+                    DeadLetterEvent::DeadLetterReplayed { .. } => Status::Resolved,
+                    _ => Status::Pending,
+                };
+                if let DeadLetterEvent::DeadLetterReplayFailed { reason, .. } = event {
+                    self.last_reason = reason.clone();
+                }
+            }
             DeadLetterEvent::DeadLetterParked { .. } => self.status = Status::Parked,
             DeadLetterEvent::DeadLetterDiscarded { .. } => self.status = Status::Discarded,
             DeadLetterEvent::DeadLetterResolved { .. } => self.status = Status::Resolved,
@@ -303,6 +336,28 @@ impl Aggregate for DeadLetter {
                     attempt: self.redrives + 1,
                     by: by.clone(),
                     delay_seconds: *delay_seconds,
+                }])
+            }
+            DeadLetterCommand::RecordReplay { by, result } => {
+                if self.failure() != Some(Failure::StreamBatch) {
+                    return Err(DeadLetterError::InvalidState(self.name(), "record a replay of"));
+                }
+                match (self.status, by) {
+                    (Status::None, _) => return Err(DeadLetterError::Unknown),
+                    (Status::Pending, _) | (Status::Parked, Actor::Operator(_)) => {}
+                    _ => return Err(DeadLetterError::InvalidState(self.name(), "replay")),
+                }
+                let (attempt, by) = (self.redrives + 1, by.clone());
+                Ok(vec![match result {
+                    Ok(records) => {
+                        DeadLetterEvent::DeadLetterReplayed { dead_letter_id: id, attempt, by, records: *records }
+                    }
+                    Err(reason) => DeadLetterEvent::DeadLetterReplayFailed {
+                        dead_letter_id: id,
+                        attempt,
+                        by,
+                        reason: reason.clone(),
+                    },
                 }])
             }
             DeadLetterCommand::Park { reason } => match self.status {
@@ -421,6 +476,25 @@ mod tests {
         let events = when(&mut dl, DeadLetterCommand::Redrive { by: Actor::Operator("ana".into()), delay_seconds: 0 })
             .expect("operator redrive");
         assert!(matches!(&events[..], [DeadLetterEvent::DeadLetterRedriven { attempt: 1, .. }]));
+    }
+
+    #[test]
+    fn a_skipped_stream_batch_is_replayed_until_it_goes_through_within_the_bound() {
+        let mut dl = given(&[]);
+        when(&mut dl, record("d1", "m1", Failure::StreamBatch)).expect("recorded");
+        let policy = policy(2);
+        assert_eq!(dl.next_action(&policy), NextAction::Redrive { attempt: 1 });
+        let failed = DeadLetterCommand::RecordReplay { by: Actor::Automatic, result: Err("relay crashed".into()) };
+        when(&mut dl, failed).expect("failed replay");
+        assert_eq!((dl.status, dl.last_reason.as_str()), (Status::Pending, "relay crashed"));
+        assert_eq!(dl.next_action(&policy), NextAction::Redrive { attempt: 2 });
+        when(&mut dl, DeadLetterCommand::RecordReplay { by: Actor::Automatic, result: Ok(7) }).expect("replayed");
+        assert_eq!((dl.status, dl.redrives), (Status::Resolved, 2));
+        assert_eq!(dl.next_action(&policy), NextAction::Nothing);
+        // Only a stream batch is replayed
+        let mut other = given(&[]);
+        when(&mut other, record("d2", "m2", Failure::Transient)).expect("recorded");
+        assert!(when(&mut other, DeadLetterCommand::RecordReplay { by: Actor::Automatic, result: Ok(1) }).is_err());
     }
 
     #[test]

@@ -125,6 +125,21 @@ impl ReadModel for DeadLetterView {
                 self.redrives += 1;
                 ("redriven", Some(actor(&by)), format!("attempt {attempt}, after {delay_seconds} s"))
             }
+            DeadLetterEvent::DeadLetterReplayed { attempt, by, records, .. } => {
+                self.status = Status::Resolved;
+                self.redrives += 1;
+                (
+                    "replayed",
+                    Some(actor(&by)),
+                    format!("attempt {attempt}: {records} records handed to the consumer again"),
+                )
+            }
+            DeadLetterEvent::DeadLetterReplayFailed { attempt, by, reason, .. } => {
+                self.status = Status::Pending;
+                self.redrives += 1;
+                self.reason = reason.clone();
+                ("replay failed", Some(actor(&by)), format!("attempt {attempt}: {reason}"))
+            }
             DeadLetterEvent::DeadLetterParked { reason, .. } => {
                 self.status = Status::Parked;
                 self.reason = reason.clone();
