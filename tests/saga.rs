@@ -390,9 +390,10 @@ async fn malformed_commands_are_parked_as_dead_letters_people_are_told_and_an_op
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_compensation_that_keeps_failing_ends_in_needs_manual_action_and_the_queue() {
-    // Given an order whose shipment fails and whose refund keeps failing
+async fn a_compensation_that_keeps_failing_is_flagged_told_retried_by_an_operator_and_resolved_by_hand() {
+    // Given an order whose shipment fails and whose refund keeps failing, and people on call
     let env = SagaEnv::start().await;
+    let pager = env.pager().await;
     let id = env.place(env.sample("needs-manual-action")).await;
 
     // Then the saga ends in the distinct NeedsManualAction outcome
@@ -406,23 +407,51 @@ async fn a_compensation_that_keeps_failing_ends_in_needs_manual_action_and_the_q
     assert_eq!(order.status, OrderStatus::NeedsManualAction);
     let flagged = env.events("Order", &id).await.into_iter().find(|e| e.event_type == "OrderFlaggedForManualAction");
     assert_eq!(flagged.expect("flag event").payload["failedStep"], "RefundPayment");
-    // And parked on the manual-action queue with what failed
-    let got = env
-        .aws
-        .sqs()
-        .receive_message()
-        .queue_url(env.queue_url("ManualActionQueue"))
-        .wait_time_seconds(2)
-        .send()
-        .await
-        .expect("receive");
-    let parked: Vec<Value> =
-        got.messages().iter().filter_map(|m| serde_json::from_str(m.body().unwrap_or_default()).ok()).collect();
-    assert!(
-        parked.iter().any(|p| p["orderId"] == id.as_str()
-            && p["failedStep"] == "RefundPayment"
-            && p["error"] == "ServiceUnavailable"),
-        "{parked:?}"
-    );
+    // And the manual-action queue's message became the order's case, parked, and people were told
+    let case = handle_dead_letters::manual_action_case(&id);
+    let cases = env.dead_letters("ManualActionQueue", 1, Status::Parked, 30).await;
+    let parked = cases.iter().find(|d| d.dead_letter_id == case).expect("the order's case");
+    assert_eq!((parked.status, parked.failure), (Status::Parked, Some(Failure::ManualAction)));
+    assert!(parked.reason.contains("RefundPayment kept failing (ServiceUnavailable"), "{parked:?}");
+    let told = env.told(&pager, &[case.as_str()], 20).await;
+    assert!(told.iter().any(|(_, m)| m.contains("orders retry-compensations")), "{told:?}");
+
+    // When an operator retries its compensations (the refund still fails: nothing fixed it)
+    let operator = env.operator();
+    let execution = operator.retry_compensations(&id, "ana", &env.sfn, env.state_machine()).await.expect("retry");
+    // Then a new execution ran the compensations in reverse order, and flagged the order again
+    let retried = wait_for_execution(&env, &execution).await;
+    assert_eq!(retried.status, "FAILED");
+    assert_eq!(retried.error.as_deref(), Some("NeedsManualAction"));
+    let steps = env.steps(&retried).await;
+    assert_eq!(steps[..2], ["CancelShipment", "RefundPayment"], "{steps:?}");
+    // And the case came back to the same dead letter, seen twice, parked again
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let again = loop {
+        let cases = env.dead_letters("ManualActionQueue", 1, Status::Parked, 5).await;
+        let seen = cases.into_iter().find(|d| d.dead_letter_id == case && d.times_seen == 2);
+        if let Some(seen) = seen.filter(|d| d.status == Status::Parked) {
+            break seen;
+        }
+        assert!(std::time::Instant::now() < deadline, "the case did not come back");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(again.history.iter().any(|h| h.what == "redriven" && h.by.as_deref() == Some("ana")), "{again:?}");
+
+    // When the operator settles it by hand, saying how
+    assert!(operator.resolve_order(&id, "ana", " ").await.is_err(), "a note is needed");
+    operator.resolve_order(&id, "ana", "refunded by bank transfer").await.expect("resolve");
+    // Then the order is final, resolved by hand, and so is its case
+    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::ManuallyResolved);
+    let resolved = env.dead_letters("ManualActionQueue", 1, Status::Resolved, 20).await;
+    assert!(resolved.iter().any(|d| d.dead_letter_id == case && d.status == Status::Resolved), "{resolved:?}");
     env.stop().await;
+}
+
+/// Waits for an execution the test started by hand to end.
+async fn wait_for_execution(env: &SagaEnv, arn: &str) -> local_env::observe::Finished {
+    let name = arn.rsplit(':').next().expect("an execution ARN");
+    local_env::observe::wait_for_saga(&env.sfn, env.state_machine(), name, Duration::from_secs(240))
+        .await
+        .expect("the execution ended")
 }

@@ -42,6 +42,10 @@ pub fn write_outputs(stack: &Stack, out: &Path) -> std::io::Result<()> {
     let mut env = passthrough_env();
     env.insert("STACK_NAME".into(), stack.stack_name.clone());
     env.extend(stack.environment.clone());
+    // What the operators' command line (`ops`) needs besides the tables.
+    if let Some(saga) = stack.outputs.get("OrderSagaArn") {
+        env.insert("ORDER_SAGA_ARN".into(), saga.clone());
+    }
     std::fs::write(out.join("aws.env"), envfile::render(&env))
 }
 

@@ -8,6 +8,8 @@
 //! cargo run -p ops -- --env-file .local/aws.env dead-letters show <id>
 //! cargo run -p ops -- --env-file .local/aws.env dead-letters redrive <id> --by ana
 //! cargo run -p ops -- --env-file .local/aws.env dead-letters discard <id> --by ana --note "test order"
+//! cargo run -p ops -- --env-file .local/aws.env orders retry-compensations <order-id>
+//! cargo run -p ops -- --env-file .local/aws.env orders resolve <order-id> --note "refunded by hand"
 //! ```
 //!
 //! Every action is an event on the dead letter's stream, naming who took it.
@@ -40,6 +42,30 @@ enum Command {
     /// Dead letters: what failed, why, and what was done about it.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Orders flagged for manual action (a compensation kept failing).
+    #[command(subcommand)]
+    Orders(Orders),
+}
+
+#[derive(Subcommand)]
+enum Orders {
+    /// Runs the order's compensations again (after fixing the cause) in a new saga execution.
+    RetryCompensations {
+        order_id: String,
+        #[arg(long, env = "USER")]
+        by: String,
+        /// The order saga's state machine.
+        #[arg(long, env = "ORDER_SAGA_ARN")]
+        saga: String,
+    },
+    /// Marks a flagged order settled by hand (final), saying how.
+    Resolve {
+        order_id: String,
+        #[arg(long, env = "USER")]
+        by: String,
+        #[arg(long)]
+        note: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -121,7 +147,20 @@ async fn main() -> anyhow::Result<()> {
         },
         policy: RetryPolicy { max_attempts: 0, base_delay: Duration::ZERO, max_delay: Duration::ZERO },
     };
-    let Command::DeadLetters(command) = cli.command;
+    let command = match cli.command {
+        Command::DeadLetters(command) => command,
+        Command::Orders(Orders::RetryCompensations { order_id, by, saga }) => {
+            let sfn = aws_sdk_sfn::Client::new(&sdk);
+            let execution = handler.retry_compensations(&order_id, &by, &sfn, &saga).await?;
+            println!("{order_id}: compensations running again in {execution}");
+            return Ok(());
+        }
+        Command::Orders(Orders::Resolve { order_id, by, note }) => {
+            handler.resolve_order(&order_id, &by, &note).await?;
+            println!("{order_id}: resolved by {by}");
+            return Ok(());
+        }
+    };
     match command {
         DeadLetters::List { status, limit } => {
             let found = models.dead_letters(status.map(Status::from), limit).await?;

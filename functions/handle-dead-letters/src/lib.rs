@@ -24,7 +24,10 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use serde_json::Value;
 use shared::aggregate::{Aggregate, CommandContext, ExecuteError, Repository};
-use shared::domain::dead_letter::{Actor, Arrival, DeadLetter, DeadLetterCommand, Failure, NextAction};
+use shared::domain::dead_letter::{
+    Actor, Arrival, DeadLetter, DeadLetterCommand, DeadLetterError, Failure, NextAction,
+};
+use shared::domain::order::{Order, OrderCommand, OrderEvent, OrderStatus};
 use shared::eventstore::{EventStore, StreamId};
 use shared::retry::RetryPolicy;
 
@@ -189,12 +192,16 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
         if arrival.source.is_none() && arrival.failure == Failure::Transient {
             arrival.source = self.queues.source_of(&arrival.dead_letter_queue).await?;
         }
-        // A returning redrive joins its dead letter; anything else starts one.
-        let id = arrival
-            .attributes
-            .get(DEAD_LETTER_ID)
-            .filter(|id| StreamId::new("DeadLetter", id).is_ok())
-            .cloned()
+        // A returning redrive joins its dead letter, an order's manual action its case; anything
+        // else starts one.
+        let case = (arrival.failure == Failure::ManualAction)
+            .then(|| serde_json::from_str::<Value>(&arrival.body).ok())
+            .flatten()
+            .and_then(|v| v.get("orderId").and_then(Value::as_str).map(manual_action_case));
+        let id = case
+            .into_iter()
+            .chain(arrival.attributes.get(DEAD_LETTER_ID).cloned())
+            .find(|id| StreamId::new("DeadLetter", id).is_ok())
             .unwrap_or_else(|| arrival.message_id.clone());
         let ctx = CommandContext { correlation_id: Some(id.clone()), ..CommandContext::default() };
         let record = DeadLetterCommand::Record { dead_letter_id: id.clone(), arrival: arrival.clone() };
@@ -299,8 +306,84 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
         let ctx = CommandContext { correlation_id: Some(id.to_owned()), ..CommandContext::default() };
         match self.repo.execute_with_state::<DeadLetter>(id, &command, &ctx).await {
             Ok((_, state)) => Ok(state),
+            Err(ExecuteError::Rejected(DeadLetterError::Unknown)) => Err(OperatorError::Unknown),
             Err(ExecuteError::Rejected(e)) => Err(OperatorError::Refused(e.to_string())),
             Err(e) => Err(OperatorError::Failed(HandlerError::Store(e.to_string()))),
+        }
+    }
+
+    /// A flagged order's compensations, run again (after the cause is fixed) in a new execution
+    /// of the saga that starts at them: all of them in reverse order, each idempotent. If they go
+    /// through, the order is cancelled; if one fails again, the order is flagged again and its
+    /// case comes back. Returns the execution's ARN.
+    pub async fn retry_compensations(
+        &self,
+        order_id: &str,
+        operator: &str,
+        sfn: &aws_sdk_sfn::Client,
+        saga_arn: &str,
+    ) -> Result<String, OperatorError> {
+        let store_error = |e: String| OperatorError::Failed(HandlerError::Store(e));
+        let order = self.repo.load::<Order>(order_id).await.map_err(|e| store_error(e.to_string()))?;
+        if order.state.status != OrderStatus::NeedsManualAction {
+            return Err(OperatorError::Refused(format!("order {order_id} is {:?}, not flagged", order.state.status)));
+        }
+        let placed = order.state.placed.clone().ok_or(OperatorError::Unknown)?;
+        let stream = StreamId::new("Order", order_id).map_err(|e| OperatorError::Refused(e.to_string()))?;
+        let events = self.repo.store().load(&stream, 0).await.map_err(|e| store_error(e.to_string()))?;
+        let (failed_step, error) = events
+            .iter()
+            .rev()
+            .find_map(|e| match shared::aggregate::decode_event::<OrderEvent>(e) {
+                Ok(OrderEvent::OrderFlaggedForManualAction { failed_step, error }) => Some((failed_step, error)),
+                _ => None,
+            })
+            .ok_or(OperatorError::Unknown)?;
+        let input = serde_json::json!({
+            "order": placed,
+            "correlationId": order_id,
+            "resume": "compensate",
+            "failedStep": failed_step,
+            "failure": { "Error": "RetriedByOperator", "Cause": format!("{operator} retried the compensations after: {error}") },
+            "results": {},
+            "compensations": {},
+        });
+        let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let name: String = format!("{order_id}-retry-{millis}").chars().take(80).collect();
+        let started = sfn
+            .start_execution()
+            .state_machine_arn(saga_arn)
+            .name(name)
+            .input(input.to_string())
+            .send()
+            .await
+            .map_err(|e| HandlerError::Aws(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string()))?;
+        // The case, if the manual-action queue's message reached the handler, says it was retried.
+        let case = manual_action_case(order_id);
+        if self.load(&case).await.is_ok() {
+            let ctx = CommandContext { correlation_id: Some(case.clone()), ..CommandContext::default() };
+            let redrive = DeadLetterCommand::Redrive { by: Actor::Operator(operator.to_owned()), delay_seconds: 0 };
+            self.execute(&case, &redrive, &ctx).await?;
+        }
+        Ok(started.execution_arn)
+    }
+
+    /// A flagged order settled by hand: the order says so (final), and its case is resolved.
+    pub async fn resolve_order(&self, order_id: &str, operator: &str, note: &str) -> Result<(), OperatorError> {
+        if note.trim().is_empty() {
+            return Err(OperatorError::Refused("a resolution needs a note saying how it was settled".into()));
+        }
+        let command = OrderCommand::ResolveManualAction { by: operator.to_owned(), note: note.to_owned() };
+        let ctx = CommandContext { correlation_id: Some(order_id.to_owned()), ..CommandContext::default() };
+        match self.repo.execute::<Order>(order_id, &command, &ctx).await {
+            Ok(_) => {}
+            Err(ExecuteError::Rejected(e)) => return Err(OperatorError::Refused(e.to_string())),
+            Err(e) => return Err(OperatorError::Failed(HandlerError::Store(e.to_string()))),
+        }
+        let case = manual_action_case(order_id);
+        match self.settle_by_operator(&case, operator, false, note).await {
+            Ok(_) | Err(OperatorError::Unknown) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -333,7 +416,13 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
             "source": first.and_then(|a| a.source.as_ref()),
             "timesSeen": state.times_seen,
             "firstSeen": first.map(|a| &a.seen_at),
-            "act": format!("cargo run -p ops -- dead-letters show {id}"),
+            "act": match (state.failure(), id.strip_prefix("manual-action-")) {
+                (Some(Failure::ManualAction), Some(order)) => format!(
+                    "fix the cause, then `cargo run -p ops -- orders retry-compensations {order}`, or settle it by hand \
+                     and `cargo run -p ops -- orders resolve {order} --note ...`"
+                ),
+                _ => format!("cargo run -p ops -- dead-letters show {id}"),
+            },
         });
         let queue = first.map(|a| queue_name(&a.dead_letter_queue)).unwrap_or_default();
         let subject = format!("Dead letter parked from {queue}");
@@ -397,6 +486,8 @@ pub fn classify(message: &SqsMessage, seen_at: String) -> Arrival {
             text(context, "condition"),
         );
         (Failure::StreamBatch, reason, info.get("streamArn").and_then(Value::as_str).map(str::to_owned))
+    } else if let Some(case) = parsed.as_ref().filter(|v| v.get("executionId").is_some()).and_then(manual_action) {
+        (Failure::ManualAction, case, None)
     } else if let Some(reason) = attributes.get("reason") {
         // A consumer parked it: it cannot read or accept it.
         (Failure::Poison, reason.clone(), attributes.get("sourceArn").cloned())
@@ -421,6 +512,25 @@ pub fn classify(message: &SqsMessage, seen_at: String) -> Arrival {
         receive_count,
         seen_at,
     }
+}
+
+/// A manual-action case (what the saga's ReportManualAction state sends): what failed, in words.
+fn manual_action(v: &Value) -> Option<String> {
+    let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+    v.get("orderId")?.as_str()?;
+    Some(format!(
+        "order {} needs a person: {} kept failing ({}: {}); execution {}",
+        text("orderId"),
+        text("failedStep"),
+        text("error"),
+        text("cause"),
+        text("executionId")
+    ))
+}
+
+/// The case id of an order's manual action: one per order.
+pub fn manual_action_case(order_id: &str) -> String {
+    format!("manual-action-{order_id}")
 }
 
 /// A saga step command's task token, if the body is one.

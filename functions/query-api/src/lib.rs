@@ -32,7 +32,7 @@ type Item = HashMap<String, AttributeValue>;
 /// The read model table's index for a customer's orders (`gsi1pk`, `gsi1sk`).
 pub const CUSTOMER_INDEX: &str = "byCustomer";
 /// The statuses a customer's orders can be filtered by.
-pub const STATUSES: [&str; 4] = ["Placed", "Completed", "Cancelled", "NeedsManualAction"];
+pub const STATUSES: [&str; 5] = ["Placed", "Completed", "Cancelled", "NeedsManualAction", "ManuallyResolved"];
 pub const DEFAULT_ORDERS_LIMIT: u32 = 20;
 pub const MAX_ORDERS_LIMIT: u32 = 100;
 pub const DEFAULT_EVENTS_LIMIT: u32 = 100;

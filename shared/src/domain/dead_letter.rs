@@ -25,6 +25,9 @@ pub enum Failure {
     Transient,
     Poison,
     StreamBatch,
+    /// A saga whose compensation kept failing: its order needs a person (the manual-action
+    /// queue). One case per order: a retry that fails again returns to it.
+    ManualAction,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -328,8 +331,11 @@ impl Aggregate for DeadLetter {
                     (_, _) => return Err(DeadLetterError::InvalidState(self.name(), "redrive")),
                 }
                 // The bound on automatic redrives is the policy's, applied by `next_action`.
-                if *by == Actor::Automatic && self.failure() == Some(Failure::Poison) {
-                    return Err(DeadLetterError::NotAutomatic(Failure::Poison));
+                match self.failure() {
+                    Some(f @ (Failure::Poison | Failure::ManualAction)) if *by == Actor::Automatic => {
+                        return Err(DeadLetterError::NotAutomatic(f));
+                    }
+                    _ => {}
                 }
                 Ok(vec![DeadLetterEvent::DeadLetterRedriven {
                     dead_letter_id: id,

@@ -143,6 +143,8 @@ pub enum OrderStatus {
     Completed,
     Cancelled,
     NeedsManualAction,
+    /// A person settled a flagged order by hand (final, like completed or cancelled).
+    ManuallyResolved,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -181,6 +183,12 @@ pub enum OrderEvent {
         failed_step: String,
         error: String,
     },
+    /// A person settled a flagged order by hand, saying how.
+    #[serde(rename_all = "camelCase")]
+    OrderManualActionResolved {
+        by: String,
+        note: String,
+    },
 }
 
 impl DomainEvent for OrderEvent {}
@@ -192,6 +200,7 @@ pub enum OrderCommand {
     Complete { payment_id: String, shipment_id: String },
     Cancel { reason: String, failed_step: String },
     FlagForManualAction { failed_step: String, error: String },
+    ResolveManualAction { by: String, note: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -227,6 +236,7 @@ impl Aggregate for Order {
                 self.cancellation_reason = Some(reason.clone());
             }
             OrderEvent::OrderFlaggedForManualAction { .. } => self.status = OrderStatus::NeedsManualAction,
+            OrderEvent::OrderManualActionResolved { .. } => self.status = OrderStatus::ManuallyResolved,
         }
     }
 
@@ -249,7 +259,8 @@ impl Aggregate for Order {
             }]),
             (OrderCommand::Complete { .. }, Completed) => Ok(vec![]),
             (OrderCommand::Complete { .. }, _) => invalid("complete"),
-            (OrderCommand::Cancel { reason, failed_step }, Placed) => {
+            // Placed, or flagged and its compensations retried by a person until they went through.
+            (OrderCommand::Cancel { reason, failed_step }, Placed | NeedsManualAction) => {
                 Ok(vec![OrderEvent::OrderCancelled { reason: reason.clone(), failed_step: failed_step.clone() }])
             }
             (OrderCommand::Cancel { .. }, Cancelled) => Ok(vec![]),
@@ -262,6 +273,11 @@ impl Aggregate for Order {
             }
             (OrderCommand::FlagForManualAction { .. }, NeedsManualAction) => Ok(vec![]),
             (OrderCommand::FlagForManualAction { .. }, _) => invalid("flag for manual action"),
+            (OrderCommand::ResolveManualAction { by, note }, NeedsManualAction) => {
+                Ok(vec![OrderEvent::OrderManualActionResolved { by: by.clone(), note: note.clone() }])
+            }
+            (OrderCommand::ResolveManualAction { .. }, ManuallyResolved) => Ok(vec![]),
+            (OrderCommand::ResolveManualAction { .. }, _) => invalid("resolve by hand"),
         }
     }
 }

@@ -153,6 +153,7 @@ impl ReadModel for OrderView {
                 self.status = "NeedsManualAction".into();
                 self.failed_step = str_field(p, "failedStep");
             }
+            "OrderManualActionResolved" => self.status = "ManuallyResolved".into(),
             "PaymentCharged" => self.payment_id = str_field(p, "paymentId"),
             "PaymentRefunded" => self.refund_id = str_field(p, "refundId"),
             "ShipmentCreated" => {
@@ -226,6 +227,7 @@ impl ReadModel for CustomerOrder {
             "OrderCompleted" => self.status = "Completed".into(),
             "OrderCancelled" => self.status = "Cancelled".into(),
             "OrderFlaggedForManualAction" => self.status = "NeedsManualAction".into(),
+            "OrderManualActionResolved" => self.status = "ManuallyResolved".into(),
             _ => {}
         }
     }

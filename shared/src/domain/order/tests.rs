@@ -100,3 +100,28 @@ fn an_order_ends_once() {
     let flag = OrderCommand::FlagForManualAction { failed_step: "RefundPayment".into(), error: "x".into() };
     assert_eq!(order.decide(&flag).unwrap().len(), 1, "a cancelled order can still need manual action");
 }
+
+#[test]
+fn a_flagged_order_ends_cancelled_once_its_compensations_go_through_or_resolved_by_a_person() {
+    // Given an order flagged for manual action
+    let mut flagged = placed();
+    let flag = OrderCommand::FlagForManualAction { failed_step: "RefundPayment".into(), error: "x".into() };
+    let events = flagged.decide(&flag).unwrap();
+    flagged.apply(&events[0]);
+    // When its compensations are retried and go through, it is cancelled
+    let mut retried = flagged.clone();
+    let cancel = OrderCommand::Cancel { reason: "retried by ana".into(), failed_step: "RefundPayment".into() };
+    let events = retried.decide(&cancel).unwrap();
+    retried.apply(&events[0]);
+    assert_eq!(retried.status, OrderStatus::Cancelled);
+    // Or when a person resolves it by hand, it is resolved, once
+    let resolve = OrderCommand::ResolveManualAction { by: "ana".into(), note: "refunded by bank transfer".into() };
+    let events = flagged.decide(&resolve).unwrap();
+    assert!(matches!(&events[..], [OrderEvent::OrderManualActionResolved { by, .. }] if by == "ana"));
+    flagged.apply(&events[0]);
+    assert_eq!(flagged.status, OrderStatus::ManuallyResolved);
+    assert_eq!(flagged.decide(&resolve), Ok(vec![]));
+    assert!(matches!(flagged.decide(&cancel), Err(OrderError::InvalidTransition { .. })), "final");
+    // And an order nobody flagged is not resolved by hand
+    assert!(matches!(placed().decide(&resolve), Err(OrderError::InvalidTransition { .. })));
+}
