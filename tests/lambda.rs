@@ -145,7 +145,7 @@ async fn every_sample_event_is_answered_by_its_binary_through_the_invoke_api() {
     assert!(checked >= 27, "only {checked} samples checked");
     // And each function ran as its own process: one cold start per function invoked
     let invoked: Vec<FunctionStats> = env.service.stats().into_iter().filter(|s| s.invocations > 0).collect();
-    assert_eq!(invoked.len(), 16, "every function was invoked: {invoked:?}");
+    assert_eq!(invoked.len(), 18, "every function was invoked: {invoked:?}");
     assert!(invoked.iter().all(|s| s.cold_starts >= 1 && s.errors == 0), "{invoked:?}");
     api.stop();
     env.stop().await;

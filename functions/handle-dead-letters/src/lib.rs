@@ -46,6 +46,9 @@ pub enum HandlerError {
     Aws(String),
     #[error("the replay did not go through: {0}")]
     ReplayFailed(String),
+    /// A queue named by a message (its source, its DLQ) does not exist.
+    #[error("no such queue: {0}")]
+    NoSuchQueue(String),
 }
 
 /// What an operator is told when an action is not taken.
@@ -92,7 +95,18 @@ pub trait Notifier: Send + Sync {
 /// positions back from the stream and invokes the consumer with them, as its event source
 /// mapping would have. `Ok`: how many records it took; `Err`: why not (another try may follow).
 pub trait Replayer: Send + Sync {
-    fn replay(&self, batch: &StreamBatch) -> impl Future<Output = Result<u32, String>> + Send;
+    fn replay(&self, batch: &StreamBatch) -> impl Future<Output = Result<u32, ReplayError>> + Send;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    /// The records cannot be read back any more (the stream, or its records past the 24 h
+    /// retention, are gone): no retry helps; a person rebuilds the read models.
+    #[error("{0}")]
+    Gone(String),
+    /// It may go through on another try.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Where a stream consumer's skipped batch lies (its `DDBStreamBatchInfo`) and who skipped it.
@@ -217,12 +231,17 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
                     return self.park(&id, &state, reason, &ctx).await;
                 };
                 let result = self.replayer.replay(&batch).await;
-                let record = DeadLetterCommand::RecordReplay { by: Actor::Automatic, result: result.clone() };
+                let recorded = result.clone().map_err(|e| e.to_string());
+                let record = DeadLetterCommand::RecordReplay { by: Actor::Automatic, result: recorded };
                 self.execute(&id, &record, &ctx).await?;
                 match result {
                     Ok(records) => Ok(Outcome::Replayed { dead_letter_id: id, attempt, records }),
+                    Err(ReplayError::Gone(reason)) => {
+                        let reason = format!("its records cannot be replayed ({reason}): rebuild the read models");
+                        self.park(&id, &state, reason, &ctx).await
+                    }
                     // Left on the DLQ, back after a backoff: then replayed again, or parked.
-                    Err(reason) => {
+                    Err(ReplayError::Failed(reason)) => {
                         let delay = self.policy.delay(attempt - 1).as_secs_f64().ceil().min(900.0) as u32;
                         if let Some(handle) = &message.receipt_handle {
                             self.queues.retry_after(&arrival.dead_letter_queue, handle, delay).await?;
@@ -248,7 +267,15 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
                     return self.park(&id, &state, reason, &ctx).await;
                 };
                 let delay_seconds = self.policy.delay(attempt - 1).as_secs_f64().ceil().min(900.0) as u32;
-                self.queues.send(&target, &arrival.body, &redrive_attributes(&arrival, &id), delay_seconds).await?;
+                let attributes = redrive_attributes(&arrival, &id);
+                match self.queues.send(&target, &arrival.body, &attributes, delay_seconds).await {
+                    Ok(()) => {}
+                    Err(HandlerError::NoSuchQueue(queue)) => {
+                        let reason = format!("its source queue {queue} no longer exists");
+                        return self.park(&id, &state, reason, &ctx).await;
+                    }
+                    Err(e) => return Err(e),
+                }
                 let redrive = DeadLetterCommand::Redrive { by: Actor::Automatic, delay_seconds };
                 self.execute(&id, &redrive, &ctx).await?;
                 Ok(Outcome::Redriven { dead_letter_id: id, attempt, delay_seconds })
@@ -270,7 +297,7 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
                 .clone()
                 .decide(&DeadLetterCommand::RecordReplay { by: by.clone(), result: Ok(0) })
                 .map_err(|e| OperatorError::Refused(e.to_string()))?;
-            let result = self.replayer.replay(&batch).await;
+            let result = self.replayer.replay(&batch).await.map_err(|e| e.to_string());
             self.execute(id, &DeadLetterCommand::RecordReplay { by, result: result.clone() }, &ctx).await?;
             let records = result.map_err(|reason| OperatorError::Failed(HandlerError::ReplayFailed(reason)))?;
             return Ok(Outcome::Replayed { dead_letter_id: id.to_owned(), attempt: state.redrives + 1, records });
@@ -565,14 +592,13 @@ impl SqsQueues {
         let (Some(account), Some(name)) = (account, name) else {
             return Err(HandlerError::Aws(format!("{arn} is not a queue ARN")));
         };
-        let found = self
-            .client
-            .get_queue_url()
-            .queue_name(name)
-            .queue_owner_aws_account_id(account)
-            .send()
-            .await
-            .map_err(|e| HandlerError::Aws(aws_sdk_sqs::error::DisplayErrorContext(&e).to_string()))?;
+        let found =
+            self.client.get_queue_url().queue_name(name).queue_owner_aws_account_id(account).send().await.map_err(
+                |e| match e.as_service_error() {
+                    Some(s) if s.is_queue_does_not_exist() => HandlerError::NoSuchQueue(arn.to_owned()),
+                    _ => HandlerError::Aws(aws_sdk_sqs::error::DisplayErrorContext(&e).to_string()),
+                },
+            )?;
         let url = found.queue_url.unwrap_or_default();
         if let Ok(mut urls) = self.urls.lock() {
             urls.insert(arn.to_owned(), url.clone());
@@ -592,7 +618,12 @@ impl Queues for SqsQueues {
         if let Some(source) = self.sources.lock().ok().and_then(|s| s.get(dead_letter_queue).cloned()) {
             return Ok(source);
         }
-        let url = self.url(dead_letter_queue).await?;
+        let url = match self.url(dead_letter_queue).await {
+            Ok(url) => url,
+            // Its queue is gone (a sample, a deleted stack): no source to find.
+            Err(HandlerError::NoSuchQueue(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let listed = self.client.list_dead_letter_source_queues().queue_url(url).send().await.map_err(sqs_error)?;
         // Several sources share this DLQ: which one a message came from is not known.
         let source = match listed.queue_urls() {
@@ -690,7 +721,7 @@ pub struct StreamReplayer {
 const REPLAY_CHUNK: usize = 100;
 
 impl StreamReplayer {
-    async fn read(&self, batch: &StreamBatch) -> Result<Vec<EventRecord>, String> {
+    async fn read(&self, batch: &StreamBatch) -> Result<Vec<EventRecord>, ReplayError> {
         use aws_sdk_dynamodbstreams::error::DisplayErrorContext;
         let iterator = self
             .streams
@@ -701,7 +732,15 @@ impl StreamReplayer {
             .sequence_number(&batch.start)
             .send()
             .await
-            .map_err(|e| format!("the stream no longer holds them (24 h retention)? {}", DisplayErrorContext(&e)))?;
+            .map_err(|e| {
+                let text = DisplayErrorContext(&e).to_string();
+                match e.as_service_error() {
+                    Some(s) if s.is_resource_not_found_exception() || s.is_trimmed_data_access_exception() => {
+                        ReplayError::Gone(text)
+                    }
+                    _ => ReplayError::Failed(text),
+                }
+            })?;
         let mut iterator = iterator.shard_iterator;
         let (mut records, mut empty_pages) = (Vec::new(), 0);
         while let Some(current) = iterator.take() {
@@ -712,7 +751,7 @@ impl StreamReplayer {
                 .limit(1000)
                 .send()
                 .await
-                .map_err(|e| format!("reading the stream: {}", DisplayErrorContext(&e)))?;
+                .map_err(|e| ReplayError::Failed(format!("reading the stream: {}", DisplayErrorContext(&e))))?;
             if page.records().is_empty() {
                 empty_pages += 1;
             }
@@ -734,16 +773,17 @@ impl StreamReplayer {
 }
 
 impl Replayer for StreamReplayer {
-    async fn replay(&self, batch: &StreamBatch) -> Result<u32, String> {
+    async fn replay(&self, batch: &StreamBatch) -> Result<u32, ReplayError> {
         let records = self.read(batch).await?;
         if records.is_empty() {
-            return Err(format!("no records from {} to {} on {}", batch.start, batch.end, batch.shard_id));
+            let gone = format!("no records from {} to {} on {}", batch.start, batch.end, batch.shard_id);
+            return Err(ReplayError::Gone(gone));
         }
         let count = records.len() as u32;
         for chunk in records.chunks(REPLAY_CHUNK) {
             let mut event = DynamoDbEvent::default();
             event.records = chunk.to_vec();
-            let payload = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
+            let payload = serde_json::to_vec(&event).map_err(|e| ReplayError::Failed(e.to_string()))?;
             let out = self
                 .lambda
                 .invoke()
@@ -752,17 +792,21 @@ impl Replayer for StreamReplayer {
                 .send()
                 .await
                 .map_err(|e| {
-                    format!("invoking {}: {}", batch.function_arn, aws_sdk_lambda::error::DisplayErrorContext(&e))
+                    let text = aws_sdk_lambda::error::DisplayErrorContext(&e);
+                    ReplayError::Failed(format!("invoking {}: {text}", batch.function_arn))
                 })?;
             let answer = out.payload.map(|p| String::from_utf8_lossy(p.as_ref()).into_owned()).unwrap_or_default();
             if let Some(error) = out.function_error {
-                return Err(format!("{} failed ({error}): {answer}", batch.function_arn));
+                return Err(ReplayError::Failed(format!("{} failed ({error}): {answer}", batch.function_arn)));
             }
             // A consumer reporting batch item failures did not take every record.
             let response: DynamoDbEventResponse = serde_json::from_str(&answer).unwrap_or_default();
             if let Some(first) = response.batch_item_failures.first() {
                 let at = first.item_identifier.clone().unwrap_or_default();
-                return Err(format!("{} did not take the records from {at} on", batch.function_arn));
+                return Err(ReplayError::Failed(format!(
+                    "{} did not take the records from {at} on",
+                    batch.function_arn
+                )));
             }
         }
         Ok(count)
@@ -827,11 +871,11 @@ mod tests {
     }
 
     /// Replays answering from a script, the last answer repeated.
-    struct Replays(Mutex<Vec<Result<u32, String>>>);
+    struct Replays(Mutex<Vec<Result<u32, ReplayError>>>);
 
     impl Replayer for Replays {
-        async fn replay(&self, _batch: &StreamBatch) -> Result<u32, String> {
-            let mut script = self.0.lock().map_err(|e| e.to_string())?;
+        async fn replay(&self, _batch: &StreamBatch) -> Result<u32, ReplayError> {
+            let mut script = self.0.lock().map_err(|e| ReplayError::Failed(e.to_string()))?;
             if script.len() > 1 { script.remove(0) } else { script[0].clone() }
         }
     }
@@ -844,7 +888,7 @@ mod tests {
             queues: Sent::default(),
             notifier: Told::default(),
             tasks: TaskOpen(task_open),
-            replayer: Replays(Mutex::new(vec![Err("the relay crashed".into()), Ok(7)])),
+            replayer: Replays(Mutex::new(vec![Err(ReplayError::Failed("the relay crashed".into())), Ok(7)])),
             policy: RetryPolicy {
                 max_attempts: 2,
                 base_delay: Duration::from_secs(30),
