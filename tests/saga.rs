@@ -412,7 +412,12 @@ async fn a_compensation_that_keeps_failing_is_flagged_told_retried_by_an_operato
     let cases = env.dead_letters("ManualActionQueue", 1, Status::Parked, 30).await;
     let parked = cases.iter().find(|d| d.dead_letter_id == case).expect("the order's case");
     assert_eq!((parked.status, parked.failure), (Status::Parked, Some(Failure::ManualAction)));
-    assert!(parked.reason.contains("RefundPayment kept failing (ServiceUnavailable"), "{parked:?}");
+    assert!(
+        parked
+            .reason
+            .starts_with(&format!("order {id} needs a person: RefundPayment kept failing (ServiceUnavailable")),
+        "{parked:?}"
+    );
     let told = env.told(&pager, &[case.as_str()], 20).await;
     assert!(told.iter().any(|(_, m)| m.contains("orders retry-compensations")), "{told:?}");
 

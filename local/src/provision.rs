@@ -135,30 +135,15 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
             .map(|p| p.keys().filter(|k| NO_LOCAL_EFFECT.contains(&k.as_str())).cloned().collect())
             .unwrap_or_default();
         if let Some(condition) = &resource.condition {
-            match resolver.condition(condition) {
-                Ok(true) => {}
-                Ok(false) => {
-                    let status = Status::Skipped(format!("condition {condition} is false"));
-                    outcomes.push(Outcome {
-                        logical_id: id.clone(),
-                        kind: resource.kind.clone(),
-                        status,
-                        physical_id: None,
-                        ignored,
-                    });
-                    continue;
-                }
-                Err(e) => {
-                    let status = Status::Failed(e.to_string());
-                    outcomes.push(Outcome {
-                        logical_id: id.clone(),
-                        kind: resource.kind.clone(),
-                        status,
-                        physical_id: None,
-                        ignored,
-                    });
-                    continue;
-                }
+            let not_made = match resolver.condition(condition) {
+                Ok(true) => None,
+                Ok(false) => Some(Status::Skipped(format!("condition {condition} is false"))),
+                Err(e) => Some(Status::Failed(e.to_string())),
+            };
+            if let Some(status) = not_made {
+                let (logical_id, kind) = (id.clone(), resource.kind.clone());
+                outcomes.push(Outcome { logical_id, kind, status, physical_id: None, ignored });
+                continue;
             }
         }
         let result = match resolver.resolve(&resource.properties) {

@@ -233,6 +233,8 @@ impl DeadLetter {
             Some(Failure::Poison) => {
                 NextAction::Park { reason: format!("unreadable or invalid: {}", self.last_reason) }
             }
+            // A person acts on a manual-action case: it is never redriven by itself.
+            Some(Failure::ManualAction) => NextAction::Park { reason: self.last_reason.clone() },
             Some(Failure::Transient | Failure::StreamBatch) if self.automatic_redrives < policy.max_attempts => {
                 NextAction::Redrive { attempt: self.automatic_redrives + 1 }
             }
@@ -501,6 +503,29 @@ mod tests {
         let mut other = given(&[]);
         when(&mut other, record("d2", "m2", Failure::Transient)).expect("recorded");
         assert!(when(&mut other, DeadLetterCommand::RecordReplay { by: Actor::Automatic, result: Ok(1) }).is_err());
+    }
+
+    #[test]
+    fn a_manual_action_case_is_parked_with_what_failed_and_returns_when_flagged_again() {
+        let mut dl = given(&[]);
+        let mut case = arrival("m1", Failure::ManualAction);
+        case.reason = "order o1 needs a person: RefundPayment kept failing".into();
+        when(&mut dl, DeadLetterCommand::Record { dead_letter_id: "manual-action-o1".into(), arrival: case.clone() })
+            .expect("recorded");
+        assert_eq!(dl.next_action(&policy(3)), NextAction::Park { reason: case.reason.clone() });
+        when(&mut dl, DeadLetterCommand::Park { reason: case.reason.clone() }).expect("parked");
+        // An operator retries; the retry fails and the order is flagged again: the same case
+        let ana = Actor::Operator("ana".into());
+        when(&mut dl, DeadLetterCommand::Redrive { by: ana, delay_seconds: 0 }).expect("retried");
+        case.message_id = "m2".into();
+        when(&mut dl, DeadLetterCommand::Record { dead_letter_id: "manual-action-o1".into(), arrival: case.clone() })
+            .expect("returned");
+        assert_eq!((dl.status, dl.times_seen), (Status::Pending, 2));
+        assert_eq!(dl.next_action(&policy(3)), NextAction::Park { reason: case.reason });
+        assert_eq!(
+            dl.decide(&DeadLetterCommand::Redrive { by: Actor::Automatic, delay_seconds: 0 }),
+            Err(DeadLetterError::NotAutomatic(Failure::ManualAction))
+        );
     }
 
     #[test]
