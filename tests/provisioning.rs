@@ -73,11 +73,16 @@ async fn every_supported_type_is_created_and_behaves_and_the_rest_is_named() {
     let stack = provision(&aws, "tests/fixtures/provisioning.yaml", &stack_name).await;
     let report = local_env::report(&stack);
 
-    // Nothing failed; the dashboard is reported by name as not created; stand-ins are marked;
+    // Nothing failed; the insight rule is reported by name as not created; stand-ins are marked;
     // what its condition leaves out is skipped
     assert!(stack.failed().is_empty(), "{report}");
-    assert_eq!(status(&stack, "Board"), &Status::Unsupported);
-    assert!(report.contains("Not created locally: Board (AWS::CloudWatch::Dashboard)"), "{report}");
+    assert_eq!(status(&stack, "Insights"), &Status::Unsupported);
+    assert!(report.contains("Not created locally: Insights (AWS::CloudWatch::InsightRule)"), "{report}");
+    // The dashboard is put with its body resolved
+    assert_eq!(status(&stack, "Board"), &Status::Created);
+    let board = aws.cloudwatch().get_dashboard().dashboard_name(&stack.resources["Board"].reference).send().await;
+    let body = board.expect("the dashboard exists").dashboard_body().unwrap_or_default().to_owned();
+    assert!(body.contains(&format!("{stack_name}-work")), "{body}");
     assert_eq!(status(&stack, "ProductionOnly"), &Status::Skipped("condition IsProduction is false".into()));
     assert!(!stack.resources.contains_key("ProductionOnly"));
     // The alarm watches the DLQ's depth on CloudWatch and notifies the topic, by its ARN

@@ -282,6 +282,7 @@ async fn create(kind: &str, ctx: Ctx<'_>) -> anyhow::Result<Created> {
         "AWS::Events::Archive" => archive(&ctx).await,
         "AWS::StepFunctions::StateMachine" | "AWS::Serverless::StateMachine" => state_machine(&ctx).await,
         "AWS::CloudWatch::Alarm" => alarm(&ctx).await,
+        "AWS::CloudWatch::Dashboard" => dashboard(&ctx).await,
         "AWS::SNS::Topic" => topic(&ctx).await,
         "AWS::SNS::Subscription" => subscription(&ctx).await,
         "AWS::Serverless::Function" | "AWS::Lambda::Function" => {
@@ -877,6 +878,27 @@ async fn alarm(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
     let arn = ctx.arn("cloudwatch", &format!("alarm:{name}"));
     let status = if existed { Status::Updated } else { Status::Created };
     Ok(Some((status, resolved(name, &[("Arn", Some(arn))]))))
+}
+
+/// A dashboard: its body as resolved (`Sub`), put with `PutDashboard`. Its widgets read the
+/// metrics the functions' EMF lines become locally (see `lambda::emf`).
+async fn dashboard(ctx: &Ctx<'_>) -> anyhow::Result<Created> {
+    let client = &ctx.clients.cloudwatch;
+    let name = ctx.name("DashboardName", 255);
+    let body = ctx.str("DashboardBody").context("DashboardBody is missing")?;
+    let existed = client.get_dashboard().dashboard_name(&name).send().await.is_ok();
+    client
+        .put_dashboard()
+        .dashboard_name(&name)
+        .dashboard_body(body)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!(aws_sdk_cloudwatch::error::DisplayErrorContext(&e).to_string()))
+        .with_context(|| format!("PutDashboard {name}"))?;
+    // Dashboards are global: no region in the ARN.
+    let arn = format!("arn:aws:cloudwatch::{}:dashboard/{name}", ctx.options.account_id);
+    let status = if existed { Status::Updated } else { Status::Created };
+    Ok(Some((status, resolved(name, &[("DashboardArn", Some(arn))]))))
 }
 
 // ---------------------------------------------------------------------------------------------

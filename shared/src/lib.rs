@@ -5,6 +5,7 @@
 //! - [`domain`]: the order domain (Order, Inventory, Payment, Shipment) and external services.
 //! - [`saga`]: the order saga's step contract, step logic and the step Lambdas' AWS edge.
 //! - [`telemetry`]: structured JSON logs.
+//! - [`metrics`]: business and saga metrics in CloudWatch Embedded Metric Format.
 //! - [`readmodel`]: read models (CQRS query side) and their projection onto DynamoDB.
 //! - [`retry`]: bounded exponential backoff with full jitter.
 //! - [`config`]: configuration from the environment.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod deadline;
 pub mod domain;
 pub mod eventstore;
+pub mod metrics;
 pub mod readmodel;
 pub mod retry;
 pub mod saga;

@@ -13,4 +13,6 @@ pub fn init() {
         .with_target(false)
         .without_time()
         .try_init();
+    // In Lambda, the metrics recorder too (EMF lines on the same stdout).
+    crate::metrics::init();
 }

@@ -167,6 +167,15 @@ impl LocalAws {
         for url in of_kind("AWS::SQS::Queue") {
             self.sqs().delete_queue().queue_url(url).send().await.expect("delete queue");
         }
+        let dashboards = of_kind("AWS::CloudWatch::Dashboard");
+        if !dashboards.is_empty() {
+            self.cloudwatch()
+                .delete_dashboards()
+                .set_dashboard_names(Some(dashboards))
+                .send()
+                .await
+                .expect("delete dashboards");
+        }
     }
 
     /// The stack's functions in the local Lambda service: their own binaries, given the

@@ -182,6 +182,19 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The `Action` of the `DeadLetters` metric (`shared::metrics`); none for a repeat.
+    pub fn metric_action(&self) -> Option<&'static str> {
+        match self {
+            Self::Redriven { .. } => Some("Redriven"),
+            Self::Parked { .. } => Some("Parked"),
+            Self::Resolved { .. } => Some("Resolved"),
+            Self::Replayed { .. } => Some("Replayed"),
+            Self::AlreadyHandled { .. } => None,
+        }
+    }
+}
+
 impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHandler<S, Q, N, T, R> {
     /// Handles every message of the batch; a message whose handling failed is left on its DLQ.
     pub async fn handle(&self, batch: SqsEvent) -> SqsBatchResponse {
@@ -189,7 +202,12 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
         for message in batch.records {
             let id = message.message_id.clone().unwrap_or_default();
             match self.handle_one(&message).await {
-                Ok(outcome) => tracing::info!(message_id = %id, ?outcome, "dead letter handled"),
+                Ok(outcome) => {
+                    if let Some(action) = outcome.metric_action() {
+                        shared::metrics::dead_letter(action);
+                    }
+                    tracing::info!(message_id = %id, ?outcome, "dead letter handled")
+                }
                 Err(e) => {
                     tracing::error!(message_id = %id, error = %e, "dead letter left on its queue for another try");
                     let mut failure = BatchItemFailure::default();
@@ -222,6 +240,7 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
         let Some(state) = self.execute(&id, &record, &ctx).await? else {
             return Ok(Outcome::AlreadyHandled { dead_letter_id: id });
         };
+        shared::metrics::dead_letter("Recorded");
         match state.next_action(&self.policy) {
             NextAction::Nothing => Ok(Outcome::AlreadyHandled { dead_letter_id: id }),
             NextAction::Park { reason } => self.park(&id, &state, reason, &ctx).await,

@@ -77,6 +77,7 @@ pub async fn place<S: EventStore>(
     match repo.execute::<Order>(&order_id, &OrderCommand::Place(order), &ctx).await {
         Ok(Executed::Appended { committed, .. }) => {
             tracing::info!(order_id = %order_id, "order placed");
+            shared::metrics::order_placed();
             Ok(Placed { order_id, status: "Placed", version: committed.last_version, duplicate: false })
         }
         Ok(Executed::Duplicate { committed }) => {

@@ -3,6 +3,9 @@
 //! (`/aws/lambda/<name>`), one log stream per instance, in CloudWatch Logs, and to a file per
 //! function under the log directory.
 //!
+//! Lines that are CloudWatch Embedded Metric Format documents are also handed to the metric
+//! extraction ([`super::emf`]), as CloudWatch Logs extracts them on AWS.
+//!
 //! One task owns the files and the shipping. Lines are shipped in `PutLogEvents` batches at most
 //! a second after they were written; nothing is sent, and no timer runs, while no function logs.
 
@@ -46,6 +49,8 @@ enum Message {
 pub struct LogSink {
     tx: mpsc::UnboundedSender<Message>,
     echo: bool,
+    /// With CloudWatch Logs: EMF lines become CloudWatch metrics.
+    metrics: Option<super::emf::MetricSink>,
 }
 
 /// CloudWatch Logs' limits per `PutLogEvents`.
@@ -59,23 +64,33 @@ impl LogSink {
     /// With `echo`, every line is also printed to standard error, prefixed by its function.
     pub fn start(dir: PathBuf, client: Option<aws_sdk_cloudwatchlogs::Client>, echo: bool) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let metrics = client.is_some().then(super::emf::MetricSink::start);
         tokio::spawn(run(rx, dir, client));
-        Self { tx, echo }
+        Self { tx, echo, metrics }
     }
 
     pub fn line(&self, log: &LogStream, text: String) {
         if self.echo {
             eprintln!("{} {text}", log.function);
         }
+        if let Some(metrics) = &self.metrics
+            && super::emf::looks_like_emf(&text)
+        {
+            metrics.line(&text);
+        }
         let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let _ = self.tx.send(Message::Line { log: log.clone(), at_ms, text });
     }
 
-    /// Returns once every line sent so far is written and shipped (or given up on).
+    /// Returns once every line sent so far is written and shipped (or given up on), and the
+    /// metrics extracted from them put.
     pub async fn flush(&self) {
         let (done, flushed) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).is_ok() {
             let _ = flushed.await;
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.flush().await;
         }
     }
 }

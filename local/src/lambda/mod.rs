@@ -27,6 +27,7 @@
 //!   delay; hold answers back (slow invocations); cold-start every invocation.
 
 pub mod binaries;
+pub mod emf;
 pub mod instance;
 pub mod intercept;
 pub mod invoke_api;

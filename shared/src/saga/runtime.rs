@@ -236,9 +236,19 @@ where
     };
     let span = tracing::info_span!("step", step = ?command.step, order_id = %command.order.order_id);
     let token = command.task_token.clone();
+    let step_name = format!("{:?}", command.step);
+    let compensation = matches!(command.step, Step::ReleaseInventory | Step::RefundPayment | Step::CancelShipment);
     let delivery = async {
-        match step(command).await {
-            Ok(Ok(output)) => Ok(callback.succeed(&token, &output).await),
+        let started = std::time::Instant::now();
+        let result = step(command).await;
+        crate::metrics::step_latency(&step_name, started.elapsed());
+        match result {
+            Ok(Ok(output)) => {
+                if compensation {
+                    crate::metrics::compensation_run(&step_name);
+                }
+                Ok(callback.succeed(&token, &output).await)
+            }
             Ok(Err(failure)) => {
                 tracing::info!(error = failure.error, cause = %failure.cause, "step failed with a business error");
                 Ok(callback.fail(&token, failure.error, &failure.cause).await)

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::errors::*;
 use super::{StepError, StepFailure, StepMessage, StepOutcome};
-use crate::aggregate::{CommandContext, Repository};
+use crate::aggregate::{Aggregate, CommandContext, Executed, Repository};
 use crate::domain::inventory::{Inventory, InventoryCommand, Reservation};
 use crate::domain::order::{Order, OrderCommand, OrderStatus};
 use crate::domain::payment::{Payment, PaymentCommand};
@@ -15,7 +15,8 @@ use crate::domain::services::{
     Carrier, ChargeOutcome, Notifier, NotifyOutcome, PaymentGateway, ShipmentOutcome, Unavailable,
 };
 use crate::domain::shipment::{Shipment, ShipmentCommand};
-use crate::eventstore::EventStore;
+use crate::eventstore::{EventStore, StreamId};
+use crate::metrics::{self, Outcome};
 
 fn context(msg: &StepMessage) -> CommandContext {
     CommandContext {
@@ -311,8 +312,26 @@ pub async fn complete_order<S: EventStore>(repo: &Repository<S>, msg: &StepMessa
     };
     let current = current?;
     let cmd = OrderCommand::Complete { payment_id: payment_id.clone(), shipment_id: shipment_id.clone() };
-    repo.execute_from(id, current.state, current.version, &cmd, &ctx).await?;
+    let (executed, _) = repo.execute_from(id, current.state, current.version, &cmd, &ctx).await?;
+    record_outcome(repo, id, &executed, Outcome::Completed).await;
     Ok(Ok(json!({ "status": "Completed", "paymentId": payment_id, "shipmentId": shipment_id })))
+}
+
+/// An order reached its outcome with this command (not a redelivery, which appends nothing):
+/// counted, with the time since its `OrderPlaced` (the stream's first event) when that reads.
+async fn record_outcome<S: EventStore>(repo: &Repository<S>, id: &str, executed: &Executed, outcome: Outcome<'_>) {
+    let Executed::Appended { committed, .. } = executed else { return };
+    let placed = match StreamId::new(Order::CATEGORY, id) {
+        Ok(stream) => repo.store().read_page(&stream, 0, 1).await.ok().and_then(|events| events.into_iter().next()),
+        Err(_) => None,
+    };
+    let duration = placed.and_then(|placed| metrics::between(&placed.recorded_at, &committed.recorded_at));
+    metrics::order_outcome(outcome, duration);
+}
+
+/// The failure's error code (`PaymentDeclined`, `States.Timeout`…): a metric dimension.
+fn failure_code(msg: &StepMessage) -> &str {
+    msg.failure.as_ref().map_or("Unknown", |f| f.error.as_str())
 }
 
 fn failure_text(msg: &StepMessage) -> (String, String) {
@@ -329,7 +348,9 @@ fn failure_text(msg: &StepMessage) -> (String, String) {
 pub async fn cancel_order<S: EventStore>(repo: &Repository<S>, msg: &StepMessage) -> Result<StepOutcome, StepError> {
     let (failed_step, reason) = failure_text(msg);
     let cmd = OrderCommand::Cancel { reason: reason.clone(), failed_step: failed_step.clone() };
-    let (_, order) = repo.execute_with_state::<Order>(msg.order.order_id.as_str(), &cmd, &context(msg)).await?;
+    let id = msg.order.order_id.as_str();
+    let (executed, order) = repo.execute_with_state::<Order>(id, &cmd, &context(msg)).await?;
+    record_outcome(repo, id, &executed, Outcome::Cancelled(failure_code(msg))).await;
     Ok(Ok(
         json!({ "status": "Cancelled", "failedStep": failed_step, "reason": order.cancellation_reason.unwrap_or(reason) }),
     ))
@@ -342,9 +363,11 @@ pub async fn flag_for_manual_action<S: EventStore>(
 ) -> Result<StepOutcome, StepError> {
     let (failed_step, error) = failure_text(msg);
     let cmd = OrderCommand::FlagForManualAction { failed_step: failed_step.clone(), error: error.clone() };
-    let (_, order) = repo.execute_with_state::<Order>(msg.order.order_id.as_str(), &cmd, &context(msg)).await?;
+    let id = msg.order.order_id.as_str();
+    let (executed, order) = repo.execute_with_state::<Order>(id, &cmd, &context(msg)).await?;
     if order.status != OrderStatus::NeedsManualAction {
         return Err(StepError::Permanent(format!("order is {:?}, not flagged", order.status)));
     }
+    record_outcome(repo, id, &executed, Outcome::FlaggedForManualAction(&failed_step)).await;
     Ok(Ok(json!({ "status": "NeedsManualAction", "failedStep": failed_step, "error": error })))
 }
