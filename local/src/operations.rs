@@ -50,6 +50,19 @@ pub struct Operations {
     /// The view stopped changing before the reads gave up waiting.
     pub settled: bool,
     pub alarms: Result<Vec<AlarmState>, String>,
+    /// The stack's `OrderSaga` metrics over the run, or why they could not be read.
+    pub metrics: Result<Vec<MetricValue>, String>,
+}
+
+/// One metric (name and dimensions other than `Service`) over the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricValue {
+    pub name: String,
+    /// `Step=ChargePayment`, say; empty for none.
+    pub dimensions: String,
+    pub sum: f64,
+    pub samples: f64,
+    pub maximum: f64,
 }
 
 /// A queue's name from its ARN (or URL), without the stack's prefix.
@@ -199,12 +212,119 @@ pub fn render(ops: &Operations) -> String {
             by_status(&ops.earlier_open)
         ));
     }
-    lines.push("  metrics: not yet emitted".into());
+    lines.extend(render_metrics(&ops.metrics));
     lines.join("\n")
 }
 
 async fn read_dead_letters(store: &ReadModelStore) -> Result<Vec<DeadLetterView>, String> {
     store.dead_letters(None, READ_LIMIT).await.map_err(|e| e.to_string())
+}
+
+/// The metrics lines: counts as sums, milliseconds as average and maximum over their samples.
+fn render_metrics(metrics: &Result<Vec<MetricValue>, String>) -> Vec<String> {
+    let values = match metrics {
+        Err(e) => return vec![format!("  metrics: could not read them: {e}")],
+        Ok(values) if values.is_empty() => return vec!["  metrics: none recorded for this stack".into()],
+        Ok(values) => values,
+    };
+    let mut lines = vec![format!("  metrics ({NAMESPACE}, this run):")];
+    for v in values {
+        let name = if v.dimensions.is_empty() { v.name.clone() } else { format!("{} {}", v.name, v.dimensions) };
+        let value = if matches!(v.name.as_str(), "SagaDuration" | "StepLatency") {
+            let average = if v.samples > 0.0 { v.sum / v.samples } else { 0.0 };
+            format!("{} samples, avg {average:.0} ms, max {:.0} ms", v.samples, v.maximum)
+        } else {
+            format!("{}", v.sum)
+        };
+        lines.push(format!("    {name:<48} {value}"));
+    }
+    lines
+}
+
+const NAMESPACE: &str = "OrderSaga";
+
+/// The stack's metrics since `since`: every metric whose `Service` is one of its functions.
+pub async fn metrics(
+    stack: &Stack,
+    client: &aws_sdk_cloudwatch::Client,
+    since: OffsetDateTime,
+) -> Result<Vec<MetricValue>, String> {
+    use aws_sdk_cloudwatch::primitives::DateTime;
+    use aws_sdk_cloudwatch::types::Statistic;
+    let error = |e: &dyn std::fmt::Display| e.to_string();
+    let prefix = format!("{}-", stack.stack_name);
+    let mut listed = Vec::new();
+    let mut token = None;
+    loop {
+        let page = client
+            .list_metrics()
+            .namespace(NAMESPACE)
+            .set_next_token(token)
+            .send()
+            .await
+            .map_err(|e| error(&aws_sdk_cloudwatch::error::DisplayErrorContext(&e)))?;
+        listed.extend(page.metrics.unwrap_or_default());
+        token = page.next_token;
+        if token.is_none() {
+            break;
+        }
+    }
+    let (start, end) = (since - time::Duration::minutes(1), OffsetDateTime::now_utc() + time::Duration::minutes(1));
+    // One period over the whole run, in whole minutes.
+    let period = ((end - start).whole_seconds().max(60) + 59) / 60 * 60;
+    let mut values = Vec::new();
+    for metric in listed {
+        let dimensions = metric.dimensions();
+        if !dimensions.iter().any(|d| d.name() == Some("Service") && d.value().is_some_and(|v| v.starts_with(&prefix)))
+        {
+            continue;
+        }
+        let name = metric.metric_name().unwrap_or_default().to_owned();
+        let stats = client
+            .get_metric_statistics()
+            .namespace(NAMESPACE)
+            .metric_name(&name)
+            .set_dimensions(Some(dimensions.to_vec()))
+            .start_time(DateTime::from_secs(start.unix_timestamp()))
+            .end_time(DateTime::from_secs(end.unix_timestamp()))
+            .period(period as i32)
+            .statistics(Statistic::Sum)
+            .statistics(Statistic::SampleCount)
+            .statistics(Statistic::Maximum)
+            .send()
+            .await
+            .map_err(|e| error(&aws_sdk_cloudwatch::error::DisplayErrorContext(&e)))?;
+        let points = stats.datapoints();
+        if points.is_empty() {
+            continue;
+        }
+        let total =
+            |f: fn(&aws_sdk_cloudwatch::types::Datapoint) -> Option<f64>| points.iter().filter_map(f).sum::<f64>();
+        let maximum = points.iter().filter_map(|p| p.maximum()).fold(0.0, f64::max);
+        let extra: Vec<String> = dimensions
+            .iter()
+            .filter(|d| d.name() != Some("Service"))
+            .map(|d| format!("{}={}", d.name().unwrap_or_default(), d.value().unwrap_or_default()))
+            .collect();
+        let value = MetricValue {
+            name,
+            dimensions: extra.join(","),
+            sum: total(|p| p.sum()),
+            samples: total(|p| p.sample_count()),
+            maximum,
+        };
+        // One value per name and dimensions: the same metric from several functions adds up.
+        match values.iter_mut().find(|v: &&mut MetricValue| v.name == value.name && v.dimensions == value.dimensions) {
+            Some(known) => {
+                known.sum += value.sum;
+                known.samples += value.samples;
+                known.maximum = known.maximum.max(value.maximum);
+            }
+            None => values.push(value),
+        }
+    }
+    values.sort_by(|a, b| (&a.name, &a.dimensions).cmp(&(&b.name, &b.dimensions)));
+    Ok(values)
 }
 
 /// Reads the dead letters (waiting, bounded, until two reads agree) and the stack's alarms.
@@ -240,8 +360,10 @@ pub async fn gather(stack: &Stack, sdk: &aws_config::SdkConfig, run_started: Off
         }
         other => (other, Vec::new()),
     };
-    let alarms = alarms(stack, &aws_sdk_cloudwatch::Client::new(sdk)).await;
-    Operations { stack_name: stack.stack_name.clone(), dead_letters, earlier_open, settled, alarms }
+    let cloudwatch = crate::lambda::emf::cloudwatch_client(aws_sdk_cloudwatch::config::Builder::from(sdk));
+    let alarms = alarms(stack, &cloudwatch).await;
+    let metrics = metrics(stack, &cloudwatch, run_started).await;
+    Operations { stack_name: stack.stack_name.clone(), dead_letters, earlier_open, settled, alarms, metrics }
 }
 
 /// The state of every alarm the provisioner created for the stack.
@@ -310,13 +432,38 @@ mod tests {
             earlier_open: Vec::new(),
             settled: true,
             alarms: Ok(alarms),
+            metrics: Ok(Vec::new()),
         }
+    }
+
+    #[test]
+    fn metrics_are_sums_for_counts_and_average_and_maximum_for_milliseconds() {
+        let value = |name: &str, dimensions: &str, sum: f64, samples: f64, maximum: f64| MetricValue {
+            name: name.into(),
+            dimensions: dimensions.into(),
+            sum,
+            samples,
+            maximum,
+        };
+        let mut o = ops(vec![], vec![]);
+        o.metrics = Ok(vec![
+            value("OrdersCompleted", "", 8.0, 8.0, 1.0),
+            value("SagaDuration", "Outcome=Completed", 80_000.0, 8.0, 14_000.0),
+        ]);
+        let text = render(&o);
+        assert!(text.contains("metrics (OrderSaga, this run):"), "{text}");
+        assert!(text.lines().any(|l| l.trim_start().starts_with("OrdersCompleted") && l.ends_with(" 8")), "{text}");
+        assert!(
+            text.contains("SagaDuration Outcome=Completed") && text.contains("8 samples, avg 10000 ms, max 14000 ms")
+        );
+        o.metrics = Err("refused".into());
+        assert!(render(&o).ends_with("  metrics: could not read them: refused"));
     }
 
     #[test]
     fn nothing_wrong_is_one_line() {
         let text = render(&ops(vec![], vec![alarm("ADlqDepthAlarm", "OK", ""), alarm("BDlqDepthAlarm", "OK", "")]));
-        assert_eq!(text, "Operations:\n  no dead letters; all 2 alarms OK\n  metrics: not yet emitted");
+        assert_eq!(text, "Operations:\n  no dead letters; all 2 alarms OK\n  metrics: none recorded for this stack");
     }
 
     #[test]
@@ -352,7 +499,7 @@ mod tests {
         );
         assert!(!text.contains("show dl-2") && !text.contains("show dl-3"), "only parked ones are listed: {text}");
         assert!(text.contains("  alarms: all 1 alarms OK\n"), "{text}");
-        assert!(text.ends_with("  metrics: not yet emitted"));
+        assert!(text.ends_with("  metrics: none recorded for this stack"));
     }
 
     #[test]
