@@ -193,6 +193,9 @@ impl LocalAws {
         if let Some(endpoint) = lambda_endpoint {
             options.aws_env.insert("AWS_ENDPOINT_URL_LAMBDA".into(), endpoint);
         }
+        // The functions' metrics go to this test's emulator, whatever this process's environment says.
+        options.metrics_client =
+            Some(local_env::lambda::emf::cloudwatch_client(self.cloudwatch().config().to_builder()));
         LambdaService::new(stack, function_binaries(), options, Some(self.logs())).expect("the Lambda service")
     }
 

@@ -96,11 +96,11 @@ pub struct MetricSink {
 }
 
 impl MetricSink {
-    /// Starts the task. Its CloudWatch client comes from the environment (`AWS_ENDPOINT_URL*`,
-    /// as the logs client's), made at the first metric.
-    pub fn start() -> Self {
+    /// Starts the task, putting through `client` (none: one from this process's environment,
+    /// `AWS_ENDPOINT_URL*`, made at the first metric).
+    pub fn start(client: Option<aws_sdk_cloudwatch::Client>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx));
+        tokio::spawn(run(rx, client));
         Self { tx }
     }
 
@@ -124,8 +124,8 @@ struct Putter {
     reported: HashSet<&'static str>,
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Message>) {
-    let mut putter = Putter { client: None, pending: BTreeMap::new(), reported: HashSet::new() };
+async fn run(mut rx: mpsc::UnboundedReceiver<Message>, client: Option<aws_sdk_cloudwatch::Client>) {
+    let mut putter = Putter { client, pending: BTreeMap::new(), reported: HashSet::new() };
     let mut due: Option<Instant> = None;
     loop {
         let message = match due {

@@ -60,11 +60,17 @@ const MAX_BATCH_BYTES: usize = 1_000_000;
 const SHIP_AFTER: Duration = Duration::from_secs(1);
 
 impl LogSink {
-    /// Starts the log task: files under `dir`, CloudWatch Logs through `client` (none: files only).
-    /// With `echo`, every line is also printed to standard error, prefixed by its function.
-    pub fn start(dir: PathBuf, client: Option<aws_sdk_cloudwatchlogs::Client>, echo: bool) -> Self {
+    /// Starts the log task: files under `dir`, CloudWatch Logs through `client` (none: files only,
+    /// and no metrics), the metrics in the lines through `metrics`. With `echo`, every line is
+    /// also printed to standard error, prefixed by its function.
+    pub fn start(
+        dir: PathBuf,
+        client: Option<aws_sdk_cloudwatchlogs::Client>,
+        metrics: Option<aws_sdk_cloudwatch::Client>,
+        echo: bool,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let metrics = client.is_some().then(super::emf::MetricSink::start);
+        let metrics = client.is_some().then(|| super::emf::MetricSink::start(metrics));
         tokio::spawn(run(rx, dir, client));
         Self { tx, echo, metrics }
     }

@@ -68,6 +68,9 @@ pub struct Options {
     pub echo_logs: bool,
     /// Region, credentials and endpoints the functions get (the emulators').
     pub aws_env: BTreeMap<String, String>,
+    /// Where the metrics in the functions' logs (EMF) are put, as CloudWatch would; none: a
+    /// client from this process's environment, made at the first metric.
+    pub metrics_client: Option<aws_sdk_cloudwatch::Client>,
 }
 
 impl Options {
@@ -78,6 +81,7 @@ impl Options {
             default_concurrency: DEFAULT_CONCURRENCY,
             echo_logs: false,
             aws_env: crate::passthrough_env(),
+            metrics_client: None,
         }
     }
 }
@@ -596,7 +600,7 @@ impl LambdaService {
         options: Options,
         logs: Option<aws_sdk_cloudwatchlogs::Client>,
     ) -> anyhow::Result<Arc<Self>> {
-        let sink = LogSink::start(options.log_dir.clone(), logs, options.echo_logs);
+        let sink = LogSink::start(options.log_dir.clone(), logs, options.metrics_client.clone(), options.echo_logs);
         let mut functions = Vec::new();
         for spec in FunctionSpec::all(stack, options.default_concurrency)? {
             let binary = binaries
