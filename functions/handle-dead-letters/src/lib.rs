@@ -261,7 +261,7 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
                     }
                     // Left on the DLQ, back after a backoff: then replayed again, or parked.
                     Err(ReplayError::Failed(reason)) => {
-                        let delay = self.policy.delay(attempt - 1).as_secs_f64().ceil().min(900.0) as u32;
+                        let delay = self.backoff_seconds(attempt);
                         if let Some(handle) = &message.receipt_handle {
                             self.queues.retry_after(&arrival.dead_letter_queue, handle, delay).await?;
                         }
@@ -285,7 +285,7 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
                     let reason = "no source queue is known to redrive it to".to_owned();
                     return self.park(&id, &state, reason, &ctx).await;
                 };
-                let delay_seconds = self.policy.delay(attempt - 1).as_secs_f64().ceil().min(900.0) as u32;
+                let delay_seconds = self.backoff_seconds(attempt);
                 let attributes = redrive_attributes(&arrival, &id);
                 match self.queues.send(&target, &arrival.body, &attributes, delay_seconds).await {
                     Ok(()) => {}
@@ -476,6 +476,12 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
         self.notifier.notify(&subject, &message.to_string()).await?;
         self.execute(id, &DeadLetterCommand::Park { reason: reason.clone() }, ctx).await?;
         Ok(Outcome::Parked { dead_letter_id: id.to_owned(), reason })
+    }
+
+    /// The jittered backoff before automatic attempt `attempt`, in whole seconds, at most SQS's
+    /// longest delay (900 s).
+    fn backoff_seconds(&self, attempt: u32) -> u32 {
+        self.policy.delay(attempt.saturating_sub(1)).as_secs_f64().ceil().min(900.0) as u32
     }
 
     /// Executes `command` on dead letter `id` (load, decide, append; a handful of events, so a
