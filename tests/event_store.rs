@@ -140,7 +140,11 @@ async fn a_retried_append_with_the_same_idempotency_key_appends_once_and_returns
     let store = aws.event_store();
     let stream = tally_stream(&unique("idem-"));
     let key = unique("cmd-");
-    let meta = EventMetadata { correlation_id: Some("corr-1".into()), causation_id: Some("cause-1".into()) };
+    let meta = EventMetadata {
+        correlation_id: Some("corr-1".into()),
+        causation_id: Some("cause-1".into()),
+        trace_header: Some("Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1".into()),
+    };
     let events = vec![entry("a", 1).with_metadata(meta.clone()), entry("a", 2).with_metadata(meta)];
     let first = store.append(&stream, 0, events.clone(), Some(&key)).await.expect("first append");
     let AppendOutcome::Appended(original) = first else { panic!("first should append: {first:?}") };
@@ -154,7 +158,7 @@ async fn a_retried_append_with_the_same_idempotency_key_appends_once_and_returns
     assert_eq!(again_later, AppendOutcome::Duplicate(original.clone()));
     assert_eq!(store.head_version(&stream).await.unwrap(), 2);
 
-    // And the items carry the envelope: type, schema, correlation, causation, key, time
+    // And the items carry the envelope: type, schema, correlation, causation, key, trace, time
     let item = aws
         .dynamodb()
         .get_item()
@@ -173,6 +177,7 @@ async fn a_retried_append_with_the_same_idempotency_key_appends_once_and_returns
     assert_eq!(s("correlationId"), "corr-1");
     assert_eq!(s("causationId"), "cause-1");
     assert_eq!(s("idempotencyKey"), key);
+    assert_eq!(s("traceHeader"), "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1");
     assert_eq!(s("eventId"), original.event_ids[0]);
     assert!(s("recordedAt").starts_with("20"), "RFC 3339 time");
     // And the command record is in the commands table, with a TTL in the future

@@ -43,24 +43,7 @@ fn get_missing_order() -> Value {
 
 /// Every message of a function's log group in CloudWatch Logs.
 async fn log_events(env: &SagaEnv, function_name: &str) -> Vec<String> {
-    let logs = env.aws.logs();
-    let group = format!("/aws/lambda/{function_name}");
-    let mut messages = Vec::new();
-    let mut token = None;
-    loop {
-        let page = logs
-            .filter_log_events()
-            .log_group_name(&group)
-            .set_next_token(token)
-            .send()
-            .await
-            .expect("FilterLogEvents on the function's group");
-        messages.extend(page.events().iter().filter_map(|e| e.message().map(str::to_owned)));
-        token = page.next_token().map(str::to_owned);
-        if token.is_none() {
-            return messages;
-        }
-    }
+    system_tests::log_messages(&env.aws.logs(), function_name).await
 }
 
 /// The query API invoked through the Invoke API with [`get_missing_order`].
@@ -236,11 +219,9 @@ async fn instances_are_reused_added_when_busy_and_report_as_lambda_does() {
     service.flush_logs().await;
     let place_order = service.spec("PlaceOrderFunction").expect("spec").name.clone();
     let lines = log_events(&env, &place_order).await;
-    let logged = lines
-        .iter()
-        .filter_map(|m| serde_json::from_str::<Value>(m).ok())
-        .find(|l| l["fields"]["order_id"] == order_id.as_str());
-    assert!(logged.is_some_and(|l| l["fields"]["message"] == "order placed"), "{lines:?}");
+    let logged =
+        lines.iter().filter_map(|m| serde_json::from_str::<Value>(m).ok()).find(|l| l["orderId"] == order_id.as_str());
+    assert!(logged.is_some_and(|l| l["message"] == "order placed"), "{lines:?}");
     env.stop().await;
 }
 

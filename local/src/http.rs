@@ -361,7 +361,9 @@ async fn respond(
     };
     let event = api_event(route, &parts, &body, path_parameters, peer, state.port);
     let started = std::time::Instant::now();
-    let invocation = state.functions.invoke(&route.function, event.to_string().into_bytes());
+    // The function runs in the request's trace, as behind API Gateway.
+    let trace = event.pointer("/headers/x-amzn-trace-id").and_then(Value::as_str).map(str::to_owned);
+    let invocation = state.functions.invoke_traced(&route.function, event.to_string().into_bytes(), trace);
     let response = match tokio::time::timeout(MAX_TIMEOUT, invocation).await {
         Err(_) => {
             warn!(route = %route, "the integration timed out after 30 s");
@@ -414,6 +416,8 @@ fn api_event(
     headers.entry("x-forwarded-for").or_insert_with(|| json!(peer.ip().to_string()));
     headers.entry("x-forwarded-port").or_insert_with(|| json!(port.to_string()));
     headers.entry("x-forwarded-proto").or_insert_with(|| json!("http"));
+    // API Gateway starts a trace for a request that comes without one.
+    headers.entry("x-amzn-trace-id").or_insert_with(|| json!(crate::lambda::trace_id()));
     let host = headers.get("host").and_then(Value::as_str).map_or_else(|| format!("127.0.0.1:{port}"), str::to_owned);
     let user_agent = headers.get("user-agent").and_then(Value::as_str).unwrap_or_default().to_owned();
 

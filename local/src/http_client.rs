@@ -47,11 +47,25 @@ pub fn parse_links(header: &str) -> BTreeMap<String, String> {
 
 /// One HTTP/1.1 request over a fresh TCP connection (`Connection: close`).
 pub async fn request(addr: SocketAddr, method: &str, target: &str, body: Option<&str>) -> anyhow::Result<HttpResponse> {
+    request_with_headers(addr, method, target, &[], body).await
+}
+
+/// [`request`] with these headers as well.
+pub async fn request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> anyhow::Result<HttpResponse> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         let mut head = format!(
             "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: system-tests\r\nAccept: application/json\r\nConnection: close\r\n"
         );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
         if let Some(body) = body {
             head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
         }

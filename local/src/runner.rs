@@ -68,6 +68,17 @@ pub trait Invoke: Send + Sync {
     /// A synchronous invocation with a JSON payload: the response payload, or the function
     /// error (a timeout, a crash or an error the function returned), which fails the batch.
     fn invoke(&self, function: &str, payload: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>>;
+    /// The same, in the caller's X-Ray trace (`X-Amzn-Trace-Id`), as API Gateway invokes.
+    /// Where the trace cannot be passed on, it is a plain invocation.
+    fn invoke_traced(
+        &self,
+        function: &str,
+        payload: Vec<u8>,
+        trace_header: Option<String>,
+    ) -> BoxFuture<Result<Vec<u8>, String>> {
+        let _ = trace_header;
+        self.invoke(function, payload)
+    }
 }
 
 /// The clients the runner polls with, each pointed at its emulator.

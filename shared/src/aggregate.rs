@@ -144,6 +144,8 @@ pub struct CommandContext {
     pub idempotency_key: Option<String>,
     pub correlation_id: Option<String>,
     pub causation_id: Option<String>,
+    /// The X-Ray trace header the command runs in, kept on the events it appends.
+    pub trace_header: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,8 +359,11 @@ impl<S: EventStore> Repository<S> {
     ) -> Result<(Executed, A), ExecuteError<A::Error>> {
         let key = ctx.idempotency_key.as_deref();
         let id = stream.id();
-        let metadata =
-            EventMetadata { correlation_id: ctx.correlation_id.clone(), causation_id: ctx.causation_id.clone() };
+        let metadata = EventMetadata {
+            correlation_id: ctx.correlation_id.clone(),
+            causation_id: ctx.causation_id.clone(),
+            trace_header: ctx.trace_header.clone(),
+        };
         let mut attempts = 0;
         loop {
             attempts += 1;

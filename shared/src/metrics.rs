@@ -4,12 +4,13 @@
 //! `metrics` facade's recorder), not by hand.
 //!
 //! Every metric has the dimension `Service` (the function's name, so one stack's metrics are
-//! its own), plus at most one low-cardinality dimension (`Reason`, `Step`, `Outcome`, `Action`).
-//! Nothing per order. Each call writes its line at once (a flush of what was recorded), so a
-//! metric is never lost to an instance that is frozen or killed before the end of an
-//! invocation. Outside Lambda ([`init`] not called, as in unit tests), every call is a no-op.
+//! its own), plus at most one low-cardinality dimension (`Reason`, `Step`, `Outcome`, `Action`,
+//! `Kind`). Nothing per order. Each call writes its line at once (a flush of what was
+//! recorded), so a metric is never lost to an instance that is frozen or killed before the end
+//! of an invocation. Outside Lambda ([`init`] not called, as in unit tests), every call is a no-op.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use metrics::Unit;
@@ -29,6 +30,14 @@ pub mod names {
     pub const COMPENSATIONS_RUN: &str = "CompensationsRun";
     pub const STEP_LATENCY: &str = "StepLatency";
     pub const DEAD_LETTERS: &str = "DeadLetters";
+    pub const COLD_STARTS: &str = "ColdStarts";
+    pub const UNRESOLVED_DEAD_LETTERS: &str = "UnresolvedDeadLetters";
+}
+
+/// The `Kind` of an [`names::UNRESOLVED_DEAD_LETTERS`] level.
+pub mod kinds {
+    pub const DEAD_LETTER: &str = "DeadLetter";
+    pub const MANUAL_ACTION: &str = "ManualAction";
 }
 
 static COLLECTOR: OnceLock<&'static Collector> = OnceLock::new();
@@ -55,11 +64,15 @@ pub fn init() {
                 names::ORDERS_MANUALLY_RESOLVED,
                 names::COMPENSATIONS_RUN,
                 names::DEAD_LETTERS,
+                names::COLD_STARTS,
             ] {
                 metrics::describe_counter!(name, Unit::Count, "");
             }
             metrics::describe_histogram!(names::SAGA_DURATION, Unit::Milliseconds, "");
             metrics::describe_histogram!(names::STEP_LATENCY, Unit::Milliseconds, "");
+            metrics::describe_histogram!(names::UNRESOLVED_DEAD_LETTERS, Unit::Count, "");
+            // `init` runs in the init phase, once per instance: that is the cold start.
+            cold_start();
         }
         Err(e) => tracing::warn!(error = %e, "metrics recorder not installed"),
     }
@@ -73,6 +86,19 @@ fn flush() {
     {
         tracing::warn!(error = %e, "metrics not written");
     }
+}
+
+static COLD_START_COUNTED: AtomicBool = AtomicBool::new(false);
+
+/// This instance's cold start: counted once per process (by [`init`], in the init phase), never
+/// again however often it is called. Returns whether this call counted it.
+pub fn cold_start() -> bool {
+    if COLD_START_COUNTED.swap(true, Ordering::SeqCst) {
+        return false;
+    }
+    metrics::counter!(names::COLD_STARTS).increment(1);
+    flush();
+    true
 }
 
 /// How an order ended, as the saga's finalize step records it.
@@ -121,7 +147,8 @@ pub fn order_outcome(outcome: Outcome<'_>, placed_to_final: Option<Duration>) {
     flush();
 }
 
-/// A compensation step ran to its end (`ReleaseInventory`, `RefundPayment`, `CancelShipment`).
+/// A compensation step had its effect (`ReleaseInventory`, `RefundPayment`, `CancelShipment`):
+/// counted by the step when it appended its event, not on a redelivered command's replay.
 pub fn compensation_run(step: &str) {
     metrics::counter!(names::COMPENSATIONS_RUN, "Step" => step.to_owned()).increment(1);
     flush();
@@ -140,6 +167,16 @@ pub fn dead_letter(action: &'static str) {
     flush();
 }
 
+/// How many dead letters (`Kind` [`kinds::DEAD_LETTER`]) or manual-action cases
+/// ([`kinds::MANUAL_ACTION`]) wait for someone (pending or parked), as the dead letters view
+/// counts them after a change. A level, reported on change: recorded as one sample (the
+/// recorder's gauges are written again at every flush, so an instance would repeat a stale
+/// level after another instance changed it), read with `Maximum`.
+pub fn unresolved_dead_letters(kind: &'static str, level: i64) {
+    metrics::histogram!(names::UNRESOLVED_DEAD_LETTERS, "Kind" => kind).record(level as f64);
+    flush();
+}
+
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1_000.0
 }
@@ -152,9 +189,154 @@ pub fn between(placed: &str, final_at: &str) -> Option<Duration> {
     (final_at - placed).try_into().ok()
 }
 
+/// A recorder for unit tests: every value recorded, by metric (`Name` or `Name{Label=value}`),
+/// set as the thread's recorder with `metrics::set_default_local_recorder`.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Arc, Mutex};
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    #[derive(Default, Clone)]
+    pub(crate) struct Recorded(Arc<Mutex<Vec<(String, f64)>>>);
+
+    struct Handle {
+        metric: String,
+        log: Recorded,
+    }
+
+    impl Handle {
+        fn push(&self, value: f64) {
+            self.log.0.lock().expect("lock").push((self.metric.clone(), value));
+        }
+    }
+
+    impl metrics::CounterFn for Handle {
+        fn increment(&self, value: u64) {
+            self.push(value as f64);
+        }
+        fn absolute(&self, value: u64) {
+            self.push(value as f64);
+        }
+    }
+
+    impl metrics::GaugeFn for Handle {
+        fn increment(&self, value: f64) {
+            self.push(value);
+        }
+        fn decrement(&self, value: f64) {
+            self.push(-value);
+        }
+        fn set(&self, value: f64) {
+            self.push(value);
+        }
+    }
+
+    impl metrics::HistogramFn for Handle {
+        fn record(&self, value: f64) {
+            self.push(value);
+        }
+    }
+
+    impl Recorded {
+        fn handle(&self, key: &Key) -> Arc<Handle> {
+            let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+            let metric = if labels.is_empty() {
+                key.name().to_owned()
+            } else {
+                format!("{}{{{}}}", key.name(), labels.join(","))
+            };
+            Arc::new(Handle { metric, log: self.clone() })
+        }
+
+        /// The values recorded for `metric`, in order.
+        pub(crate) fn values(&self, metric: &str) -> Vec<f64> {
+            self.0.lock().expect("lock").iter().filter(|(m, _)| m == metric).map(|(_, v)| *v).collect()
+        }
+
+        /// The sum of a counter's increments.
+        pub(crate) fn total(&self, metric: &str) -> f64 {
+            self.values(metric).iter().sum()
+        }
+    }
+
+    impl Recorder for Recorded {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(self.handle(key))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(self.handle(key))
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(self.handle(key))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::Recorded;
     use super::*;
+
+    #[test]
+    fn a_cold_start_is_counted_once_per_process() {
+        let recorded = Recorded::default();
+        let _local = metrics::set_default_local_recorder(&recorded);
+        // (No other test calls it: the first call of the process is this one.)
+        assert!(cold_start(), "the first call counts the cold start");
+        assert!(!cold_start(), "a second call (a warm invocation) does not");
+        assert!(!cold_start());
+        assert_eq!(recorded.values(names::COLD_STARTS), [1.0]);
+    }
+
+    #[test]
+    fn an_unresolved_level_is_one_sample_per_change_by_kind() {
+        let recorded = Recorded::default();
+        let _local = metrics::set_default_local_recorder(&recorded);
+        unresolved_dead_letters(kinds::DEAD_LETTER, 2);
+        unresolved_dead_letters(kinds::MANUAL_ACTION, 1);
+        unresolved_dead_letters(kinds::DEAD_LETTER, 0);
+        assert_eq!(recorded.values("UnresolvedDeadLetters{Kind=DeadLetter}"), [2.0, 0.0]);
+        assert_eq!(recorded.values("UnresolvedDeadLetters{Kind=ManualAction}"), [1.0]);
+    }
+
+    /// A compensation is counted when it ran, not when its redelivered command replays it.
+    #[tokio::test]
+    async fn a_compensation_is_counted_once_not_on_the_replay_of_a_redelivered_command() {
+        use crate::aggregate::{CommandContext, Repository};
+        use crate::domain::inventory::{Inventory, InventoryCommand};
+        use crate::eventstore::InMemoryEventStore;
+        use crate::saga::{Step, StepMessage};
+
+        let recorded = Recorded::default();
+        let _local = metrics::set_default_local_recorder(&recorded);
+        // Given an order whose lines are reserved
+        let sample: serde_json::Value =
+            serde_json::from_str(include_str!("../../events/reserve-inventory/command.json")).expect("sample");
+        let body = sample["Records"][0]["body"].as_str().expect("body");
+        let mut msg: StepMessage = serde_json::from_str(body).expect("a step command");
+        let repo = Repository::new(InMemoryEventStore::new());
+        let ctx = CommandContext::default();
+        for line in &msg.order.lines {
+            let restock = InventoryCommand::Restock { sku: line.sku.clone(), quantity: 10 };
+            repo.execute::<Inventory>(line.sku.as_str(), &restock, &ctx).await.expect("restock");
+        }
+        let reserved = crate::saga::steps::reserve_inventory(&repo, &msg).await.expect("reserve");
+        assert!(reserved.is_ok(), "{reserved:?}");
+        assert!(recorded.values("CompensationsRun{Step=ReleaseInventory}").is_empty());
+
+        // When the release runs, and its command is delivered again
+        msg.step = Step::ReleaseInventory;
+        let first = crate::saga::steps::release_inventory(&repo, &msg).await.expect("release");
+        let again = crate::saga::steps::release_inventory(&repo, &msg).await.expect("replay");
+
+        // Then both succeed, and the release is counted once
+        assert!(first.is_ok() && again.is_ok(), "{first:?} {again:?}");
+        assert_eq!(recorded.total("CompensationsRun{Step=ReleaseInventory}"), 1.0);
+    }
 
     #[test]
     fn between_two_recorded_times() {

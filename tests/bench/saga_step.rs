@@ -146,7 +146,9 @@ async fn main() {
                 env.finished(&id).await
             } else {
                 let name = unique("floor");
-                let input = json!({ "order": order, "results": {}, "compensations": {} });
+                let input = json!({
+                    "order": order, "correlationId": name, "traceHeader": null, "results": {}, "compensations": {},
+                });
                 env.sfn
                     .start_execution()
                     .state_machine_arn(&floor_arn)

@@ -226,6 +226,27 @@ impl LocalAws {
 }
 
 /// An id no earlier run used, so tests never see each other's data.
+/// Every message in a CloudWatch Logs group of a function (`/aws/lambda/<name>`).
+pub async fn log_messages(logs: &aws_sdk_cloudwatchlogs::Client, function_name: &str) -> Vec<String> {
+    let group = format!("/aws/lambda/{function_name}");
+    let mut messages = Vec::new();
+    let mut token = None;
+    loop {
+        let page = logs
+            .filter_log_events()
+            .log_group_name(&group)
+            .set_next_token(token)
+            .send()
+            .await
+            .expect("FilterLogEvents on the function's group");
+        messages.extend(page.events().iter().filter_map(|e| e.message().map(str::to_owned)));
+        token = page.next_token().map(str::to_owned);
+        if token.is_none() {
+            return messages;
+        }
+    }
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())
 }

@@ -56,12 +56,17 @@ impl SagaEnv {
     /// Starts with the runner invoking through what `customise` makes of the Lambda service
     /// (to deliver twice, say). `None` starts no runner: nothing runs until invoked.
     pub async fn start_with(customise: impl FnOnce(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>) -> Self {
-        Self::start_inner(Some(customise)).await
+        Self::start_inner(Some(customise), &[]).await
+    }
+
+    /// Starts with these template parameters set as well (`LogLevel`, say).
+    pub async fn start_with_parameters(parameters: &[(&str, &str)]) -> Self {
+        Self::start_inner(Some(|_: &Stack, service| service), parameters).await
     }
 
     /// The system provisioned, the functions ready to be invoked, no event source running.
     pub async fn start_idle() -> Self {
-        Self::start_inner(None::<fn(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>>).await
+        Self::start_inner(None::<fn(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>>, &[]).await
     }
 
     /// The stack `scripts/env.sh up` provisioned (`.local/stack.json`), its runner resuming at the
@@ -87,14 +92,19 @@ impl SagaEnv {
         Self { aws, stack, service, sfn, repo, running, run_id: unique(""), disposable: false, invoke_api: None }
     }
 
-    async fn start_inner(customise: Option<impl FnOnce(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>>) -> Self {
+    async fn start_inner(
+        customise: Option<impl FnOnce(&Stack, Arc<dyn Invoke>) -> Arc<dyn Invoke>>,
+        parameters: &[(&str, &str)],
+    ) -> Self {
         let aws = LocalAws::load().await;
         let template = Template::load(&workspace_root().join("template.yaml")).expect("template");
+        let mut parameter_overrides = overrides();
+        parameter_overrides.extend(parameters.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let options = Options {
             stack_name: unique("s"),
             region: aws.var("AWS_REGION"),
             account_id: "000000000000".into(),
-            parameter_overrides: overrides(),
+            parameter_overrides,
         };
         let stack = local_env::provision(&template, &options, &aws.provisioning_clients()).await.expect("provision");
         assert!(stack.failed().is_empty() && stack.unresolved.is_empty(), "{}", local_env::report(&stack));
@@ -219,6 +229,13 @@ impl SagaEnv {
     }
 
     /// A sample order from `events/place-order/`, with a test-unique id.
+    /// Every message in a function's CloudWatch Logs group (after shipping what is pending).
+    pub async fn log_messages(&self, logical_id: &str) -> Vec<String> {
+        self.service.flush_logs().await;
+        let name = &self.service.spec(logical_id).expect("function").name;
+        crate::log_messages(&self.aws.logs(), name).await
+    }
+
     pub fn sample(&self, name: &str) -> Value {
         local_env::demo::sample_order(&workspace_root().join("events/place-order"), name, &unique(&self.run_id[..6]))
             .expect("sample order")

@@ -30,6 +30,7 @@ use shared::domain::dead_letter::{
 use shared::domain::order::{Order, OrderCommand, OrderEvent, OrderStatus};
 use shared::eventstore::{EventStore, StreamId};
 use shared::retry::RetryPolicy;
+use tracing::Instrument;
 
 /// The message attribute a redrive tags its copy with: the dead letter it belongs to.
 pub const DEAD_LETTER_ID: &str = "deadLetterId";
@@ -195,21 +196,65 @@ impl Outcome {
     }
 }
 
+/// The flow a dead message belonged to, as far as its body says (a step command, a bus event,
+/// a manual-action case) or its `AWSTraceHeader`: so the handler's lines about it are found
+/// with the order's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub order_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub trace_header: Option<String>,
+}
+
+impl Flow {
+    pub fn of(message: &SqsMessage) -> Self {
+        let body = message.body.as_deref().and_then(|b| serde_json::from_str::<Value>(b).ok()).unwrap_or_default();
+        let text = |pointers: &[&str]| {
+            pointers.iter().find_map(|p| body.pointer(p).and_then(Value::as_str)).map(str::to_owned)
+        };
+        Self {
+            order_id: text(&["/orderId", "/order/orderId", "/detail/payload/orderId"]).or_else(|| {
+                let stream = text(&["/detail/streamId"])?;
+                let stream = StreamId::parse(&stream).ok()?;
+                (stream.category() == "Order").then(|| stream.id().to_owned())
+            }),
+            correlation_id: text(&["/correlationId", "/detail/correlationId"]),
+            trace_header: message
+                .attributes
+                .get("AWSTraceHeader")
+                .cloned()
+                .or_else(|| text(&["/traceHeader", "/detail/traceHeader"])),
+        }
+    }
+
+    pub fn about(&self) -> shared::telemetry::About<'_> {
+        shared::telemetry::About {
+            order_id: self.order_id.as_deref(),
+            correlation_id: self.correlation_id.as_deref(),
+            trace_header: self.trace_header.as_deref(),
+        }
+    }
+}
+
 impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHandler<S, Q, N, T, R> {
     /// Handles every message of the batch; a message whose handling failed is left on its DLQ.
     pub async fn handle(&self, batch: SqsEvent) -> SqsBatchResponse {
         let mut response = SqsBatchResponse::default();
         for message in batch.records {
             let id = message.message_id.clone().unwrap_or_default();
-            match self.handle_one(&message).await {
+            let flow = Flow::of(&message);
+            let span = shared::telemetry::record_span(flow.about());
+            match self.handle_one(&message).instrument(span.clone()).await {
                 Ok(outcome) => {
                     if let Some(action) = outcome.metric_action() {
                         shared::metrics::dead_letter(action);
                     }
-                    tracing::info!(message_id = %id, ?outcome, "dead letter handled")
+                    span.in_scope(|| tracing::info!(message_id = %id, ?outcome, "dead letter handled"))
                 }
                 Err(e) => {
-                    tracing::error!(message_id = %id, error = %e, "dead letter left on its queue for another try");
+                    span.in_scope(|| {
+                        tracing::error!(message_id = %id, error = %e, "dead letter left on its queue for another try")
+                    });
                     let mut failure = BatchItemFailure::default();
                     failure.item_identifier = id;
                     response.batch_item_failures.push(failure);
@@ -385,9 +430,12 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
                 _ => None,
             })
             .ok_or(OperatorError::Unknown)?;
+        // The retry continues the order's flow: its correlation and trace, from `OrderPlaced`.
+        let placed_event = events.first();
         let input = serde_json::json!({
             "order": placed,
-            "correlationId": order_id,
+            "correlationId": placed_event.map_or(order_id, |e| e.correlation_id.as_str()),
+            "traceHeader": placed_event.and_then(|e| e.trace_header.as_deref()),
             "resume": "compensate",
             "failedStep": failed_step,
             "failure": { "Error": "RetriedByOperator", "Cause": format!("{operator} retried the compensations after: {error}") },
@@ -401,6 +449,7 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
             .state_machine_arn(saga_arn)
             .name(name)
             .input(input.to_string())
+            .set_trace_header(input["traceHeader"].as_str().map(str::to_owned))
             .send()
             .await
             .map_err(|e| HandlerError::Aws(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string()))?;

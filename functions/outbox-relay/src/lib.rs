@@ -35,11 +35,18 @@ pub struct BusEntry {
     pub source: String,
     pub detail_type: String,
     pub detail: String,
+    /// The event's X-Ray trace: EventBridge continues it to the rule's targets (the detail
+    /// carries it too, for consumers of services that drop it).
+    pub trace_header: Option<String>,
 }
 
 impl BusEntry {
     fn size(&self) -> usize {
-        self.source.len() + self.detail_type.len() + self.detail.len()
+        // (The trace header counted too: the limit's sum is generous to be sure of.)
+        self.source.len()
+            + self.detail_type.len()
+            + self.detail.len()
+            + self.trace_header.as_ref().map_or(0, String::len)
     }
 }
 
@@ -69,6 +76,7 @@ impl Bus for EventBridgeBus {
                 .source(&e.source)
                 .detail_type(&e.detail_type)
                 .detail(&e.detail)
+                .set_trace_header(e.trace_header.clone())
                 .build()
         });
         let out = self
@@ -93,7 +101,12 @@ pub fn entry(event: &RecordedEvent) -> BusEntry {
         detail["payloadOmitted"] = json!(true);
         text = detail.to_string();
     }
-    BusEntry { source: format!("{SOURCE_PREFIX}{category}"), detail_type: event.event_type.clone(), detail: text }
+    BusEntry {
+        source: format!("{SOURCE_PREFIX}{category}"),
+        detail_type: event.event_type.clone(),
+        detail: text,
+        trace_header: event.trace_header.clone(),
+    }
 }
 
 pub struct Relay<B, D> {
@@ -288,6 +301,7 @@ mod tests {
                     correlation_id: "c".into(),
                     causation_id: None,
                     idempotency_key: None,
+                    trace_header: None,
                     recorded_at: "2026-11-22T00:00:00Z".into(),
                 };
                 let mut record = EventRecord::default();

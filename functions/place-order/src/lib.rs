@@ -3,7 +3,12 @@
 //! the committed event from the store's stream, so there is no dual write.
 //!
 //! One handler serves both ways in: an HTTP API event (payload 2.0, `POST /orders`) and a direct
-//! invocation whose payload is the order (optionally `{"order": …, "idempotencyKey": …}`).
+//! invocation whose payload is the order (optionally `{"order": …, "idempotencyKey": …,
+//! "correlationId": …}`).
+//!
+//! The order's flow is correlated from here: the caller's `X-Correlation-Id` (else the API's
+//! request id, else the invocation's) and the invocation's X-Ray trace go on `OrderPlaced`, and
+//! from there on every event and log line of the saga. The answer repeats the correlation id.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -21,6 +26,8 @@ pub struct Placed {
     pub version: u64,
     /// The request repeated an earlier one (same idempotency key): nothing new was written.
     pub duplicate: bool,
+    /// What ties this request to the saga's events and log lines.
+    pub correlation_id: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,31 +67,75 @@ impl PlaceError {
     }
 }
 
+/// What the Lambda runtime says of this invocation.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    pub request_id: String,
+    /// `Lambda-Runtime-Trace-Id`: the X-Ray trace the invocation runs in.
+    pub trace_header: Option<String>,
+}
+
+/// Where an order's flow is correlated and traced from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub correlation_id: String,
+    pub trace_header: Option<String>,
+}
+
+/// A correlation id a caller may choose: short, and safe in a header, a log line and a query.
+fn acceptable_correlation_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+}
+
 /// Validates and records the order.
 pub async fn place<S: EventStore>(
     repo: &Repository<S>,
     request: &OrderRequest,
     idempotency_key: Option<&str>,
+    flow: &Flow,
 ) -> Result<Placed, PlaceError> {
-    let order = request.validate().map_err(PlaceError::Invalid)?;
+    use tracing::Instrument;
+    let span = shared::telemetry::record_span(shared::telemetry::About {
+        order_id: Some(request.order_id.as_str()),
+        correlation_id: Some(&flow.correlation_id),
+        trace_header: flow.trace_header.as_deref(),
+    });
+    record(repo, request, idempotency_key, flow).instrument(span).await
+}
+
+async fn record<S: EventStore>(
+    repo: &Repository<S>,
+    request: &OrderRequest,
+    idempotency_key: Option<&str>,
+    flow: &Flow,
+) -> Result<Placed, PlaceError> {
+    let order = request.validate().map_err(|errors| {
+        tracing::info!(errors = errors.len(), "order rejected as invalid");
+        PlaceError::Invalid(errors)
+    })?;
     let order_id = order.order_id.to_string();
     let key = format!("PlaceOrder:{}", idempotency_key.unwrap_or(&order_id));
+    let correlation_id = flow.correlation_id.clone();
     let ctx = CommandContext {
         idempotency_key: Some(key),
-        correlation_id: Some(order_id.clone()),
+        correlation_id: Some(correlation_id.clone()),
         causation_id: Some("PlaceOrder".into()),
+        trace_header: flow.trace_header.clone(),
     };
     match repo.execute::<Order>(&order_id, &OrderCommand::Place(order), &ctx).await {
         Ok(Executed::Appended { committed, .. }) => {
-            tracing::info!(order_id = %order_id, "order placed");
+            tracing::info!("order placed");
             shared::metrics::order_placed();
-            Ok(Placed { order_id, status: "Placed", version: committed.last_version, duplicate: false })
+            Ok(Placed { order_id, status: "Placed", version: committed.last_version, duplicate: false, correlation_id })
         }
         Ok(Executed::Duplicate { committed }) => {
-            Ok(Placed { order_id, status: "Placed", version: committed.last_version, duplicate: true })
+            tracing::info!("order placed before under this key: answered again");
+            Ok(Placed { order_id, status: "Placed", version: committed.last_version, duplicate: true, correlation_id })
         }
         // The same order placed again under another key: already there, nothing to do.
-        Ok(Executed::Unchanged { version }) => Ok(Placed { order_id, status: "Placed", version, duplicate: true }),
+        Ok(Executed::Unchanged { version }) => {
+            Ok(Placed { order_id, status: "Placed", version, duplicate: true, correlation_id })
+        }
         Err(ExecuteError::Rejected(e @ OrderError::AlreadyPlacedDifferently(_))) => {
             Err(PlaceError::Conflict(e.to_string()))
         }
@@ -101,6 +152,7 @@ pub async fn place<S: EventStore>(
 struct Direct {
     order: OrderRequest,
     idempotency_key: Option<String>,
+    correlation_id: Option<String>,
 }
 
 fn header<'a>(event: &'a Value, name: &str) -> Option<&'a str> {
@@ -117,42 +169,61 @@ fn http_response(status: u16, body: &Value, extra: &[(&str, String)]) -> Value {
 
 /// Entry point for any invocation: an HTTP API event gets an HTTP response, a direct
 /// invocation gets the JSON answer (or `{"error": …}`).
-pub async fn handle<S: EventStore>(repo: &Repository<S>, event: Value) -> Value {
+pub async fn handle<S: EventStore>(repo: &Repository<S>, event: Value, invocation: &Invocation) -> Value {
     let is_http = event.get("requestContext").is_some();
     if !is_http {
         let parsed = serde_json::from_value::<Direct>(event.clone())
-            .map(|d| (d.order, d.idempotency_key))
-            .or_else(|_| serde_json::from_value::<OrderRequest>(event).map(|o| (o, None)));
+            .map(|d| (d.order, d.idempotency_key, d.correlation_id))
+            .or_else(|_| serde_json::from_value::<OrderRequest>(event).map(|o| (o, None, None)));
         return match parsed {
             Err(e) => PlaceError::Malformed(e.to_string()).body(),
-            Ok((order, key)) => match place(repo, &order, key.as_deref()).await {
-                Ok(placed) => json!(placed),
-                Err(e) => error_body(&e),
-            },
+            Ok((order, key, correlation_id)) => {
+                let correlation_id = correlation_id.filter(|id| acceptable_correlation_id(id));
+                let flow = Flow {
+                    correlation_id: correlation_id.unwrap_or_else(|| invocation.request_id.clone()),
+                    trace_header: invocation.trace_header.clone(),
+                };
+                match place(repo, &order, key.as_deref(), &flow).await {
+                    Ok(placed) => json!(placed),
+                    Err(e) => error_body(&e),
+                }
+            }
         };
     }
+    // The caller's correlation id if it is usable, else API Gateway's request id.
+    let correlation_id = header(&event, "x-correlation-id")
+        .filter(|id| acceptable_correlation_id(id))
+        .or_else(|| event.pointer("/requestContext/requestId").and_then(Value::as_str))
+        .unwrap_or(&invocation.request_id)
+        .to_owned();
+    let flow = Flow {
+        trace_header: invocation.trace_header.clone().or_else(|| header(&event, "x-amzn-trace-id").map(str::to_owned)),
+        correlation_id,
+    };
+    let correlated = ("x-correlation-id", flow.correlation_id.clone());
     let method = event.pointer("/requestContext/http/method").and_then(Value::as_str).unwrap_or_default();
     if method != "POST" {
-        return http_response(405, &json!({ "error": "use POST /orders" }), &[("allow", "POST".into())]);
+        return http_response(405, &json!({ "error": "use POST /orders" }), &[("allow", "POST".into()), correlated]);
     }
     let body = match event["body"].as_str() {
         Some(b) if event["isBase64Encoded"].as_bool() == Some(true) => {
-            return http_response(415, &json!({ "error": format!("send JSON, not base64 ({} bytes)", b.len()) }), &[]);
+            let error = json!({ "error": format!("send JSON, not base64 ({} bytes)", b.len()) });
+            return http_response(415, &error, &[correlated]);
         }
         Some(b) => b,
-        None => return http_response(400, &json!({ "error": "the body is empty" }), &[]),
+        None => return http_response(400, &json!({ "error": "the body is empty" }), &[correlated]),
     };
     let order = match serde_json::from_str::<OrderRequest>(body) {
         Ok(order) => order,
-        Err(e) => return http_response(400, &PlaceError::Malformed(e.to_string()).body(), &[]),
+        Err(e) => return http_response(400, &PlaceError::Malformed(e.to_string()).body(), &[correlated]),
     };
-    match place(repo, &order, header(&event, "idempotency-key")).await {
+    match place(repo, &order, header(&event, "idempotency-key"), &flow).await {
         Ok(placed) => {
             let status = if placed.duplicate { 200 } else { 201 };
             let location = format!("/orders/{}", placed.order_id);
-            http_response(status, &json!(placed), &[("location", location)])
+            http_response(status, &json!(placed), &[("location", location), correlated])
         }
-        Err(e) => http_response(e.status(), &error_body(&e), &[]),
+        Err(e) => http_response(e.status(), &error_body(&e), &[correlated]),
     }
 }
 

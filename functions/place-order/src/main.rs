@@ -14,7 +14,9 @@ async fn main() -> Result<(), Error> {
     let repo =
         Repository::new(DynamoEventStore::new(aws_sdk_dynamodb::Client::new(&sdk), EventStoreConfig::from_env()?));
     run(service_fn(|event: LambdaEvent<Value>| async {
-        Ok::<_, Error>(place_order::handle(&repo, event.payload).await)
+        let invocation =
+            place_order::Invocation { request_id: event.context.request_id, trace_header: event.context.xray_trace_id };
+        Ok::<_, Error>(place_order::handle(&repo, event.payload, &invocation).await)
     }))
     .await
 }

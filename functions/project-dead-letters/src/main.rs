@@ -1,3 +1,7 @@
+// The projection future (a read-model transaction inside a retry loop, in a span) nests deeply:
+// computing its layout overflows the default limit.
+#![recursion_limit = "256"]
+
 use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use shared::readmodel::runtime::ProjectionLambda;

@@ -3,13 +3,31 @@
 //!
 //! Subscribed through its own EventBridge rule and SQS queue (with a DLQ): idempotent and
 //! ordered per stream, whatever order and however often the bus delivers.
+//!
+//! It counts `OrdersManuallyResolved`: an operator resolves a flagged order from the `ops`
+//! command line (not a Lambda, so no metrics), and this projection sees every order event once
+//! (counted when its write applied the `OrderManualActionResolved`, never on a redelivery).
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::eventstore::RecordedEvent;
+use shared::metrics::Outcome;
 use shared::readmodel::OrderView;
 use shared::readmodel::runtime::ProjectionLambda;
 
 pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchResponse {
     lambda
-        .handle(batch, |event| async move { lambda.models.project::<OrderView, _>(&lambda.events, &event).await })
+        .handle(batch, |event| async move {
+            let projection =
+                lambda.models.project_with::<OrderView, _, ()>(&lambda.events, &event, |_, _| None).await?;
+            for _ in 0..manual_resolutions(&projection.applied) {
+                shared::metrics::order_outcome(Outcome::ManuallyResolved, None);
+            }
+            Ok(projection.projected)
+        })
         .await
+}
+
+/// How many of the events a write applied resolve a flagged order.
+pub fn manual_resolutions(applied: &[RecordedEvent]) -> usize {
+    applied.iter().filter(|e| e.event_type == "OrderManualActionResolved").count()
 }

@@ -21,6 +21,7 @@ use shared::deadline::Deadline;
 use shared::domain::order::OrderEvent;
 use shared::eventstore::RecordedEvent;
 use shared::saga::runtime::{DeadLetters, Source, SqsDeadLetters};
+use tracing::Instrument;
 
 /// `StartExecution` calls in flight at once: Step Functions' StartExecution quota (a bucket of
 /// 1,300 refilled at 300/s in the large regions) is far above what one batch asks.
@@ -28,8 +29,14 @@ pub const START_CONCURRENCY: usize = 10;
 
 /// Starts executions of the saga's state machine; Step Functions in production, a seam for tests.
 pub trait Executions: Send + Sync {
-    /// Starts execution `name`; an execution of that name already existing is `AlreadyStarted`.
-    fn start(&self, name: &str, input: String) -> impl Future<Output = Result<Outcome, String>> + Send;
+    /// Starts execution `name` in the X-Ray trace `trace_header`; an execution of that name
+    /// already existing is `AlreadyStarted`.
+    fn start(
+        &self,
+        name: &str,
+        input: String,
+        trace_header: Option<&str>,
+    ) -> impl Future<Output = Result<Outcome, String>> + Send;
 }
 
 pub struct StepFunctions {
@@ -38,22 +45,24 @@ pub struct StepFunctions {
 }
 
 impl Executions for StepFunctions {
-    async fn start(&self, name: &str, input: String) -> Result<Outcome, String> {
+    async fn start(&self, name: &str, input: String, trace_header: Option<&str>) -> Result<Outcome, String> {
+        // The order's trace, not this invocation's: the saga continues the flow that placed it.
         let started = self
             .client
             .start_execution()
             .state_machine_arn(&self.state_machine_arn)
             .name(name)
             .input(input)
+            .set_trace_header(trace_header.map(str::to_owned))
             .send()
             .await;
         match started {
             Ok(out) => {
-                tracing::info!(order_id = name, execution = out.execution_arn(), "saga started");
+                tracing::info!(execution = out.execution_arn(), "saga started");
                 Ok(Outcome::Started)
             }
             Err(e) if e.as_service_error().is_some_and(|e| e.is_execution_already_exists()) => {
-                tracing::info!(order_id = name, "saga already started for this order");
+                tracing::info!("saga already started for this order");
                 Ok(Outcome::AlreadyStarted)
             }
             Err(e) => Err(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string()),
@@ -148,11 +157,23 @@ async fn start<E: Executions, D: DeadLetters>(
     let input = json!({
         "order": order,
         "correlationId": recorded.correlation_id,
+        // The state machine hands it to every step command (`null` when the order had none).
+        "traceHeader": recorded.trace_header,
         "placedAt": recorded.recorded_at,
         "results": {},
         "compensations": {},
     });
-    starter.executions.start(order.order_id.as_str(), input.to_string()).await
+    let span = shared::telemetry::event_span(&recorded);
+    let trace = recorded.trace_header.as_deref();
+    async {
+        let started = starter.executions.start(order.order_id.as_str(), input.to_string(), trace).await;
+        if let Err(reason) = &started {
+            tracing::warn!(%reason, "saga not started");
+        }
+        started
+    }
+    .instrument(span)
+    .await
 }
 
 #[cfg(test)]
@@ -179,7 +200,7 @@ mod tests {
     }
 
     impl Executions for Recording {
-        async fn start(&self, name: &str, _input: String) -> Result<Outcome, String> {
+        async fn start(&self, name: &str, _input: String, _trace: Option<&str>) -> Result<Outcome, String> {
             let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_in_flight.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(self.latency).await;

@@ -543,8 +543,8 @@ where
     }
 }
 
-/// An X-Ray trace header: `Root=1-<epoch hex>-<96 bits>;Parent=<64 bits>;Sampled=0`.
-fn trace_id() -> String {
+/// A new X-Ray trace header: `Root=1-<epoch hex>-<96 bits>;Parent=<64 bits>;Sampled=0`.
+pub fn trace_id() -> String {
     let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     format!("Root=1-{epoch:08x}-{:024x};Parent={:016x};Sampled=0", fastrand::u128(..) >> 32, fastrand::u64(..))
 }
@@ -721,15 +721,22 @@ impl Invoke for LambdaService {
     }
 
     fn invoke(&self, function: &str, payload: Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> {
+        self.invoke_traced(function, payload, None)
+    }
+
+    fn invoke_traced(
+        &self,
+        function: &str,
+        payload: Vec<u8>,
+        trace_header: Option<String>,
+    ) -> BoxFuture<Result<Vec<u8>, String>> {
         let found = self.find(function).cloned();
         let sink = self.sink.clone();
         let name = function.to_owned();
         Box::pin(async move {
             let function = found.ok_or_else(|| format!("Function not found: {name}"))?;
-            let invoked = function
-                .invoke(&sink, Bytes::from(payload), &InvokeOptions::default())
-                .await
-                .map_err(|e| e.to_string())?;
+            let options = InvokeOptions { trace_id: trace_header, ..InvokeOptions::default() };
+            let invoked = function.invoke(&sink, Bytes::from(payload), &options).await.map_err(|e| e.to_string())?;
             match invoked.function_error {
                 Some(error_type) => Err(format!("{error_type}: {}", String::from_utf8_lossy(&invoked.payload))),
                 None => Ok(invoked.payload.to_vec()),

@@ -241,6 +241,7 @@ fn events_from_a_newer_schema_are_refused_not_misread() {
         correlation_id: "c".into(),
         causation_id: None,
         idempotency_key: None,
+        trace_header: None,
         recorded_at: String::new(),
     };
     assert!(matches!(decode_event::<AccountEvent>(&recorded), Err(CodecError::FromTheFuture { current: 2, .. })));

@@ -172,7 +172,7 @@ impl DynamoEventStore {
     /// The item of one event: built directly (no intermediate serde tree), the payload in the
     /// store's encoding.
     fn event_item(&self, e: RecordedEvent) -> Result<Item, String> {
-        let mut item = Item::with_capacity(10);
+        let mut item = Item::with_capacity(11);
         item.insert("streamId".into(), AttributeValue::S(e.stream_id));
         item.insert("version".into(), n(e.version));
         item.insert("eventId".into(), AttributeValue::S(e.event_id));
@@ -186,6 +186,9 @@ impl DynamoEventStore {
         }
         if let Some(key) = e.idempotency_key {
             item.insert("idempotencyKey".into(), AttributeValue::S(key));
+        }
+        if let Some(trace) = e.trace_header {
+            item.insert("traceHeader".into(), AttributeValue::S(trace));
         }
         item.insert("recordedAt".into(), AttributeValue::S(e.recorded_at));
         Ok(item)
@@ -329,6 +332,7 @@ fn decode_fold_item(stream: &StreamId, mut item: Item) -> Result<RecordedEvent, 
         correlation_id: String::new(),
         causation_id: None,
         idempotency_key: None,
+        trace_header: None,
         recorded_at: String::new(),
     })
 }
@@ -362,6 +366,7 @@ fn decode_event_item(mut item: Item) -> Result<RecordedEvent, String> {
     let correlation_id = take_s("correlationId")?.ok_or("no correlationId")?;
     let causation_id = take_s("causationId")?;
     let idempotency_key = take_s("idempotencyKey")?;
+    let trace_header = take_s("traceHeader")?;
     let recorded_at = take_s("recordedAt")?.ok_or("no recordedAt")?;
     let payload_json = take_s(PAYLOAD_JSON)?;
     let (version, schema_version) = versions(&item)?;
@@ -376,6 +381,7 @@ fn decode_event_item(mut item: Item) -> Result<RecordedEvent, String> {
         correlation_id,
         causation_id,
         idempotency_key,
+        trace_header,
         recorded_at,
     })
 }

@@ -96,11 +96,14 @@ impl fmt::Display for StreamId {
 }
 
 /// Who caused an event: the correlation id ties every event of one business flow (an order's
-/// saga) together; the causation id names the command or event that directly caused it.
+/// saga) together; the causation id names the command or event that directly caused it. The
+/// trace header is the X-Ray trace the flow began in: DynamoDB Streams carry no trace context,
+/// so the event carries it to the stream's consumers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMetadata {
     pub correlation_id: Option<String>,
     pub causation_id: Option<String>,
+    pub trace_header: Option<String>,
 }
 
 /// An event about to be appended.
@@ -141,6 +144,9 @@ pub struct RecordedEvent {
     pub causation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The X-Ray trace header (`Root=…;Parent=…;Sampled=…`) of the flow that caused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_header: Option<String>,
     /// RFC 3339, UTC.
     pub recorded_at: String,
 }
@@ -164,6 +170,8 @@ struct StoredEnvelope {
     causation_id: Option<String>,
     #[serde(default)]
     idempotency_key: Option<String>,
+    #[serde(default)]
+    trace_header: Option<String>,
     recorded_at: String,
 }
 
@@ -185,6 +193,7 @@ impl TryFrom<StoredEnvelope> for RecordedEvent {
             correlation_id: e.correlation_id,
             causation_id: e.causation_id,
             idempotency_key: e.idempotency_key,
+            trace_header: e.trace_header,
             recorded_at: e.recorded_at,
         })
     }
@@ -377,6 +386,7 @@ pub(crate) fn record_events(
                 payload: e.payload,
                 causation_id: e.metadata.causation_id,
                 idempotency_key: idempotency_key.map(str::to_owned),
+                trace_header: e.metadata.trace_header,
                 recorded_at: recorded_at.clone(),
             }
         })

@@ -21,6 +21,43 @@ pub fn dead_letter_key(id: &str) -> (String, String) {
     (format!("DEADLETTER#{id}"), "VIEW".into())
 }
 
+/// The item counting the unresolved dead letters of `kind` (a [`crate::metrics::kinds`] name), in
+/// its `unresolved` attribute: kept by the projection in the same write as the views.
+pub fn unresolved_key(kind: &str) -> (String, String) {
+    ("DEADLETTERS#UNRESOLVED".into(), kind.into())
+}
+
+/// The attribute of [`unresolved_key`]'s item.
+pub const UNRESOLVED: &str = "unresolved";
+
+/// Whether a dead letter waits for a person: parked. A pending one is the handler's, about to
+/// be redriven or parked within seconds; counting it would raise the level and drop it again
+/// inside one alarm period, and an alarm on the period's maximum would stay in ALARM.
+pub fn is_open(status: Status) -> bool {
+    matches!(status, Status::Parked)
+}
+
+/// A manual-action case (`manual-action-<orderId>`) or any other dead letter.
+pub fn kind(dead_letter_id: &str) -> &'static str {
+    if dead_letter_id.starts_with("manual-action-") {
+        crate::metrics::kinds::MANUAL_ACTION
+    } else {
+        crate::metrics::kinds::DEAD_LETTER
+    }
+}
+
+/// How a view's change moves its kind's count of unresolved ones: `+1` when it opens, `-1` when
+/// it closes, `None` when it stays open or closed.
+pub fn unresolved_change(before: Option<&DeadLetterView>, after: &DeadLetterView) -> Option<(&'static str, i64)> {
+    let was = before.is_some_and(|b| is_open(b.status));
+    let delta = match (was, is_open(after.status)) {
+        (false, true) => 1,
+        (true, false) => -1,
+        _ => return None,
+    };
+    Some((kind(&after.dead_letter_id), delta))
+}
+
 /// The listing sort key's prefix for dead letters in `status`.
 pub fn listing_prefix(status: Status) -> String {
     format!("{}#", status.as_str())
@@ -179,8 +216,34 @@ mod tests {
             correlation_id: "d1".into(),
             causation_id: None,
             idempotency_key: None,
+            trace_header: None,
             recorded_at: format!("2026-11-22T10:00:0{version}.000000Z"),
         }
+    }
+
+    #[test]
+    fn a_view_counts_as_unresolved_while_parked_by_kind() {
+        let view = |id: &str, status| DeadLetterView { dead_letter_id: id.into(), status, ..DeadLetterView::default() };
+        let (pending, parked) = (view("d1", Status::Pending), view("d1", Status::Parked));
+        // Recorded (pending: the handler is on it): not yet a person's
+        assert_eq!(unresolved_change(None, &pending), None);
+        // Parked: one more waits for a person
+        assert_eq!(unresolved_change(Some(&pending), &parked), Some(("DeadLetter", 1)));
+        assert_eq!(unresolved_change(None, &parked), Some(("DeadLetter", 1)));
+        // Redriven, discarded, resolved: closed; and back when it is parked again
+        for closed in [Status::Redriven, Status::Discarded, Status::Resolved] {
+            assert_eq!(unresolved_change(Some(&parked), &view("d1", closed)), Some(("DeadLetter", -1)));
+            assert_eq!(unresolved_change(Some(&view("d1", closed)), &pending), None);
+            assert_eq!(unresolved_change(Some(&view("d1", closed)), &parked), Some(("DeadLetter", 1)));
+            assert_eq!(unresolved_change(Some(&view("d1", closed)), &view("d1", closed)), None);
+        }
+        // A manual-action case is its own kind
+        let case = view("manual-action-o1", Status::Parked);
+        assert_eq!(unresolved_change(None, &case), Some(("ManualAction", 1)));
+        assert_eq!(
+            unresolved_change(Some(&case), &view("manual-action-o1", Status::Resolved)),
+            Some(("ManualAction", -1))
+        );
     }
 
     #[test]

@@ -58,30 +58,37 @@ impl ProjectionLambda {
             let id = message.message_id.clone().unwrap_or_default();
             let body = message.body.as_deref().unwrap_or_default();
             let source = Source { arn: message.event_source_arn.as_deref(), id: message.message_id.as_deref() };
+            // The event's order, correlation and trace on every line about it.
+            let mut span = tracing::Span::none();
             let outcome = match serde_json::from_str::<BusEvent>(body) {
                 Err(e) => Err(ProjectionError::Corrupt(format!("not an event from the bus: {e}"))),
                 Ok(BusEvent { detail }) => {
-                    let span = tracing::info_span!("project", stream = %detail.stream_id, version = detail.version);
-                    project(detail).instrument(span).await
+                    span = crate::telemetry::event_span(&detail);
+                    span.in_scope(
+                        || tracing::debug!(stream = %detail.stream_id, version = detail.version, "projecting"),
+                    );
+                    project(detail).instrument(span.clone()).await
                 }
             };
             let failed = match outcome {
                 Ok(projected) => {
-                    tracing::debug!(message_id = %id, ?projected, "projected");
+                    span.in_scope(|| tracing::debug!(message_id = %id, ?projected, "projected"));
                     false
                 }
                 Err(e) if e.is_retryable() => {
-                    tracing::warn!(message_id = %id, error = %e, "projection will be retried");
+                    span.in_scope(|| tracing::warn!(message_id = %id, error = %e, "projection will be retried"));
                     true
                 }
                 // It will never project: park it with the reason instead of looping.
                 Err(e) => match self.dead_letters.dead_letter(body, &e.to_string(), &source).await {
                     Ok(()) => {
-                        tracing::error!(message_id = %id, error = %e, "dead-lettered");
+                        span.in_scope(|| tracing::error!(message_id = %id, error = %e, "dead-lettered"));
                         false
                     }
                     Err(dlq) => {
-                        tracing::error!(message_id = %id, error = %e, %dlq, "dead-lettering failed; left for redelivery");
+                        span.in_scope(|| {
+                            tracing::error!(message_id = %id, error = %e, %dlq, "dead-lettering failed; left for redelivery")
+                        });
                         true
                     }
                 },

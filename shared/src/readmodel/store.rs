@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
-use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
 
 use super::{Applied, DailySales, ReadModel, SalesDelta, sales_key};
@@ -53,6 +53,25 @@ pub enum Projected {
     AlreadyApplied,
     /// The read model does not use this stream.
     Ignored,
+}
+
+/// What projecting one event wrote, for a projection that does more than keep its item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Projection<T> {
+    pub projected: Projected,
+    /// The events this write applied (the event, after the missing ones it caught up with):
+    /// empty when nothing changed (a duplicate, an ignored stream). Each is applied by exactly
+    /// one successful write, whatever the redeliveries.
+    pub applied: Vec<RecordedEvent>,
+    /// What the projection's `also` returned for the write that went through, if anything.
+    pub also: Option<T>,
+}
+
+/// A write that goes in the same transaction as a read model item's, and what it means to the
+/// projection (a counter's change, say).
+pub struct AlsoWrite<T> {
+    pub update: Update,
+    pub then: T,
 }
 
 fn request_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
@@ -202,8 +221,22 @@ impl ReadModelStore {
         events: &S,
         event: &RecordedEvent,
     ) -> Result<Projected, ProjectionError> {
-        let Ok(stream) = StreamId::parse(&event.stream_id) else { return Ok(Projected::Ignored) };
-        let Some(key) = M::key(&stream) else { return Ok(Projected::Ignored) };
+        let projection = self.project_with::<M, S, ()>(events, event, |_, _| None).await?;
+        Ok(projection.projected)
+    }
+
+    /// [`Self::project`], saying which events the write applied, with `also`'s write (given the
+    /// item before, `None` when new, and after) in the same transaction as the item's: both or
+    /// neither, once per applied event, never for a duplicate.
+    pub async fn project_with<M: ReadModel, S: EventStore, T>(
+        &self,
+        events: &S,
+        event: &RecordedEvent,
+        also: impl Fn(Option<&M>, &M) -> Option<AlsoWrite<T>>,
+    ) -> Result<Projection<T>, ProjectionError> {
+        let unchanged = |projected| Projection { projected, applied: Vec::new(), also: None };
+        let Ok(stream) = StreamId::parse(&event.stream_id) else { return Ok(unchanged(Projected::Ignored)) };
+        let Some(key) = M::key(&stream) else { return Ok(unchanged(Projected::Ignored)) };
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(RETRY.delay(attempt - 1)).await;
@@ -212,8 +245,10 @@ impl ReadModelStore {
                 Some((model, revision)) => (model, Some(revision)),
                 None => (M::default(), None),
             };
+            let before = revision.map(|_| model.clone());
+            let mut written = vec![event.clone()];
             let outcome = match model.apply_next(event) {
-                Applied::AlreadyApplied => return Ok(Projected::AlreadyApplied),
+                Applied::AlreadyApplied => return Ok(unchanged(Projected::AlreadyApplied)),
                 Applied::Applied => Projected::Applied,
                 Applied::Gap { applied } => {
                     let missing: Vec<RecordedEvent> = events
@@ -232,14 +267,80 @@ impl ReadModelStore {
                     for e in &missing {
                         model.apply_next(e);
                     }
-                    Projected::CaughtUp { events: missing.len() }
+                    let caught_up = Projected::CaughtUp { events: missing.len() };
+                    written = missing;
+                    caught_up
                 }
             };
-            if self.put(&key, &model, revision).await? {
-                return Ok(outcome);
+            let done = match also(before.as_ref(), &model) {
+                None => self.put(&key, &model, revision).await?.then_some(None),
+                Some(AlsoWrite { update, then }) => {
+                    self.put_with(&key, &model, revision, update).await?.then_some(Some(then))
+                }
+            };
+            if let Some(also) = done {
+                return Ok(Projection { projected: outcome, applied: written, also });
             }
         }
         Err(ProjectionError::Contended(ATTEMPTS))
+    }
+
+    /// [`Self::put`] and `update` in one transaction (false when the item moved since `expected`).
+    async fn put_with<M: ReadModel>(
+        &self,
+        key: &(String, String),
+        model: &M,
+        expected: Option<u64>,
+        update: Update,
+    ) -> Result<bool, ProjectionError> {
+        let item = self.conditional_put(Self::item(key, model, expected.map_or(1, |r| r + 1))?, expected)?;
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(item).build())
+            .transact_items(TransactWriteItem::builder().update(update).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) => match e.as_service_error() {
+                // The item's condition failed, or a concurrent transaction: read again and retry.
+                Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(_)) => Ok(false),
+                _ => Err(request_error("TransactWriteItems", e).into()),
+            },
+        }
+    }
+
+    /// Adds `delta` to the number `attribute` of the item at `key` (created at 0 if absent): an
+    /// update for [`AlsoWrite`].
+    pub fn add(&self, key: &(String, String), attribute: &str, delta: i64) -> Result<Update, ProjectionError> {
+        Update::builder()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(key.0.clone()))
+            .key("sk", AttributeValue::S(key.1.clone()))
+            .update_expression("ADD #n :delta")
+            .expression_attribute_names("#n", attribute)
+            .expression_attribute_values(":delta", AttributeValue::N(delta.to_string()))
+            .build()
+            .map_err(|e| ProjectionError::Corrupt(e.to_string()))
+    }
+
+    /// The number `attribute` of the item at `key` (consistent read), 0 when absent.
+    pub async fn number(&self, key: &(String, String), attribute: &str) -> Result<i64, ProjectionError> {
+        let found = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(key.0.clone()))
+            .key("sk", AttributeValue::S(key.1.clone()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| request_error("GetItem", e))?;
+        Ok(found
+            .item
+            .and_then(|item| item.get(attribute).and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()))
+            .unwrap_or(0))
     }
 
     /// Adds an order event to its day's sales, once: a marker item per applied event is written

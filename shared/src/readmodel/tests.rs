@@ -13,6 +13,7 @@ fn event(stream: &str, version: u64, event_type: &str, payload: Value, at: &str)
         correlation_id: "c".into(),
         causation_id: None,
         idempotency_key: None,
+        trace_header: None,
         recorded_at: at.into(),
     }
 }

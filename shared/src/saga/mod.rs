@@ -60,6 +60,24 @@ pub struct StepMessage {
     pub failed_step: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// The flow's correlation id (the execution input's), kept on every event the step appends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// The X-Ray trace the order was placed in, carried by the command itself: the trace
+    /// header Step Functions gives its SQS send does not reach the function on every path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_header: Option<String>,
+}
+
+impl StepMessage {
+    /// What the step's log lines are about.
+    pub fn about(&self) -> crate::telemetry::About<'_> {
+        crate::telemetry::About {
+            order_id: Some(self.order.order_id.as_str()),
+            correlation_id: Some(self.correlation_id.as_deref().unwrap_or(self.order.order_id.as_str())),
+            trace_header: self.trace_header.as_deref(),
+        }
+    }
 }
 
 /// A business answer the state machine branches on.

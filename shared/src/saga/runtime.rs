@@ -178,12 +178,17 @@ where
             let id = message.message_id.clone().unwrap_or_default();
             let result = if deadline.allows(Duration::ZERO) {
                 let work = process_one(message, accepts, callback, dead_letters, step);
-                deadline.run(work).await.unwrap_or_else(|| Err("the invocation's deadline came first".to_owned()))
+                deadline.run(work).await.unwrap_or_else(|| {
+                    tracing::warn!(message_id = %id, "step command cut off at the invocation's deadline");
+                    Err("the invocation's deadline came first".to_owned())
+                })
             } else {
+                tracing::warn!(message_id = %id, "step command not started before the invocation's deadline");
                 Err("not started before the invocation's deadline".to_owned())
             };
             result.err().map(|reason| {
-                tracing::warn!(message_id = %id, %reason, "step command left for redelivery");
+                // (Why was logged where it was known, with the command's order if it was read.)
+                tracing::debug!(message_id = %id, %reason, "step command left for redelivery");
                 let mut failure = BatchItemFailure::default();
                 failure.item_identifier = id;
                 failure
@@ -234,41 +239,49 @@ where
             return dead_letters.dead_letter(body, &reason, &source).await;
         }
     };
-    let span = tracing::info_span!("step", step = ?command.step, order_id = %command.order.order_id);
+    // Every line about this command carries its order, correlation and trace.
+    let span = crate::telemetry::record_span(command.about());
+    span.in_scope(|| tracing::debug!(step = ?command.step, "step command received"));
     let token = command.task_token.clone();
     let step_name = format!("{:?}", command.step);
-    let compensation = matches!(command.step, Step::ReleaseInventory | Step::RefundPayment | Step::CancelShipment);
-    let delivery = async {
+    async {
         let started = std::time::Instant::now();
         let result = step(command).await;
-        crate::metrics::step_latency(&step_name, started.elapsed());
-        match result {
+        let took = started.elapsed();
+        crate::metrics::step_latency(&step_name, took);
+        let delivery = match result {
+            // (A compensation is counted by its step, when it had its effect: not on a replay.)
             Ok(Ok(output)) => {
-                if compensation {
-                    crate::metrics::compensation_run(&step_name);
-                }
-                Ok(callback.succeed(&token, &output).await)
+                tracing::info!(step = %step_name, took_ms = took.as_millis() as u64, "step succeeded");
+                callback.succeed(&token, &output).await
             }
             Ok(Err(failure)) => {
-                tracing::info!(error = failure.error, cause = %failure.cause, "step failed with a business error");
-                Ok(callback.fail(&token, failure.error, &failure.cause).await)
+                tracing::info!(step = %step_name, error = failure.error, cause = %failure.cause, "step failed with a business error");
+                callback.fail(&token, failure.error, &failure.cause).await
             }
             Err(StepError::Permanent(reason)) => {
-                tracing::error!(%reason, "step failed permanently");
-                Ok(callback.fail(&token, STEP_FAILED, &reason).await)
+                tracing::error!(step = %step_name, %reason, "step failed permanently");
+                callback.fail(&token, STEP_FAILED, &reason).await
             }
-            Err(StepError::Retryable(reason)) => Err(reason),
+            Err(StepError::Retryable(reason)) => {
+                tracing::warn!(step = %step_name, %reason, "step left for redelivery");
+                return Err(reason);
+            }
+        };
+        match delivery {
+            Ok(Delivery::Delivered) => Ok(()),
+            Ok(Delivery::AlreadyClosed) => {
+                tracing::info!(step = %step_name, "task already closed: a redelivered command, answered again");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(step = %step_name, error = %e, "answer to the state machine failed; left for redelivery");
+                Err(e.to_string())
+            }
         }
     }
     .instrument(span)
-    .await?;
-    match delivery.map_err(|e| e.to_string())? {
-        Delivery::Delivered => Ok(()),
-        Delivery::AlreadyClosed => {
-            tracing::info!("task already closed: a redelivered command, answered again");
-            Ok(())
-        }
-    }
+    .await
 }
 
 /// What a step Lambda builds once and keeps between invocations.

@@ -21,8 +21,10 @@ use crate::metrics::{self, Outcome};
 fn context(msg: &StepMessage) -> CommandContext {
     CommandContext {
         idempotency_key: None,
-        correlation_id: Some(msg.order.order_id.to_string()),
+        // A command from before correlation ids were carried correlates by its order.
+        correlation_id: Some(msg.correlation_id.clone().unwrap_or_else(|| msg.order.order_id.to_string())),
         causation_id: Some(format!("{:?}", msg.step)),
+        trace_header: msg.trace_header.clone(),
     }
 }
 
@@ -80,6 +82,10 @@ pub async fn release_inventory<S: EventStore>(
     msg: &StepMessage,
 ) -> Result<StepOutcome, StepError> {
     let released = release_all(repo, msg).await?;
+    // Counted when it released something: a redelivered command's replay releases nothing.
+    if released > 0 {
+        metrics::compensation_run("ReleaseInventory");
+    }
     Ok(Ok(json!({ "releasedLines": released })))
 }
 
@@ -163,7 +169,10 @@ pub async fn refund_payment<S: EventStore, G: PaymentGateway>(
                 Err(e) => return Ok(unavailable(e)),
             };
             let cmd = PaymentCommand::RecordRefund { order_id: order.order_id.clone(), refund_id: refund_id.clone() };
-            repo.execute::<Payment>(id, &cmd, &context(msg)).await?;
+            // Counted when this command recorded the refund (not a concurrent redelivery's replay).
+            if let Executed::Appended { .. } = repo.execute::<Payment>(id, &cmd, &context(msg)).await? {
+                metrics::compensation_run("RefundPayment");
+            }
             Ok(Ok(json!({ "refundId": refund_id })))
         }
         Payment::Refunded { refund_id, .. } => Ok(Ok(json!({ "refundId": refund_id }))),
@@ -247,12 +256,11 @@ pub async fn cancel_shipment<S: EventStore, C: Carrier>(
             if let Err(e) = carrier.cancel_shipment(&format!("cancel-{id}"), &shipment_id).await {
                 return Ok(unavailable(e));
             }
-            repo.execute::<Shipment>(
-                id,
-                &ShipmentCommand::RecordCancelled { order_id: order.order_id.clone() },
-                &context(msg),
-            )
-            .await?;
+            let cancel = ShipmentCommand::RecordCancelled { order_id: order.order_id.clone() };
+            // Counted when this command recorded the cancellation (not a concurrent redelivery's replay).
+            if let Executed::Appended { .. } = repo.execute::<Shipment>(id, &cancel, &context(msg)).await? {
+                metrics::compensation_run("CancelShipment");
+            }
             Ok(Ok(json!({ "cancelled": shipment_id })))
         }
         Shipment::Cancelled { shipment_id } => Ok(Ok(json!({ "cancelled": shipment_id }))),
