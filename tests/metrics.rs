@@ -79,6 +79,10 @@ async fn a_completed_order_reads_back_as_cloudwatch_metrics() {
     let latency = [("Service", charge.as_str()), ("Step", "ChargePayment")];
     let (_, samples) = read_back(&env, &cloudwatch, names::STEP_LATENCY, &latency, 1.0).await;
     assert!(samples >= 1.0, "StepLatency of ChargePayment: {samples} samples");
+    // And the provider call's latency, by operation (the charge to the payment gateway)
+    let provider = [("Service", charge.as_str()), ("Operation", "charge")];
+    let (_, samples) = read_back(&env, &cloudwatch, names::PROVIDER_LATENCY, &provider, 1.0).await;
+    assert!(samples >= 1.0, "ProviderLatency of charge: {samples} samples");
     // And the functions' cold starts: each instance counts its own once, at init, as many as the
     // local Lambda service started for place-order
     let stats = env.service.stats().into_iter().find(|s| s.logical_id == "PlaceOrderFunction").expect("stats");

@@ -453,6 +453,46 @@ async fn a_compensation_that_keeps_failing_is_flagged_told_retried_by_an_operato
     env.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_that_failed_in_a_provider_outage_is_retried_by_an_operator_after_recovery_and_the_order_cancelled() {
+    // Given the payment provider refusing every refund, and an order whose shipment is rejected
+    let env = SagaEnv::start().await;
+    env.provider_behaviour(&json!({ "service": "payments", "operation": "refund", "errorRate": 1.0 })).await;
+    let id = env.place(env.sample("shipment-failed")).await;
+
+    // Then its refund fails, and the order is flagged for a person
+    let finished = env.finished(&id).await;
+    assert_eq!(finished.error.as_deref(), Some("NeedsManualAction"), "{finished:?}");
+    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::NeedsManualAction);
+    let ledger: Vec<Value> = env.provider_ledger(&id).await;
+    let payments: Vec<&str> =
+        ledger.iter().filter(|e| e["service"] == "payments").filter_map(|e| e["operation"].as_str()).collect();
+    assert_eq!(payments, ["charge"], "the provider charged once and refunded nothing: {ledger:?}");
+
+    // When the provider recovers and an operator retries the order's compensations
+    env.providers_normal().await;
+    let operator = env.operator();
+    let execution = operator.retry_compensations(&id, "ana", &env.sfn, env.state_machine()).await.expect("retry");
+
+    // Then the compensations run again and the order is cancelled: final, nothing left to a person
+    let retried = wait_for_execution(&env, &execution).await;
+    assert_eq!(retried.status, "SUCCEEDED", "{retried:?}");
+    let steps = env.steps(&retried).await;
+    assert_eq!(steps, ["CancelShipment", "RefundPayment", "ReleaseInventory", "CancelOrder"], "{steps:?}");
+    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Cancelled);
+    // And the provider refunded it exactly once (its ledger, not our events, says so)
+    let ledger = env.provider_ledger(&id).await;
+    let refunds = ledger.iter().filter(|e| e["operation"] == "refund").count();
+    assert_eq!(refunds, 1, "{ledger:?}");
+    // And its stock is back
+    for sku in ["SKU-RED-MUG", "SKU-BLUE-PLATE"] {
+        let stock = env.repo.load::<Inventory>(sku).await.unwrap().state;
+        let reservation = stock.reservation(&shared::domain::OrderId::parse(&id).expect("order id"));
+        assert!(matches!(reservation, Some(Reservation::Released(_))), "{sku}: {reservation:?}");
+    }
+    env.stop().await;
+}
+
 /// Waits for an execution the test started by hand to end.
 async fn wait_for_execution(env: &SagaEnv, arn: &str) -> local_env::observe::Finished {
     let name = arn.rsplit(':').next().expect("an execution ARN");

@@ -11,6 +11,7 @@ pub mod lambda;
 pub mod meter;
 pub mod observe;
 pub mod operations;
+pub mod providers;
 pub mod provision;
 pub mod runner;
 pub mod template;

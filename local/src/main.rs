@@ -71,7 +71,11 @@ async fn provision(argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let region = config.region().map(ToString::to_string).unwrap_or_else(|| "us-east-1".into());
     let account_id = std::env::var("AWS_ACCOUNT_ID").unwrap_or_else(|_| "000000000000".into());
-    let options = Options { stack_name: args.stack_name, region, account_id, parameter_overrides: args.overrides };
+    // The providers are the simulator `local-env run` serves, unless the caller names others.
+    let mut overrides = args.overrides;
+    let simulator_url = format!("http://127.0.0.1:{}", local_env::providers::port()?);
+    local_env::providers::point_at(&template, &simulator_url, &mut overrides);
+    let options = Options { stack_name: args.stack_name, region, account_id, parameter_overrides: overrides };
     let stack = local_env::provision(&template, &options, &Clients::new(&config)).await?;
     println!("Provisioned stack {} from {}:\n{}", stack.stack_name, args.template.display(), local_env::report(&stack));
     local_env::write_outputs(&stack, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
@@ -139,6 +143,23 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         log_dir.display()
     );
 
+    // The providers the functions call (the stack's provider URLs point at this port).
+    let simulator_port = local_env::providers::port()?;
+    let simulator = match local_env::providers::serve(simulator_port).await {
+        Ok(simulator) => {
+            println!(
+                "Provider simulator on {} (control: {0}/control/behaviour, ledger: {0}/control/ledger)",
+                simulator.url()
+            );
+            Some(simulator)
+        }
+        // One already serves that port (a second run, or one started by hand): use it.
+        Err(e) => {
+            eprintln!("local-env: not serving the provider simulator, using what is on port {simulator_port}: {e:#}");
+            None
+        }
+    };
+
     let clients = RunnerClients { sqs, streams: aws_sdk_dynamodbstreams::Client::new(&sdk) };
     // Stream positions survive the run, as an event source mapping's do: the next run does not
     // replay (and republish, restart) what this one handled.
@@ -197,6 +218,9 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     running.stop().await;
     lambda_api.stop();
     service.shutdown().await;
+    if let Some(simulator) = simulator {
+        simulator.stop().await;
+    }
     meter_proxies.iter().for_each(|p| p.abort());
     let Some(outcome) = outcome else { return Ok(true) };
     let outcome = outcome?;

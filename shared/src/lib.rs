@@ -20,6 +20,8 @@ pub mod deadline;
 pub mod domain;
 pub mod eventstore;
 pub mod metrics;
+#[cfg(feature = "providers")]
+pub mod providers;
 pub mod readmodel;
 pub mod retry;
 pub mod saga;

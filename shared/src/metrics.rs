@@ -29,6 +29,7 @@ pub mod names {
     pub const SAGA_DURATION: &str = "SagaDuration";
     pub const COMPENSATIONS_RUN: &str = "CompensationsRun";
     pub const STEP_LATENCY: &str = "StepLatency";
+    pub const PROVIDER_LATENCY: &str = "ProviderLatency";
     pub const DEAD_LETTERS: &str = "DeadLetters";
     pub const COLD_STARTS: &str = "ColdStarts";
     pub const UNRESOLVED_DEAD_LETTERS: &str = "UnresolvedDeadLetters";
@@ -70,6 +71,7 @@ pub fn init() {
             }
             metrics::describe_histogram!(names::SAGA_DURATION, Unit::Milliseconds, "");
             metrics::describe_histogram!(names::STEP_LATENCY, Unit::Milliseconds, "");
+            metrics::describe_histogram!(names::PROVIDER_LATENCY, Unit::Milliseconds, "");
             metrics::describe_histogram!(names::UNRESOLVED_DEAD_LETTERS, Unit::Count, "");
             // `init` runs in the init phase, once per instance: that is the cold start.
             cold_start();
@@ -157,6 +159,13 @@ pub fn compensation_run(step: &str) {
 /// How long one step command took to process (its logic, not the callback).
 pub fn step_latency(step: &str, took: Duration) {
     metrics::histogram!(names::STEP_LATENCY, "Step" => step.to_owned()).record(millis(took));
+    flush();
+}
+
+/// How long one call to an external provider took, answered or not (`Operation`: `charge`,
+/// `refund`, `createShipment`, `cancelShipment`, `notify`).
+pub fn provider_latency(operation: &'static str, took: Duration) {
+    metrics::histogram!(names::PROVIDER_LATENCY, "Operation" => operation).record(millis(took));
     flush();
 }
 

@@ -32,6 +32,8 @@ pub struct SagaEnv {
     disposable: bool,
     /// The functions' Lambda endpoint (a test's own stack).
     invoke_api: Option<local_env::lambda::invoke_api::InvokeApi>,
+    /// The providers the functions call (a test's own, so its faults touch no other test).
+    pub providers: Option<provider_simulator::Simulator>,
 }
 
 /// Test settings: redeliveries after 3 s instead of 60 (so a crashed or timed-out invocation's
@@ -89,7 +91,21 @@ impl SagaEnv {
         let runner = Runner::new(&stack, clients, service.clone()).expect("runner").with_checkpoints(positions);
         let running = Some(runner.start());
         let sfn = aws.sfn();
-        Self { aws, stack, service, sfn, repo, running, run_id: unique(""), disposable: false, invoke_api: None }
+        // The providers where `env.sh up` pointed the stack, unless something serves them already.
+        let providers =
+            local_env::providers::serve(local_env::providers::port().expect("PROVIDER_SIMULATOR_PORT")).await.ok();
+        Self {
+            aws,
+            stack,
+            service,
+            sfn,
+            repo,
+            running,
+            run_id: unique(""),
+            disposable: false,
+            invoke_api: None,
+            providers,
+        }
     }
 
     async fn start_inner(
@@ -98,7 +114,11 @@ impl SagaEnv {
     ) -> Self {
         let aws = LocalAws::load().await;
         let template = Template::load(&workspace_root().join("template.yaml")).expect("template");
+        let providers = provider_simulator::serve(([127, 0, 0, 1], 0).into(), provider_simulator::Config::default())
+            .await
+            .expect("serve the provider simulator");
         let mut parameter_overrides = overrides();
+        local_env::providers::point_at(&template, &providers.url(), &mut parameter_overrides);
         parameter_overrides.extend(parameters.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let options = Options {
             stack_name: unique("s"),
@@ -129,6 +149,7 @@ impl SagaEnv {
             run_id: unique(""),
             disposable: true,
             invoke_api: Some(invoke_api),
+            providers: Some(providers),
         }
     }
 
@@ -229,6 +250,36 @@ impl SagaEnv {
     }
 
     /// A sample order from `events/place-order/`, with a test-unique id.
+    /// Sets a provider behaviour on this test's simulator (`PUT /control/behaviour`), e.g.
+    /// `{"service": "payments", "operation": "refund", "errorRate": 1.0}`.
+    pub async fn provider_behaviour(&self, behaviour: &Value) {
+        let providers = self.providers.as_ref().expect("this test's provider simulator");
+        let body = behaviour.to_string();
+        let answer = local_env::http_client::request(providers.addr(), "PUT", "/control/behaviour", Some(&body))
+            .await
+            .expect("PUT /control/behaviour");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+
+    /// Back to normal for every provider (`DELETE /control/behaviour`).
+    pub async fn providers_normal(&self) {
+        let providers = self.providers.as_ref().expect("this test's provider simulator");
+        let answer = local_env::http_client::request(providers.addr(), "DELETE", "/control/behaviour", None)
+            .await
+            .expect("DELETE /control/behaviour");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+
+    /// The provider's ledger entries whose idempotency key contains `id`: what it actually did.
+    pub async fn provider_ledger(&self, id: &str) -> Vec<Value> {
+        let providers = self.providers.as_ref().expect("this test's provider simulator");
+        let target = format!("/control/ledger?contains={id}");
+        let answer =
+            local_env::http_client::request(providers.addr(), "GET", &target, None).await.expect("GET /control/ledger");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        answer.body_json().expect("ledger JSON")["entries"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Every message in a function's CloudWatch Logs group (after shipping what is pending).
     pub async fn log_messages(&self, logical_id: &str) -> Vec<String> {
         self.service.flush_logs().await;
@@ -271,6 +322,9 @@ impl SagaEnv {
         }
         if let Some(api) = self.invoke_api.take() {
             api.stop();
+        }
+        if let Some(providers) = self.providers.take() {
+            providers.stop().await;
         }
         self.service.shutdown().await;
         if self.disposable {

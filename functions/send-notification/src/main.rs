@@ -1,13 +1,13 @@
 use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use shared::deadline::Deadline;
-use shared::domain::services::Simulated;
+use shared::providers::HttpNotifier;
 use shared::saga::runtime::StepLambda;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let lambda = StepLambda::from_env(Simulated::from_env()?).await?;
+    let lambda = StepLambda::from_env(HttpNotifier::from_env()?).await?;
     let lambda = &lambda;
     run(service_fn(|event: LambdaEvent<SqsEvent>| async move {
         let deadline = Deadline::from_epoch_millis(event.context.deadline);
