@@ -26,8 +26,9 @@ DYNAMODB_PORT="${DYNAMODB_PORT:-8000}"
 LOCALSTACK_PORT="${LOCALSTACK_PORT:-4566}"
 START_TIMEOUT="${START_TIMEOUT:-120}"
 # LocalStack must be able to serve these before we call it healthy (sts: Step Functions' SQS
-# integration needs it; sns/cloudwatch/logs/iam are loaded lazily and only need to be enabled).
-LS_SERVICES="sqs,sns,events,stepfunctions,cloudwatch,logs,sts,iam"
+# integration needs it; sns/cloudwatch/logs/iam/ssm are loaded lazily and only need to be enabled;
+# ssm holds the providers' API key).
+LS_SERVICES="sqs,sns,events,stepfunctions,cloudwatch,logs,sts,iam,ssm"
 LS_REQUIRED=(sqs events stepfunctions)
 
 log() { printf 'env.sh: %s\n' "$*" >&2; }

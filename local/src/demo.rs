@@ -109,6 +109,11 @@ pub async fn run(
         let file = sample.split('#').next().unwrap_or(&sample);
         let suffix = sample.split_once('#').map_or(run_id.clone(), |(_, i)| format!("{run_id}-{i}"));
         let mut order = sample_order(samples, file, &suffix)?;
+        // The extra orders come from a shop's many customers, not one (whom the per-customer
+        // rate limit at POST /orders would turn away after a few dozen).
+        if let Some((_, i)) = sample.split_once('#') {
+            order["customerId"] = json!(format!("cust-{run_id}-{i}"));
+        }
         for line in order["lines"].as_array_mut().into_iter().flatten().filter(|l| l["sku"] == SCARCE_SKU) {
             line["sku"] = json!(scarce);
         }

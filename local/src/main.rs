@@ -77,6 +77,11 @@ async fn provision(argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     local_env::providers::point_at(&template, &simulator_url, &mut overrides);
     let options = Options { stack_name: args.stack_name, region, account_id, parameter_overrides: overrides };
     let stack = local_env::provision(&template, &options, &Clients::new(&config)).await?;
+    // The providers' API key: made once, kept in SSM as on AWS (where it is made by hand).
+    if let Some(name) = local_env::providers::api_key_parameter(&stack) {
+        local_env::providers::ensure_api_key(&aws_sdk_ssm::Client::new(&config), &name).await?;
+        println!("Providers' API key: SSM SecureString {name}");
+    }
     println!("Provisioned stack {} from {}:\n{}", stack.stack_name, args.template.display(), local_env::report(&stack));
     local_env::write_outputs(&stack, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     println!("Wrote {0}/stack.json and {0}/aws.env", args.out.display());
@@ -145,7 +150,12 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
 
     // The providers the functions call (the stack's provider URLs point at this port).
     let simulator_port = local_env::providers::port()?;
-    let simulator = match local_env::providers::serve(simulator_port).await {
+    // It asks for the key the functions read from SSM, as a real provider would.
+    let api_key = match local_env::providers::api_key_parameter(&stack) {
+        Some(name) => local_env::providers::api_key(&aws_sdk_ssm::Client::new(&sdk), &name).await?,
+        None => None,
+    };
+    let simulator = match local_env::providers::serve(simulator_port, api_key).await {
         Ok(simulator) => {
             println!(
                 "Provider simulator on {} (control: {0}/control/behaviour, ledger: {0}/control/ledger)",

@@ -8,6 +8,7 @@
 //! - [`metrics`]: business and saga metrics in CloudWatch Embedded Metric Format.
 //! - [`readmodel`]: read models (CQRS query side) and their projection onto DynamoDB.
 //! - [`retry`]: bounded exponential backoff with full jitter.
+//! - [`ratelimit`]: rate limiting per key over a sliding window, its counters on DynamoDB.
 //! - [`config`]: configuration from the environment.
 //! - [`aws`]: the AWS SDK configuration, cheap at cold start (compiled-in TLS roots, lazy TLS).
 //! - [`deadline`]: the invocation's deadline, for handlers working through a batch.
@@ -22,6 +23,7 @@ pub mod eventstore;
 pub mod metrics;
 #[cfg(feature = "providers")]
 pub mod providers;
+pub mod ratelimit;
 pub mod readmodel;
 pub mod retry;
 pub mod saga;

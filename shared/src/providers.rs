@@ -1,8 +1,9 @@
 //! The external services over HTTP, as in production: the payment gateway, the carrier and the
 //! notifier are HTTP APIs (locally, the provider simulator), called with the step's idempotency
 //! key as the `Idempotency-Key` header, as payment APIs take it, so a retried call has one
-//! effect. Base URLs and the API key come from the environment; nothing here knows it may be
-//! talking to a simulator.
+//! effect. Base URLs come from the environment; the API key is a SecureString in SSM Parameter
+//! Store (its name in `PROVIDER_API_KEY_PARAMETER`), read once per instance at init, never an
+//! environment variable. Nothing here knows it may be talking to a simulator.
 //!
 //! What an answer means, once: `2xx` is done; `402` / `422` are the provider's business answers
 //! (declined, rejected, undeliverable), final for that key; anything else (`5xx`, `429`, a
@@ -41,9 +42,32 @@ enum Answer<T> {
     Refused(String),
 }
 
+/// The providers' API key: the SecureString parameter named by `PROVIDER_API_KEY_PARAMETER`
+/// (none when that is unset: a provider without credentials, as the simulator can run).
+/// Read in the init phase, so once per instance; a key that cannot be read fails the init with
+/// the reason, and Lambda tries again on the next invocation.
+pub async fn api_key(sdk: &aws_config::SdkConfig, vars: Vars<'_>) -> Result<Option<String>, ConfigError> {
+    let Some(name) = vars("PROVIDER_API_KEY_PARAMETER") else { return Ok(None) };
+    let invalid = |reason: String| ConfigError::Invalid { name: "PROVIDER_API_KEY_PARAMETER", reason };
+    let answer = aws_sdk_ssm::Client::new(sdk)
+        .get_parameter()
+        .name(&name)
+        .with_decryption(true)
+        .send()
+        .await
+        .map_err(|e| invalid(format!("{name}: {}", aws_sdk_ssm::error::DisplayErrorContext(&e))))?;
+    let value = answer.parameter.and_then(|p| p.value).filter(|v| !v.trim().is_empty());
+    value.map(Some).ok_or_else(|| invalid(format!("{name} has no value")))
+}
+
 impl Provider {
-    /// `url_variable` (the base URL), `PROVIDER_API_KEY` (optional) and `PROVIDER_TIMEOUT_MS`.
-    pub fn from_vars(service: &'static str, url_variable: &str, vars: Vars<'_>) -> Result<Self, ConfigError> {
+    /// `url_variable` (the base URL) and `PROVIDER_TIMEOUT_MS`; `api_key` from [`api_key`].
+    pub fn from_vars(
+        service: &'static str,
+        url_variable: &str,
+        api_key: Option<String>,
+        vars: Vars<'_>,
+    ) -> Result<Self, ConfigError> {
         let base_url = required(vars, url_variable)?.trim_end_matches('/').to_owned();
         let timeout = match vars("PROVIDER_TIMEOUT_MS") {
             None => DEFAULT_TIMEOUT,
@@ -57,7 +81,7 @@ impl Provider {
             .connect_timeout(timeout.min(Duration::from_secs(1)))
             .build()
             .map_err(|e| ConfigError::Invalid { name: "PROVIDER_TIMEOUT_MS", reason: e.to_string() })?;
-        Ok(Self { service, base_url, api_key: vars("PROVIDER_API_KEY"), client })
+        Ok(Self { service, base_url, api_key, client })
     }
 
     fn unavailable(&self, message: impl Into<String>) -> Unavailable {
@@ -114,8 +138,10 @@ impl Provider {
 pub struct HttpPaymentGateway(pub Provider);
 
 impl HttpPaymentGateway {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Provider::from_vars("payment gateway", "PAYMENT_PROVIDER_URL", &process_env).map(Self)
+    /// In Lambda: `PAYMENT_PROVIDER_URL`, and the API key from SSM.
+    pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
+        let key = api_key(sdk, &process_env).await?;
+        Provider::from_vars("payment gateway", "PAYMENT_PROVIDER_URL", key, &process_env).map(Self)
     }
 }
 
@@ -155,8 +181,10 @@ impl PaymentGateway for HttpPaymentGateway {
 pub struct HttpCarrier(pub Provider);
 
 impl HttpCarrier {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Provider::from_vars("carrier", "CARRIER_URL", &process_env).map(Self)
+    /// In Lambda: `CARRIER_URL`, and the API key from SSM.
+    pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
+        let key = api_key(sdk, &process_env).await?;
+        Provider::from_vars("carrier", "CARRIER_URL", key, &process_env).map(Self)
     }
 }
 
@@ -193,8 +221,10 @@ const ID: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remo
 pub struct HttpNotifier(pub Provider);
 
 impl HttpNotifier {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Provider::from_vars("notifier", "NOTIFIER_URL", &process_env).map(Self)
+    /// In Lambda: `NOTIFIER_URL`, and the API key from SSM.
+    pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
+        let key = api_key(sdk, &process_env).await?;
+        Provider::from_vars("notifier", "NOTIFIER_URL", key, &process_env).map(Self)
     }
 }
 

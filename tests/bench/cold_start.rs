@@ -74,12 +74,19 @@ async fn main() -> anyhow::Result<()> {
     // The system provisioned under its own stack name, so every function has its variables.
     let aws = LocalAws::load().await;
     let template = Template::load(&workspace_root().join("template.yaml"))?;
-    let options = Options {
-        stack_name: unique("c"),
-        region: aws.var("AWS_REGION"),
-        account_id: "000000000000".into(),
-        parameter_overrides: HashMap::new(),
-    };
+    // Its providers: a simulator asking for a key kept in SSM, which the functions that call a
+    // provider read at init (so their cold start includes that read, as on AWS).
+    let stack_name = unique("c");
+    let key_parameter = format!("{stack_name}-provider-api-key");
+    let key = unique("key-");
+    local_env::providers::put_api_key(&aws.ssm(), &key_parameter, &key).await?;
+    let providers =
+        provider_simulator::serve(([127, 0, 0, 1], 0).into(), provider_simulator::Config { api_key: Some(key) })
+            .await?;
+    let mut parameter_overrides = HashMap::from([("ProviderApiKeyParameter".to_owned(), key_parameter.clone())]);
+    local_env::providers::point_at(&template, &providers.url(), &mut parameter_overrides);
+    let options =
+        Options { stack_name, region: aws.var("AWS_REGION"), account_id: "000000000000".into(), parameter_overrides };
     let mut stack = local_env::provision(&template, &options, &aws.provisioning_clients()).await?;
     anyhow::ensure!(stack.failed().is_empty() && stack.unresolved.is_empty(), "{}", local_env::report(&stack));
     // The baseline, as one more function of the stack (no variables of its own).
@@ -153,6 +160,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     service.shutdown().await;
+    providers.stop().await;
+    let _ = aws.ssm().delete_parameter().name(&key_parameter).send().await;
 
     let bare_p50 = {
         let mut bare = rows[BARE_ID].init_ms.clone();

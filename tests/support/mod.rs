@@ -131,6 +131,12 @@ impl LocalAws {
         aws_sdk_sns::Client::from_conf(b.build())
     }
 
+    pub fn ssm(&self) -> aws_sdk_ssm::Client {
+        let mut b = aws_sdk_ssm::config::Builder::from(&self.config);
+        b.set_endpoint_url(self.endpoint("SSM"));
+        aws_sdk_ssm::Client::from_conf(b.build())
+    }
+
     /// Clients for the provisioner, each pointed at its own emulator.
     pub fn provisioning_clients(&self) -> local_env::Clients {
         local_env::Clients {

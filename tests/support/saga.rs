@@ -47,6 +47,8 @@ fn overrides() -> HashMap<String, String> {
         ("AutomaticRedrives".to_owned(), "10".to_owned()),
         // A stream batch the relay keeps failing is skipped (and replayed) after 3 retries, not 20.
         ("OutboxRelayMaximumRetryAttempts".to_owned(), "3".to_owned()),
+        // Tests place many orders for one sample customer at once; `tests/rate_limit.rs` sets its own.
+        ("OrdersPerCustomerPerMinute".to_owned(), "0".to_owned()),
     ])
 }
 
@@ -91,9 +93,14 @@ impl SagaEnv {
         let runner = Runner::new(&stack, clients, service.clone()).expect("runner").with_checkpoints(positions);
         let running = Some(runner.start());
         let sfn = aws.sfn();
-        // The providers where `env.sh up` pointed the stack, unless something serves them already.
-        let providers =
-            local_env::providers::serve(local_env::providers::port().expect("PROVIDER_SIMULATOR_PORT")).await.ok();
+        // The providers where `env.sh up` pointed the stack (asking for the stack's key), unless
+        // something serves them already.
+        let key = match local_env::providers::api_key_parameter(&stack) {
+            Some(name) => local_env::providers::api_key(&aws.ssm(), &name).await.expect("the API key"),
+            None => None,
+        };
+        let port = local_env::providers::port().expect("PROVIDER_SIMULATOR_PORT");
+        let providers = local_env::providers::serve(port, key).await.ok();
         Self {
             aws,
             stack,
@@ -114,14 +121,20 @@ impl SagaEnv {
     ) -> Self {
         let aws = LocalAws::load().await;
         let template = Template::load(&workspace_root().join("template.yaml")).expect("template");
-        let providers = provider_simulator::serve(([127, 0, 0, 1], 0).into(), provider_simulator::Config::default())
-            .await
-            .expect("serve the provider simulator");
+        // This stack's providers: its own simulator, asking for its own API key, kept in SSM.
+        let stack_name = unique("s");
+        let key_parameter = format!("{stack_name}-provider-api-key");
+        let key = uuid::Uuid::new_v4().simple().to_string();
+        local_env::providers::put_api_key(&aws.ssm(), &key_parameter, &key).await.expect("the API key in SSM");
+        let config = provider_simulator::Config { api_key: Some(key) };
+        let providers =
+            provider_simulator::serve(([127, 0, 0, 1], 0).into(), config).await.expect("serve the provider simulator");
         let mut parameter_overrides = overrides();
         local_env::providers::point_at(&template, &providers.url(), &mut parameter_overrides);
+        parameter_overrides.insert("ProviderApiKeyParameter".to_owned(), key_parameter);
         parameter_overrides.extend(parameters.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let options = Options {
-            stack_name: unique("s"),
+            stack_name,
             region: aws.var("AWS_REGION"),
             account_id: "000000000000".into(),
             parameter_overrides,
@@ -325,6 +338,11 @@ impl SagaEnv {
         }
         if let Some(providers) = self.providers.take() {
             providers.stop().await;
+        }
+        if self.disposable
+            && let Some(name) = local_env::providers::api_key_parameter(&self.stack)
+        {
+            let _ = self.aws.ssm().delete_parameter().name(name).send().await;
         }
         self.service.shutdown().await;
         if self.disposable {

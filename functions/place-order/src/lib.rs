@@ -6,6 +6,12 @@
 //! invocation whose payload is the order (optionally `{"order": …, "idempotencyKey": …,
 //! "correlationId": …}`).
 //!
+//! Each customer may place at most `ORDERS_PER_CUSTOMER_PER_MINUTE` orders over a sliding minute
+//! (`shared::ratelimit`; unset or 0: no limit): over it, the order is refused with `429` and a
+//! `Retry-After` before anything is written. Only new orders count, and a repeat of an order
+//! already placed is answered whatever the limit. The HTTP API's stage throttling stays the
+//! global limit, in front of this one.
+//!
 //! The order's flow is correlated from here: the caller's `X-Correlation-Id` (else the API's
 //! request id, else the invocation's) and the invocation's X-Ray trace go on `OrderPlaced`, and
 //! from there on every event and log line of the saga. The answer repeats the correlation id.
@@ -16,6 +22,7 @@ use shared::aggregate::{CommandContext, ExecuteError, Executed, Repository};
 use shared::domain::FieldError;
 use shared::domain::order::{Order, OrderCommand, OrderError, OrderRequest};
 use shared::eventstore::{AppendError, EventStore};
+use shared::ratelimit::{Admission, RateLimiter, Slot, WindowCounters};
 
 /// The answer, the same for HTTP and direct invocations (HTTP adds the status code).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -38,6 +45,8 @@ pub enum PlaceError {
     Invalid(Vec<FieldError>),
     #[error("{0}")]
     Conflict(String),
+    #[error("too many orders from this customer: retry in {retry_after_seconds} s")]
+    RateLimited { retry_after_seconds: u64 },
     #[error("the store is unavailable; retry")]
     Unavailable(String),
     #[error("internal error")]
@@ -49,6 +58,7 @@ impl PlaceError {
         match self {
             Self::Malformed(_) | Self::Invalid(_) => 400,
             Self::Conflict(_) => 409,
+            Self::RateLimited { .. } => 429,
             Self::Unavailable(_) => 503,
             Self::Internal(_) => 500,
         }
@@ -62,6 +72,9 @@ impl PlaceError {
                 "details": errors.iter().map(|e| json!({ "field": e.field, "message": e.message })).collect::<Vec<_>>(),
             }),
             Self::Internal(_) => json!({ "error": "internal error" }),
+            Self::RateLimited { retry_after_seconds } => {
+                json!({ "error": self.to_string(), "retryAfterSeconds": retry_after_seconds })
+            }
             other => json!({ "error": other.to_string() }),
         }
     }
@@ -87,9 +100,10 @@ fn acceptable_correlation_id(id: &str) -> bool {
     (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
 }
 
-/// Validates and records the order.
-pub async fn place<S: EventStore>(
+/// Validates and records the order, within its customer's limit if there is one.
+pub async fn place<S: EventStore, C: WindowCounters>(
     repo: &Repository<S>,
+    limiter: Option<&RateLimiter<C>>,
     request: &OrderRequest,
     idempotency_key: Option<&str>,
     flow: &Flow,
@@ -100,11 +114,12 @@ pub async fn place<S: EventStore>(
         correlation_id: Some(&flow.correlation_id),
         trace_header: flow.trace_header.as_deref(),
     });
-    record(repo, request, idempotency_key, flow).instrument(span).await
+    record(repo, limiter, request, idempotency_key, flow).instrument(span).await
 }
 
-async fn record<S: EventStore>(
+async fn record<S: EventStore, C: WindowCounters>(
     repo: &Repository<S>,
+    limiter: Option<&RateLimiter<C>>,
     request: &OrderRequest,
     idempotency_key: Option<&str>,
     flow: &Flow,
@@ -116,13 +131,25 @@ async fn record<S: EventStore>(
     let order_id = order.order_id.to_string();
     let key = format!("PlaceOrder:{}", idempotency_key.unwrap_or(&order_id));
     let correlation_id = flow.correlation_id.clone();
+    // The customer's limit, before anything is written.
+    let slot = match limiter {
+        Some(limiter) => admit(limiter, repo, order.customer_id.as_str(), &key).await?,
+        None => None,
+    };
     let ctx = CommandContext {
         idempotency_key: Some(key),
         correlation_id: Some(correlation_id.clone()),
         causation_id: Some("PlaceOrder".into()),
         trace_header: flow.trace_header.clone(),
     };
-    match repo.execute::<Order>(&order_id, &OrderCommand::Place(order), &ctx).await {
+    let executed = repo.execute::<Order>(&order_id, &OrderCommand::Place(order), &ctx).await;
+    // Only new orders count: a repeat, a conflict or a failure gives its slot back.
+    if let (Some(limiter), Some(slot)) = (limiter, slot)
+        && !matches!(executed, Ok(Executed::Appended { .. }))
+    {
+        limiter.release(slot).await;
+    }
+    match executed {
         Ok(Executed::Appended { committed, .. }) => {
             tracing::info!("order placed");
             shared::metrics::order_placed();
@@ -147,6 +174,42 @@ async fn record<S: EventStore>(
     }
 }
 
+/// Counts the order against its customer's limit: `Some(slot)` counted, `None` let through
+/// uncounted, `Err` refused.
+async fn admit<S: EventStore, C: WindowCounters>(
+    limiter: &RateLimiter<C>,
+    repo: &Repository<S>,
+    customer_id: &str,
+    idempotency_key: &str,
+) -> Result<Option<Slot>, PlaceError> {
+    match limiter.acquire(customer_id).await {
+        Ok(Admission::Admitted(slot)) => Ok(Some(slot)),
+        Ok(Admission::Refused { retry_after }) => {
+            // A repeat of an order placed under this key writes nothing and is answered with the
+            // original result: a client retrying a lost answer is not refused. Looked up only
+            // here, so an order within the limit costs no extra read.
+            if let Ok(Some(_)) = repo.store().find_committed(idempotency_key).await {
+                tracing::info!("over the customer's rate limit, but a repeat: answered");
+                return Ok(None);
+            }
+            let retry_after_seconds = retry_after.as_secs();
+            tracing::info!(retry_after_seconds, "order refused: the customer is over its rate limit");
+            Err(PlaceError::RateLimited { retry_after_seconds })
+        }
+        // Fail open. The per-customer limit is fairness between customers, not the system's
+        // protection: the HTTP API's stage throttling bounds the total whatever happens here.
+        // Refusing every order because the counters cannot be reached (or are slow: the limiter
+        // gives up after a second) would turn a fault in an auxiliary check into an outage of
+        // the one write that takes orders; letting them through uncounted meanwhile lets a
+        // customer exceed their share at worst. And if DynamoDB itself is down, the append
+        // that follows fails and answers 503 anyway.
+        Err(e) => {
+            tracing::warn!(error = %e, "rate limit not checked (counters unavailable): order let through");
+            Ok(None)
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Direct {
@@ -168,8 +231,14 @@ fn http_response(status: u16, body: &Value, extra: &[(&str, String)]) -> Value {
 }
 
 /// Entry point for any invocation: an HTTP API event gets an HTTP response, a direct
-/// invocation gets the JSON answer (or `{"error": …}`).
-pub async fn handle<S: EventStore>(repo: &Repository<S>, event: Value, invocation: &Invocation) -> Value {
+/// invocation gets the JSON answer (or `{"error": …}`, with `retryAfterSeconds` when the customer
+/// is over its limit). `limiter`: the orders-per-customer limit, if any.
+pub async fn handle<S: EventStore, C: WindowCounters>(
+    repo: &Repository<S>,
+    limiter: Option<&RateLimiter<C>>,
+    event: Value,
+    invocation: &Invocation,
+) -> Value {
     let is_http = event.get("requestContext").is_some();
     if !is_http {
         let parsed = serde_json::from_value::<Direct>(event.clone())
@@ -183,7 +252,7 @@ pub async fn handle<S: EventStore>(repo: &Repository<S>, event: Value, invocatio
                     correlation_id: correlation_id.unwrap_or_else(|| invocation.request_id.clone()),
                     trace_header: invocation.trace_header.clone(),
                 };
-                match place(repo, &order, key.as_deref(), &flow).await {
+                match place(repo, limiter, &order, key.as_deref(), &flow).await {
                     Ok(placed) => json!(placed),
                     Err(e) => error_body(&e),
                 }
@@ -217,11 +286,15 @@ pub async fn handle<S: EventStore>(repo: &Repository<S>, event: Value, invocatio
         Ok(order) => order,
         Err(e) => return http_response(400, &PlaceError::Malformed(e.to_string()).body(), &[correlated]),
     };
-    match place(repo, &order, header(&event, "idempotency-key"), &flow).await {
+    match place(repo, limiter, &order, header(&event, "idempotency-key"), &flow).await {
         Ok(placed) => {
             let status = if placed.duplicate { 200 } else { 201 };
             let location = format!("/orders/{}", placed.order_id);
             http_response(status, &json!(placed), &[("location", location), correlated])
+        }
+        Err(e @ PlaceError::RateLimited { retry_after_seconds }) => {
+            let retry_after = ("retry-after", retry_after_seconds.to_string());
+            http_response(e.status(), &error_body(&e), &[retry_after, correlated])
         }
         Err(e) => http_response(e.status(), &error_body(&e), &[correlated]),
     }
@@ -233,3 +306,6 @@ fn error_body(e: &PlaceError) -> Value {
     }
     e.body()
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,8 @@ use shared::saga::runtime::StepLambda;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let lambda = StepLambda::from_env(HttpPaymentGateway::from_env()?).await?;
+    let sdk = shared::aws::sdk_config().await;
+    let lambda = StepLambda::from_sdk(&sdk, HttpPaymentGateway::from_env(&sdk).await?)?;
     let lambda = &lambda;
     run(service_fn(|event: LambdaEvent<SqsEvent>| async move {
         let deadline = Deadline::from_epoch_millis(event.context.deadline);

@@ -184,11 +184,20 @@ impl Putter {
         };
         let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         for (namespace, data) in std::mem::take(&mut self.pending) {
-            for batch in data.chunks(MAX_BATCH) {
+            // A refused batch is halved until the datum it cannot take is alone: one bad datum
+            // costs itself, not the second of metrics it came with.
+            let mut batches: Vec<Vec<MetricDatum>> = data.chunks(MAX_BATCH).map(<[MetricDatum]>::to_vec).collect();
+            while let Some(batch) = batches.pop() {
                 let sent =
-                    client.put_metric_data().namespace(&namespace).set_metric_data(Some(batch.to_vec())).send().await;
-                if let Err(e) = sent {
-                    self.report("PutMetricData", aws_sdk_cloudwatch::error::DisplayErrorContext(&e).to_string());
+                    client.put_metric_data().namespace(&namespace).set_metric_data(Some(batch.clone())).send().await;
+                let Err(e) = sent else { continue };
+                if batch.len() > 1 {
+                    let (first, second) = batch.split_at(batch.len() / 2);
+                    batches.push(first.to_vec());
+                    batches.push(second.to_vec());
+                } else {
+                    let error = aws_sdk_cloudwatch::error::DisplayErrorContext(&e).to_string();
+                    self.report("PutMetricData", format!("{error}; the datum: {batch:?}"));
                 }
             }
         }

@@ -320,7 +320,12 @@ impl<X> StepLambda<X> {
 
     /// In Lambda: clients from the default AWS configuration, variables from the process.
     pub async fn from_env(services: X) -> Result<Self, crate::config::ConfigError> {
-        let sdk = crate::aws::sdk_config().await;
+        Self::from_sdk(&crate::aws::sdk_config().await, services)
+    }
+
+    /// [`Self::from_env`] with an AWS configuration already loaded (the providers' too).
+    pub fn from_sdk(sdk: &aws_config::SdkConfig, services: X) -> Result<Self, crate::config::ConfigError> {
+        let sdk = sdk.clone();
         Self::new(
             aws_sdk_dynamodb::Client::new(&sdk),
             aws_sdk_sfn::Client::new(&sdk),

@@ -1,0 +1,151 @@
+use serde_json::{Value, json};
+use shared::aggregate::Repository;
+use shared::eventstore::{EventStore, InMemoryEventStore, StreamId};
+use shared::ratelimit::{FakeClock, InMemoryCounters, Limit, RateLimiter};
+
+use super::{Invocation, handle};
+
+/// 2024-01-01T00:00:00Z plus 10 s: 50 s left in the minute's window.
+const NOW_MS: u64 = 1_704_067_210_000;
+
+fn order(id: &str, customer: &str) -> Value {
+    json!({
+        "orderId": id,
+        "customerId": customer,
+        "currency": "EUR",
+        "lines": [{ "sku": "SKU-RED-MUG", "quantity": 2, "unitPriceMinor": 1250 }],
+        "paymentToken": "tok_visa",
+        "shippingAddress": { "name": "Ada", "line1": "1 Main St", "city": "London", "postalCode": "10115", "country": "GB" }
+    })
+}
+
+fn http(order: &Value, idempotency_key: Option<&str>) -> Value {
+    let mut headers = json!({ "content-type": "application/json" });
+    if let Some(key) = idempotency_key {
+        headers["idempotency-key"] = json!(key);
+    }
+    json!({
+        "version": "2.0",
+        "headers": headers,
+        "requestContext": { "requestId": "req-1", "http": { "method": "POST", "path": "/orders" } },
+        "body": order.to_string(),
+        "isBase64Encoded": false,
+    })
+}
+
+struct Fixture {
+    repo: Repository<InMemoryEventStore>,
+    limiter: RateLimiter<InMemoryCounters>,
+}
+
+impl Fixture {
+    /// Three orders a minute per customer.
+    fn new() -> Self {
+        let limit = Limit::per_minute(3).expect("a limit");
+        let limiter = RateLimiter::new(InMemoryCounters::new(), limit).with_clock(FakeClock::at_ms(NOW_MS));
+        Self { repo: Repository::new(InMemoryEventStore::new()), limiter }
+    }
+
+    async fn send(&self, event: Value) -> Value {
+        handle(&self.repo, Some(&self.limiter), event, &Invocation::default()).await
+    }
+
+    async fn events(&self, order_id: &str) -> usize {
+        let stream = StreamId::new("Order", order_id).expect("stream id");
+        self.repo.store().load(&stream, 0).await.expect("load").len()
+    }
+
+    fn counted(&self, customer: &str) -> i64 {
+        self.limiter.counters().value(customer, NOW_MS / 1000 / 60 * 60)
+    }
+}
+
+#[tokio::test]
+async fn an_order_over_the_customers_limit_is_refused_with_retry_after_and_not_written() {
+    // Given a customer who placed 3 orders this minute, the limit
+    let f = Fixture::new();
+    for i in 0..3 {
+        let answer = f.send(http(&order(&format!("ord-{i}"), "cust-1"), None)).await;
+        assert_eq!(answer["statusCode"], 201, "{answer}");
+    }
+
+    // When they place a fourth
+    let answer = f.send(http(&order("ord-3", "cust-1"), None)).await;
+
+    // Then it is refused with 429, told when to retry (20 s into the next minute), nothing written
+    assert_eq!(answer["statusCode"], 429, "{answer}");
+    assert_eq!(answer["headers"]["retry-after"], "70");
+    let body: Value = serde_json::from_str(answer["body"].as_str().expect("body")).expect("JSON body");
+    assert_eq!(body["retryAfterSeconds"], 70);
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("too many orders")), "{body}");
+    assert_eq!(f.events("ord-3").await, 0);
+    assert_eq!(f.counted("cust-1"), 3, "a refusal does not count");
+
+    // And another customer's order is accepted
+    let answer = f.send(http(&order("ord-other", "cust-2"), None)).await;
+    assert_eq!(answer["statusCode"], 201, "{answer}");
+}
+
+#[tokio::test]
+async fn a_repeat_is_answered_over_the_limit_and_does_not_count() {
+    // Given a customer's first order
+    let f = Fixture::new();
+    let first = http(&order("ord-0", "cust-1"), Some("key-0"));
+    assert_eq!(f.send(first.clone()).await["statusCode"], 201);
+
+    // When the client repeats it (a lost answer), then it is answered, and not counted
+    assert_eq!(f.send(first.clone()).await["statusCode"], 200);
+    assert_eq!(f.counted("cust-1"), 1);
+
+    // And once the customer is at the limit, a repeat is still answered, not refused
+    for i in 1..3 {
+        assert_eq!(f.send(http(&order(&format!("ord-{i}"), "cust-1"), None)).await["statusCode"], 201);
+    }
+    let answer = f.send(first).await;
+    assert_eq!(answer["statusCode"], 200, "{answer}");
+    assert_eq!(f.events("ord-0").await, 1);
+    assert_eq!(f.counted("cust-1"), 3);
+}
+
+#[tokio::test]
+async fn a_direct_invocation_over_the_limit_gets_an_error_with_retry_after_seconds() {
+    // Given a customer at the limit
+    let f = Fixture::new();
+    for i in 0..3 {
+        let answer = f.send(order(&format!("ord-{i}"), "cust-1")).await;
+        assert_eq!(answer["status"], "Placed", "{answer}");
+    }
+
+    // When another order is invoked directly, then the answer says when to retry
+    let answer = f.send(json!({ "order": order("ord-3", "cust-1"), "idempotencyKey": "k-3" })).await;
+    assert_eq!(answer["retryAfterSeconds"], 70, "{answer}");
+    assert!(answer["error"].is_string(), "{answer}");
+    assert_eq!(f.events("ord-3").await, 0);
+}
+
+#[tokio::test]
+async fn orders_are_let_through_when_the_limiter_is_unavailable() {
+    // Given the limiter's counters unreachable
+    let f = Fixture::new();
+    f.limiter.counters().fail(true);
+
+    // When a customer places more orders than the limit, then every one is placed (fail open)
+    for i in 0..4 {
+        let answer = f.send(http(&order(&format!("ord-{i}"), "cust-1"), None)).await;
+        assert_eq!(answer["statusCode"], 201, "{answer}");
+    }
+}
+
+#[tokio::test]
+async fn no_limiter_no_limit() {
+    // Given no limit configured (ORDERS_PER_CUSTOMER_PER_MINUTE unset or 0)
+    let repo = Repository::new(InMemoryEventStore::new());
+    let none: Option<&RateLimiter<InMemoryCounters>> = None;
+
+    // When a customer places many orders, then all are placed
+    for i in 0..10 {
+        let event = http(&order(&format!("ord-{i}"), "cust-1"), None);
+        let answer = handle(&repo, none, event, &Invocation::default()).await;
+        assert_eq!(answer["statusCode"], 201, "{answer}");
+    }
+}
