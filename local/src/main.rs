@@ -220,6 +220,10 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
         None
     };
+    // What the functions wrote last (a final step's metrics) is shipped and extracted first.
+    if outcome.is_some() {
+        service.flush_logs().await;
+    }
     let operations =
         if outcome.is_some() { Some(local_env::operations::gather(&stack, &sdk, run_started).await) } else { None };
     if let Some(api) = api {

@@ -230,7 +230,7 @@ fn render_metrics(metrics: &Result<Vec<MetricValue>, String>) -> Vec<String> {
     let mut lines = vec![format!("  metrics ({NAMESPACE}, this run):")];
     for v in values {
         let name = if v.dimensions.is_empty() { v.name.clone() } else { format!("{} {}", v.name, v.dimensions) };
-        let value = if matches!(v.name.as_str(), "SagaDuration" | "StepLatency") {
+        let value = if matches!(v.name.as_str(), "SagaDuration" | "StepLatency" | "ProviderLatency") {
             let average = if v.samples > 0.0 { v.sum / v.samples } else { 0.0 };
             format!("{} samples, avg {average:.0} ms, max {:.0} ms", v.samples, v.maximum)
         } else {
