@@ -115,11 +115,11 @@ impl ReadModelStore {
         &self.table
     }
 
-    /// A model and its revision.
-    pub async fn get<M: serde::de::DeserializeOwned>(
+    /// The item at `key`, read consistently.
+    async fn read_item(
         &self,
         key: &(String, String),
-    ) -> Result<Option<(M, u64)>, ProjectionError> {
+    ) -> Result<Option<HashMap<String, AttributeValue>>, ProjectionError> {
         let found = self
             .client
             .get_item()
@@ -130,7 +130,15 @@ impl ReadModelStore {
             .send()
             .await
             .map_err(|e| request_error("GetItem", e))?;
-        let Some(item) = found.item else { return Ok(None) };
+        Ok(found.item)
+    }
+
+    /// A model and its revision.
+    pub async fn get<M: serde::de::DeserializeOwned>(
+        &self,
+        key: &(String, String),
+    ) -> Result<Option<(M, u64)>, ProjectionError> {
+        let Some(item) = self.read_item(key).await? else { return Ok(None) };
         let revision = item.get("revision").and_then(|r| r.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(0);
         let model = from_item(item).map_err(|e| ProjectionError::Corrupt(format!("{key:?}: {e}")))?;
         Ok(Some((model, revision)))
@@ -327,18 +335,9 @@ impl ReadModelStore {
 
     /// The number `attribute` of the item at `key` (consistent read), 0 when absent.
     pub async fn number(&self, key: &(String, String), attribute: &str) -> Result<i64, ProjectionError> {
-        let found = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", AttributeValue::S(key.0.clone()))
-            .key("sk", AttributeValue::S(key.1.clone()))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| request_error("GetItem", e))?;
-        Ok(found
-            .item
+        Ok(self
+            .read_item(key)
+            .await?
             .and_then(|item| item.get(attribute).and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()))
             .unwrap_or(0))
     }
