@@ -42,11 +42,21 @@ async fn read_back(
     dimensions: &[(&str, &str)],
     want: f64,
 ) -> (f64, f64) {
+    poll(env, || statistics(client, metric, dimensions), |seen| seen.1 >= want).await
+}
+
+/// Reads with `read` until `done` holds for what it read, or 30 s pass, shipping the functions'
+/// logs first each time (their metrics are put about a second after they are written).
+async fn poll<T: Copy, F: std::future::Future<Output = T>>(
+    env: &SagaEnv,
+    read: impl Fn() -> F,
+    done: impl Fn(T) -> bool,
+) -> T {
     let started = std::time::Instant::now();
     loop {
         env.service.flush_logs().await;
-        let seen = statistics(client, metric, dimensions).await;
-        if seen.1 >= want || started.elapsed() > Duration::from_secs(30) {
+        let seen = read().await;
+        if done(seen) || started.elapsed() > Duration::from_secs(30) {
             return seen;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -126,15 +136,7 @@ async fn level_until(
     dimensions: &[(&str, &str)],
     done: impl Fn((f64, f64, f64)) -> bool,
 ) -> (f64, f64, f64) {
-    let started = std::time::Instant::now();
-    loop {
-        env.service.flush_logs().await;
-        let seen = levels(client, names::UNRESOLVED_DEAD_LETTERS, dimensions).await;
-        if done(seen) || started.elapsed() > Duration::from_secs(30) {
-            return seen;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    poll(env, || levels(client, names::UNRESOLVED_DEAD_LETTERS, dimensions), done).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
