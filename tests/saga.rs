@@ -10,7 +10,7 @@ use local_env::lambda::Faults;
 use serde_json::{Value, json};
 use shared::domain::dead_letter::{Failure, Status};
 use shared::domain::inventory::{Inventory, Reservation};
-use shared::domain::order::{Order, OrderStatus};
+use shared::domain::order::{Order, OrderEvent, OrderStatus};
 use shared::domain::payment::Payment;
 use shared::domain::shipment::Shipment;
 use system_tests::invoke::Twice;
@@ -396,17 +396,20 @@ async fn a_compensation_that_keeps_failing_is_flagged_told_retried_by_an_operato
     let pager = env.pager().await;
     let id = env.place(env.sample("needs-manual-action")).await;
 
-    // Then the saga ends in the distinct NeedsManualAction outcome
+    // Then the saga ends in the distinct NeedsManualAction outcome, after the compensation that
+    // follows the refund (the stock release) ran all the same
     let finished = env.finished(&id).await;
     assert_eq!(finished.status, "FAILED");
     assert_eq!(finished.error.as_deref(), Some("NeedsManualAction"));
     let steps = env.steps(&finished).await;
-    assert_eq!(steps[steps.len() - 3..], ["RefundPayment", "FlagForManualAction", "ReportManualAction"]);
-    // And it is recorded on the Order stream
+    assert_eq!(
+        steps[steps.len() - 4..],
+        ["RefundPayment", "ReleaseInventory", "FlagForManualAction", "ReportManualAction"]
+    );
+    // And it is recorded on the Order stream, naming the refund
     let order = env.repo.load::<Order>(&id).await.unwrap().state;
     assert_eq!(order.status, OrderStatus::NeedsManualAction);
-    let flagged = env.events("Order", &id).await.into_iter().find(|e| e.event_type == "OrderFlaggedForManualAction");
-    assert_eq!(flagged.expect("flag event").payload["failedStep"], "RefundPayment");
+    assert_eq!(failed_steps(&env, &id).await, ["RefundPayment"]);
     // And the manual-action queue's message became the order's case, parked, and people were told
     let case = handle_dead_letters::manual_action_case(&id);
     let cases = env.dead_letters("ManualActionQueue", 1, Status::Parked, 30).await;
@@ -475,6 +478,7 @@ async fn a_refund_that_failed_in_a_provider_outage_is_retried_by_an_operator_aft
     let execution = operator.retry_compensations(&id, "ana", &env.sfn, env.state_machine()).await.expect("retry");
 
     // Then the compensations run again and the order is cancelled: final, nothing left to a person
+    // (its stock was already released by the first execution: releasing again changes nothing)
     let retried = wait_for_execution(&env, &execution).await;
     assert_eq!(retried.status, "SUCCEEDED", "{retried:?}");
     let steps = env.steps(&retried).await;
@@ -491,6 +495,125 @@ async fn a_refund_that_failed_in_a_provider_outage_is_retried_by_an_operator_aft
         assert!(matches!(reservation, Some(Reservation::Released(_))), "{sku}: {reservation:?}");
     }
     env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_that_keeps_failing_no_longer_leaves_the_stock_reserved_and_the_order_names_each_failed_step() {
+    // Given the payment provider refusing every refund (and nothing else), stock on hand, and two
+    // orders whose customer cannot be notified: one shipped to an address whose shipment cannot
+    // be cancelled either
+    let env = SagaEnv::start().await;
+    let skus = ["SKU-RED-MUG", "SKU-BLUE-PLATE"];
+    let mut stock_before = Vec::new();
+    for sku in skus {
+        let stock = env.repo.load::<Inventory>(sku).await.unwrap().state;
+        stock_before.push((stock.available, stock.reserved));
+    }
+    env.provider_behaviour(&json!({ "service": "payments", "operation": "refund", "errorRate": 1.0 })).await;
+    let refund_fails = env.place(env.sample("notification-failed")).await;
+    let mut both = env.sample("notification-failed");
+    both["shippingAddress"]["line1"] = json!("CANCEL-FAILS");
+    let both_fail = env.place(both).await;
+
+    // Then the first saga cancelled the shipment, failed the refund, and still released the stock
+    let finished = env.finished(&refund_fails).await;
+    assert_eq!(finished.error.as_deref(), Some("NeedsManualAction"), "{finished:?}");
+    let steps = env.steps(&finished).await;
+    assert_eq!(
+        steps,
+        [
+            "ReserveInventory",
+            "ChargePayment",
+            "CreateShipment",
+            "SendNotification",
+            "CancelShipment",
+            "RefundPayment",
+            "ReleaseInventory",
+            "FlagForManualAction",
+            "ReportManualAction"
+        ],
+        "{steps:?}"
+    );
+    assert!(matches!(env.repo.load::<Shipment>(&refund_fails).await.unwrap().state, Shipment::Cancelled { .. }));
+    let payment = env.repo.load::<Payment>(&refund_fails).await.unwrap().state;
+    assert!(!matches!(payment, Payment::Refunded { .. }), "{payment:?}");
+    // And the history shows the release entered after the refund's failure was recorded
+    let release_input = entered_after_failure(&env, &finished, "RefundPayment", "ReleaseInventory").await;
+    assert_eq!(release_input["compensationFailures"]["RefundPayment"]["Error"], "ServiceUnavailable");
+    // And the stock is back: both reservations released on the inventory streams
+    for id in [&refund_fails, &both_fail] {
+        let order_id = shared::domain::OrderId::parse(id).expect("order id");
+        for sku in skus {
+            let stock = env.repo.load::<Inventory>(sku).await.unwrap().state;
+            let reservation = stock.reservation(&order_id);
+            assert!(matches!(reservation, Some(Reservation::Released(_))), "{id} {sku}: {reservation:?}");
+        }
+    }
+    // And the order needs a person for exactly the refund, in the aggregate and on its stream
+    let order = env.repo.load::<Order>(&refund_fails).await.unwrap().state;
+    assert_eq!(order.status, OrderStatus::NeedsManualAction);
+    assert_eq!(failed_steps(&env, &refund_fails).await, ["RefundPayment"]);
+    let steps_of = |o: &Order| o.failed_actions.iter().map(|f| f.step.clone()).collect::<Vec<_>>();
+    assert_eq!(steps_of(&order), ["RefundPayment"]);
+    assert!(order.failed_actions[0].error.starts_with("ServiceUnavailable"), "{order:?}");
+
+    // And the second saga went on past both failed compensations and names both, in saga order
+    let finished = env.finished(&both_fail).await;
+    assert_eq!(finished.error.as_deref(), Some("NeedsManualAction"), "{finished:?}");
+    let steps = env.steps(&finished).await;
+    assert_eq!(
+        steps[steps.len() - 5..],
+        ["CancelShipment", "RefundPayment", "ReleaseInventory", "FlagForManualAction", "ReportManualAction"]
+    );
+    assert_eq!(failed_steps(&env, &both_fail).await, ["CancelShipment", "RefundPayment"]);
+    let order = env.repo.load::<Order>(&both_fail).await.unwrap().state;
+    assert_eq!(steps_of(&order), ["CancelShipment", "RefundPayment"]);
+    // And no stock is held for either order, none lost
+    for (sku, (available, reserved)) in skus.iter().zip(stock_before) {
+        let stock = env.repo.load::<Inventory>(sku).await.unwrap().state;
+        assert_eq!((stock.available, stock.reserved), (available, reserved), "{sku}");
+    }
+    env.stop().await;
+}
+
+/// The steps the order's (latest) `OrderFlaggedForManualAction` names, decoded through the domain.
+async fn failed_steps(env: &SagaEnv, id: &str) -> Vec<String> {
+    let flagged = env
+        .events("Order", id)
+        .await
+        .into_iter()
+        .rev()
+        .find(|e| e.event_type == "OrderFlaggedForManualAction")
+        .expect("a flag event");
+    match shared::aggregate::decode_event::<OrderEvent>(&flagged).expect("decodes") {
+        OrderEvent::OrderFlaggedForManualAction { failures } => failures.into_iter().map(|f| f.step).collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The input `next` was entered with, checking in the execution's history that it was entered
+/// after `failed` failed (its last attempt's `TaskFailed`) and was caught.
+async fn entered_after_failure(
+    env: &SagaEnv,
+    finished: &local_env::observe::Finished,
+    failed: &str,
+    next: &str,
+) -> Value {
+    use aws_sdk_sfn::types::HistoryEventType as T;
+    let history = local_env::observe::history(&env.sfn, &finished.execution_arn).await.expect("history");
+    let entered = |name: &str| {
+        history.iter().position(|e| {
+            e.r#type() == &T::TaskStateEntered && e.state_entered_event_details().is_some_and(|d| d.name() == name)
+        })
+    };
+    let (from, to) = (entered(failed).expect("failed step entered"), entered(next).expect("next step entered"));
+    assert!(from < to, "{next} entered before {failed}");
+    assert!(
+        history[from..to].iter().any(|e| e.r#type() == &T::TaskFailed),
+        "{failed} did not fail before {next} was entered"
+    );
+    let input = history[to].state_entered_event_details().and_then(|d| d.input()).expect("input");
+    serde_json::from_str(input).expect("JSON input")
 }
 
 /// Waits for an execution the test started by hand to end.

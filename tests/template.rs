@@ -112,6 +112,59 @@ fn every_task_of_the_saga_has_a_timeout_no_heartbeat_and_jittered_retries() {
     }
 }
 
+/// A compensation that keeps failing does not stop the others (the saga alerts and continues):
+/// its Catch records it under its own name in `$.compensationFailures` (reset when an execution
+/// starts) and goes where its success goes; after the last one, a Choice flags the order if any
+/// failed, and the flag and the manual-action case carry every failure.
+#[test]
+fn a_failed_compensation_is_recorded_and_the_next_one_still_runs() {
+    let asl: Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("statemachine/order-saga.asl.json")).expect("asl"),
+    )
+    .expect("json");
+    let states = &asl["States"];
+    let failures = "$.compensationFailures";
+    // Reset first, on every path (a new order, or a person's retry of the compensations)
+    let start = &states[asl["StartAt"].as_str().expect("StartAt")];
+    assert_eq!((start["Type"].as_str(), start["ResultPath"].as_str()), (Some("Pass"), Some(failures)));
+    assert_eq!(start["Result"], serde_json::json!({}));
+    let compensations = ["CancelShipment", "RefundPayment", "ReleaseInventory"];
+    for name in compensations {
+        let state = &states[name];
+        let catches = state["Catch"].as_array().unwrap_or_else(|| panic!("{name}: Catch"));
+        assert_eq!(catches.len(), 1, "{name}");
+        assert_eq!(catches[0]["ErrorEquals"], serde_json::json!(["States.ALL"]), "{name}");
+        assert_eq!(catches[0]["ResultPath"].as_str(), Some(format!("{failures}.{name}").as_str()), "{name}");
+        assert_eq!(catches[0]["Next"], state["Next"], "{name}: a failure goes on where success goes");
+    }
+    assert_eq!(states["CancelShipment"]["Next"], "RefundPayment");
+    assert_eq!(states["RefundPayment"]["Next"], "ReleaseInventory");
+    let choice = &states[states["ReleaseInventory"]["Next"].as_str().expect("Next")];
+    assert_eq!(choice["Type"], "Choice");
+    assert_eq!(choice["Default"], "CancelOrder");
+    let rules = choice["Choices"].as_array().expect("Choices");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["Next"], "FlagForManualAction");
+    let checked: BTreeSet<&str> = rules[0]["Or"]
+        .as_array()
+        .expect("Or")
+        .iter()
+        .inspect(|c| assert_eq!(c["IsPresent"], true, "{c}"))
+        .filter_map(|c| c["Variable"].as_str()?.strip_prefix("$.compensationFailures."))
+        .collect();
+    assert_eq!(checked, compensations.into_iter().collect());
+    // The final steps flag at once, recording themselves the same way
+    for name in ["CompleteOrder", "CancelOrder"] {
+        let catch = &states[name]["Catch"][0];
+        assert_eq!(catch["ResultPath"].as_str(), Some(format!("{failures}.{name}").as_str()), "{name}");
+        assert_eq!(catch["Next"], "FlagForManualAction", "{name}");
+    }
+    // The flag step and the manual-action case get every failure
+    for name in ["FlagForManualAction", "ReportManualAction"] {
+        assert_eq!(states[name]["Parameters"]["MessageBody"]["failures.$"], failures, "{name}");
+    }
+}
+
 #[test]
 fn every_dead_letter_queue_has_a_depth_alarm() {
     let t = template();

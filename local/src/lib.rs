@@ -14,6 +14,7 @@ pub mod operations;
 pub mod providers;
 pub mod provision;
 pub mod runner;
+pub mod scenario;
 pub mod template;
 
 use std::collections::BTreeMap;

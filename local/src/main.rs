@@ -1,10 +1,14 @@
 //! `local-env provision [--template template.yaml] [--out .local] [--stack-name NAME]
 //!  [--parameter-overrides K=V ...] [--strict]`: creates the template's resources on the emulators.
 //!
-//! `local-env run [--stack .local/stack.json] [--demo] [--orders N] [--release]`: builds every
-//! function's binary and runs it in the local Lambda service (the Runtime API, as Lambda runs
-//! it), fed from its event sources as Lambda would; with `--demo`, places the sample orders of
-//! `events/place-order/` (plus N more), reports and exits. While it runs, the template's HTTP API
+//! `local-env run [--stack .local/stack.json] [--demo] [--orders N] [--release]
+//!  [--scenario outage|slow|flaky [--outage-seconds S]]`: builds every function's binary and runs
+//! it in the local Lambda service (the Runtime API, as Lambda runs it), fed from its event sources
+//! as Lambda would; with `--demo`, places the sample orders of `events/place-order/` (plus N
+//! more), reports and exits. With `--scenario` (a demo too) it replays a payment provider fault
+//! instead (`local_env::scenario`): a burst of N happy-path orders (default 30 for an outage, 20
+//! otherwise) while the gateway is down for S seconds (default 30), slow, or flaky; prints the
+//! outcome table and fails if an order was lost, charged twice, cancelled or flagged. While it runs, the template's HTTP API
 //! routes are served on 127.0.0.1:`LOCAL_API_PORT` (default 3000) and Lambda's Invoke API on
 //! 127.0.0.1:`LOCAL_LAMBDA_PORT` (default 9001). `LOCAL_FUNCTION_LOGS=stderr` also prints every
 //! function's log lines.
@@ -32,7 +36,7 @@ struct Args {
     strict: bool,
 }
 
-const USAGE: &str = "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict]\n       local-env run [--stack .local/stack.json] [--demo] [--orders N] [--release]\n       local-env rebuild [--stack .local/stack.json] [--target-table NAME]";
+const USAGE: &str = "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict]\n       local-env run [--stack .local/stack.json] [--demo] [--orders N] [--release] [--scenario outage|slow|flaky [--outage-seconds S]]\n       local-env rebuild [--stack .local/stack.json] [--target-table NAME]";
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> anyhow::Result<Args> {
     let mut args = Args {
@@ -97,16 +101,28 @@ fn port(var: &str, default: u16) -> anyhow::Result<u16> {
 }
 
 async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
-    let (mut stack_path, mut demo, mut extra, mut profile) = (PathBuf::from(".local/stack.json"), false, 20usize, None);
+    let (mut stack_path, mut demo, mut extra, mut profile) = (PathBuf::from(".local/stack.json"), false, None, None);
+    let (mut scenario, mut outage_seconds) = (None, None);
     while let Some(arg) = argv.next() {
         match arg.as_str() {
             "--stack" => stack_path = argv.next().context("--stack needs a path")?.into(),
             "--demo" => demo = true,
-            "--orders" => extra = argv.next().context("--orders needs a number")?.parse().context("--orders")?,
+            "--orders" => extra = Some(argv.next().context("--orders needs a number")?.parse().context("--orders")?),
             "--release" => profile = Some("release"),
+            "--scenario" => scenario = Some(argv.next().context("--scenario needs outage, slow or flaky")?),
+            "--outage-seconds" => {
+                let seconds: f64 =
+                    argv.next().context("--outage-seconds needs a number")?.parse().context("--outage-seconds")?;
+                outage_seconds = Some(seconds);
+            }
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
+    // A scenario is a demo: it places its orders, reports and exits.
+    let scenario =
+        scenario.map(|name| local_env::scenario::Scenario::named(&name, extra, outage_seconds)).transpose()?;
+    demo |= scenario.is_some();
+    let extra = extra.unwrap_or(20);
     let run_started = time::OffsetDateTime::now_utc();
     let text = std::fs::read_to_string(&stack_path)
         .with_context(|| format!("reading {} (run `scripts/env.sh up` first)", stack_path.display()))?;
@@ -155,6 +171,7 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         Some(name) => local_env::providers::api_key(&aws_sdk_ssm::Client::new(&sdk), &name).await?,
         None => None,
     };
+    let simulator_addr: std::net::SocketAddr = ([127, 0, 0, 1], simulator_port).into();
     let simulator = match local_env::providers::serve(simulator_port, api_key).await {
         Ok(simulator) => {
             println!(
@@ -207,7 +224,18 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
                 return Err(e);
             }
         };
-    let outcome = if demo {
+    let outcome = if let Some(scenario) = &scenario {
+        let target = local_env::scenario::Target {
+            stack: &stack,
+            service: &service,
+            dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
+            sfn: aws_sdk_sfn::Client::new(&sdk),
+            simulator: simulator_addr,
+            samples: PathBuf::from("events/place-order"),
+        };
+        println!("\nScenario {}: {}…", scenario.name(), scenario.describe());
+        Some(replay(&target, scenario).await)
+    } else if demo {
         let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
         let sfn = aws_sdk_sfn::Client::new(&sdk);
         let samples = Path::new("events/place-order");
@@ -243,6 +271,31 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     println!("\n{}", Bill::new(outcome.orders, &meter.usage(), &stats, outcome.transitions).report());
     operations.iter().for_each(|o| println!("\n{}", local_env::operations::render(o)));
     Ok(outcome.ok)
+}
+
+/// Plays a fault scenario on the running system and prints its outcome table; ok if every order
+/// completed, charged once.
+async fn replay(
+    target: &local_env::scenario::Target<'_>,
+    scenario: &local_env::scenario::Scenario,
+) -> anyhow::Result<local_env::demo::Outcome> {
+    let report = local_env::scenario::run(target, scenario, "this run").await?;
+    let title = format!("\nScenario {}: {}", scenario.name(), scenario.describe());
+    println!("{}", local_env::scenario::table(&title, &[&report]));
+    let problems = report.problems();
+    for problem in &problems {
+        println!("✗ {problem}");
+    }
+    let ok = report.ok();
+    println!(
+        "{}",
+        if ok {
+            "No order lost, charged twice, cancelled or flagged: every order completed."
+        } else {
+            "SOME ORDERS WERE LOST, CHARGED TWICE, CANCELLED OR FLAGGED."
+        }
+    );
+    Ok(local_env::demo::Outcome { ok, orders: scenario.orders, transitions: report.transitions })
 }
 
 /// `local-env rebuild [--stack .local/stack.json] [--target-table NAME]`: recomputes every read

@@ -53,6 +53,25 @@ impl Deadline {
             Some(at) => tokio::time::timeout_at(at, work).await.ok(),
         }
     }
+
+    /// `work` with this deadline as its [`current`](Self::current) one: what it calls deep down
+    /// (a provider's HTTP client) bounds itself by the invocation's deadline without every
+    /// signature in between carrying it. Set for as long as `work` is polled, in the task that
+    /// polls it (a task spawned from `work` does not inherit it).
+    pub async fn scope<F: Future>(self, work: F) -> F::Output {
+        CURRENT.scope(self, work).await
+    }
+
+    /// The deadline of the work being polled, set by [`scope`](Self::scope); [`never`](Self::never)
+    /// outside one (tests and tools).
+    pub fn current() -> Self {
+        CURRENT.try_with(|deadline| *deadline).unwrap_or_else(|_| Self::never())
+    }
+}
+
+tokio::task_local! {
+    /// The invocation's deadline, for the work of one command (see [`Deadline::scope`]).
+    static CURRENT: Deadline;
 }
 
 #[cfg(test)]
@@ -68,6 +87,20 @@ mod tests {
         let slow = deadline.run(tokio::time::sleep(Duration::from_secs(5))).await;
         assert_eq!(slow, None);
         assert_eq!(deadline.remaining(), Some(Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_current_deadline_is_the_scope_s_while_its_work_is_polled() {
+        assert_eq!(Deadline::current(), Deadline::never());
+        let deadline = Deadline::after(Duration::from_millis(300));
+        let seen = deadline
+            .scope(async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Deadline::current().remaining()
+            })
+            .await;
+        assert_eq!(seen, Some(Duration::from_millis(200)));
+        assert_eq!(Deadline::current(), Deadline::never(), "only inside the scope");
     }
 
     #[test]

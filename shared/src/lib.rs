@@ -25,6 +25,8 @@ pub mod metrics;
 pub mod providers;
 pub mod ratelimit;
 pub mod readmodel;
+#[cfg(feature = "providers")]
+pub mod resilience;
 pub mod retry;
 pub mod saga;
 #[cfg(feature = "streams")]

@@ -30,9 +30,14 @@ pub mod names {
     pub const COMPENSATIONS_RUN: &str = "CompensationsRun";
     pub const STEP_LATENCY: &str = "StepLatency";
     pub const PROVIDER_LATENCY: &str = "ProviderLatency";
+    pub const PROVIDER_HEDGES: &str = "ProviderHedges";
     pub const DEAD_LETTERS: &str = "DeadLetters";
     pub const COLD_STARTS: &str = "ColdStarts";
     pub const UNRESOLVED_DEAD_LETTERS: &str = "UnresolvedDeadLetters";
+    pub const BREAKER_OPENED: &str = "CircuitBreakerOpened";
+    pub const CALLS_SHORT_CIRCUITED: &str = "ProviderCallsShortCircuited";
+    pub const PAYMENTS_PARKED: &str = "PaymentsParked";
+    pub const ORDERS_RATE_LIMITED: &str = "OrdersRateLimited";
 }
 
 /// The `Kind` of an [`names::UNRESOLVED_DEAD_LETTERS`] level.
@@ -66,6 +71,11 @@ pub fn init() {
                 names::COMPENSATIONS_RUN,
                 names::DEAD_LETTERS,
                 names::COLD_STARTS,
+                names::PROVIDER_HEDGES,
+                names::BREAKER_OPENED,
+                names::CALLS_SHORT_CIRCUITED,
+                names::PAYMENTS_PARKED,
+                names::ORDERS_RATE_LIMITED,
             ] {
                 metrics::describe_counter!(name, Unit::Count, "");
             }
@@ -166,6 +176,40 @@ pub fn step_latency(step: &str, took: Duration) {
 /// `refund`, `createShipment`, `cancelShipment`, `notify`).
 pub fn provider_latency(operation: &'static str, took: Duration) {
     metrics::histogram!(names::PROVIDER_LATENCY, "Operation" => operation).record(millis(took));
+    flush();
+}
+
+/// A hedge: a second request sent for a provider call that was slow to answer (`Operation`, as
+/// in [`provider_latency`]).
+pub fn provider_hedge(operation: &'static str) {
+    metrics::counter!(names::PROVIDER_HEDGES, "Operation" => operation).increment(1);
+    flush();
+}
+
+/// A circuit breaker moved to `to` (`open`, `halfOpen`, `closed`): counted when it opens
+/// (again, after a failed probe, too), by `Breaker` (the provider).
+pub fn breaker_transition(breaker: &str, to: &str) {
+    if to == "open" {
+        metrics::counter!(names::BREAKER_OPENED, "Breaker" => breaker.to_owned()).increment(1);
+        flush();
+    }
+}
+
+/// A call not made because the provider's breaker is open.
+pub fn call_short_circuited(breaker: &str) {
+    metrics::counter!(names::CALLS_SHORT_CIRCUITED, "Breaker" => breaker.to_owned()).increment(1);
+    flush();
+}
+
+/// An order refused with `429`: its customer is over the per-customer rate limit.
+pub fn order_rate_limited() {
+    metrics::counter!(names::ORDERS_RATE_LIMITED).increment(1);
+    flush();
+}
+
+/// An order's payment parked for the first time while the gateway is unavailable.
+pub fn payment_parked() {
+    metrics::counter!(names::PAYMENTS_PARKED).increment(1);
     flush();
 }
 

@@ -8,21 +8,37 @@
 //! What an answer means, once: `2xx` is done; `402` / `422` are the provider's business answers
 //! (declined, rejected, undeliverable), final for that key; anything else (`5xx`, `429`, a
 //! timeout, no connection) is [`Unavailable`]: the call may succeed later.
+//!
+//! Every call goes through the per-instance guards of [`crate::resilience`], in
+//! [`Provider::post`]: the bulkhead (`PROVIDER_MAX_CONCURRENCY` requests in flight, else
+//! [`Why::BulkheadFull`] at once, never sent), an adaptive timeout over the whole call (from the
+//! operation's recent p99, under `PROVIDER_TIMEOUT_MS`, within the invocation's
+//! [`Deadline::current`]; else [`Why::TimedOut`], or [`Why::NoTimeLeft`] unsent), and a hedge
+//! after the recent p95 (`PROVIDER_HEDGING=off` turns it off). Around all of it, the provider's
+//! circuit breaker shared by every instance ([`crate::resilience::breaker`]; [`Why::CircuitOpen`]
+//! while it is open).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::config::{ConfigError, Vars, process_env, required};
+use crate::deadline::Deadline;
 use crate::domain::money::Money;
 use crate::domain::order::Address;
 use crate::domain::services::{
-    Carrier, ChargeOutcome, Notifier, NotifyOutcome, PaymentGateway, ShipmentOutcome, Unavailable,
+    Carrier, ChargeOutcome, Notifier, NotifyOutcome, PaymentGateway, ShipmentOutcome, Unavailable, Why,
 };
+use crate::resilience::breaker::{Admission, BreakerPolicy, Outcome as BreakerOutcome, SharedBreaker};
+use crate::resilience::bulkhead::{self, Bulkhead};
+use crate::resilience::hedge::{Hedging, hedged};
+use crate::resilience::timeout::{AdaptiveTimeout, Latencies};
 
-/// How long one call may take unless `PROVIDER_TIMEOUT_MS` says otherwise: well inside the
-/// functions' 10 s, so a hung provider costs a retry, not the invocation.
+/// The longest one call may take unless `PROVIDER_TIMEOUT_MS` says otherwise (the ceiling of
+/// the adaptive timeout): well inside the functions' 10 s, so a hung provider costs a retry,
+/// not the invocation.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One provider's HTTP API: its base URL, the client (one per instance: connections are kept
@@ -33,6 +49,19 @@ pub struct Provider {
     base_url: String,
     api_key: Option<String>,
     client: reqwest::Client,
+    /// Shared by the clones: one bulkhead and one latency record per instance.
+    guards: Arc<Guards>,
+    /// The provider's circuit breaker, shared with every instance that calls it (none: off).
+    breaker: Option<Arc<SharedBreaker>>,
+}
+
+/// What every call of one provider goes through, per instance.
+#[derive(Debug)]
+struct Guards {
+    bulkhead: Bulkhead,
+    timeout: AdaptiveTimeout,
+    hedging: Hedging,
+    latencies: Latencies,
 }
 
 /// An answer that is not a success but means something to the caller.
@@ -60,8 +89,18 @@ pub async fn api_key(sdk: &aws_config::SdkConfig, vars: Vars<'_>) -> Result<Opti
     value.map(Some).ok_or_else(|| invalid(format!("{name} has no value")))
 }
 
+/// `name`'s circuit breaker, its state in `COMMANDS_TABLE`, its policy from `BREAKER_*` (see
+/// [`BreakerPolicy::from_vars`]); none when `BREAKER_FAILURE_THRESHOLD` is 0.
+pub fn breaker(sdk: &aws_config::SdkConfig, name: &str, vars: Vars<'_>) -> Result<Option<SharedBreaker>, ConfigError> {
+    let Some(policy) = BreakerPolicy::from_vars(vars)? else { return Ok(None) };
+    let table = required(vars, "COMMANDS_TABLE")?;
+    Ok(SharedBreaker::in_table(aws_sdk_dynamodb::Client::new(sdk), &table, name, Some(policy)))
+}
+
 impl Provider {
-    /// `url_variable` (the base URL) and `PROVIDER_TIMEOUT_MS`; `api_key` from [`api_key`].
+    /// `url_variable` (the base URL), `PROVIDER_TIMEOUT_MS` (the timeout's ceiling),
+    /// `PROVIDER_MAX_CONCURRENCY` (the bulkhead, [`bulkhead::DEFAULT_MAX_CONCURRENCY`]) and
+    /// `PROVIDER_HEDGING` (`on`, the default, or `off`); `api_key` from [`api_key`].
     pub fn from_vars(
         service: &'static str,
         url_variable: &str,
@@ -81,14 +120,41 @@ impl Provider {
             .connect_timeout(timeout.min(Duration::from_secs(1)))
             .build()
             .map_err(|e| ConfigError::Invalid { name: "PROVIDER_TIMEOUT_MS", reason: e.to_string() })?;
-        Ok(Self { service, base_url, api_key, client })
+        let max_concurrency = match vars("PROVIDER_MAX_CONCURRENCY") {
+            None => bulkhead::DEFAULT_MAX_CONCURRENCY,
+            Some(n) => n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| ConfigError::Invalid {
+                name: "PROVIDER_MAX_CONCURRENCY",
+                reason: "expected a whole number above 0".into(),
+            })?,
+        };
+        let hedging = match vars("PROVIDER_HEDGING").as_deref().map(str::trim) {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(_) => {
+                return Err(ConfigError::Invalid { name: "PROVIDER_HEDGING", reason: "expected on or off".into() });
+            }
+        };
+        let guards = Guards {
+            bulkhead: Bulkhead::new(max_concurrency, bulkhead::WAIT),
+            timeout: AdaptiveTimeout::new(timeout),
+            hedging: Hedging::new(hedging),
+            latencies: Latencies::default(),
+        };
+        Ok(Self { service, base_url, api_key, client, guards: Arc::new(guards), breaker: None })
+    }
+
+    /// Calls go through `breaker` (see [`crate::resilience::breaker`]).
+    pub fn with_breaker(mut self, breaker: Option<SharedBreaker>) -> Self {
+        self.breaker = breaker.map(Arc::new);
+        self
     }
 
     fn unavailable(&self, message: impl Into<String>) -> Unavailable {
-        Unavailable { service: self.service, message: message.into() }
+        Unavailable::new(self.service, Why::Failed, message)
     }
 
-    /// One call, timed into `ProviderLatency` under `operation`.
+    /// One logical call (where it starts and ends: hedged requests are inside), timed into
+    /// `ProviderLatency` under `operation` when it was made.
     async fn post<T: DeserializeOwned>(
         &self,
         operation: &'static str,
@@ -96,25 +162,112 @@ impl Provider {
         key: &str,
         body: &Value,
     ) -> Result<Answer<T>, Unavailable> {
+        let permit = match &self.breaker {
+            None => None,
+            Some(breaker) => match breaker.admit().await {
+                Admission::Call(permit) => Some(permit),
+                Admission::Refuse { retry_after } => {
+                    crate::metrics::call_short_circuited(breaker.name());
+                    let message = format!("POST {path} not sent: the {} circuit breaker is open", breaker.name());
+                    return Err(Unavailable::new(self.service, Why::CircuitOpen, message).retry_after(retry_after));
+                }
+            },
+        };
         let started = std::time::Instant::now();
-        let answer = self.call(path, key, body).await;
-        crate::metrics::provider_latency(operation, started.elapsed());
+        let answer = self.guarded(operation, path, key, body).await;
+        if let (Some(breaker), Some(permit)) = (&self.breaker, permit) {
+            match &answer {
+                // Never sent (the bulkhead): nothing learnt about the provider.
+                Err(e) if e.not_called() => {}
+                Err(_) => breaker.record(permit, BreakerOutcome::Failed).await,
+                Ok(_) => breaker.record(permit, BreakerOutcome::Answered).await,
+            }
+        }
+        // (A call refused before it was made has no latency to tell.)
+        if !answer.as_ref().is_err_and(Unavailable::not_called) {
+            crate::metrics::provider_latency(operation, started.elapsed());
+        }
         if let Err(e) = &answer {
-            tracing::warn!(provider = self.service, operation, error = %e.message, "provider call failed");
+            tracing::warn!(provider = self.service, operation, why = ?e.why, error = %e.message, "provider call failed");
         }
         answer
     }
 
-    async fn call<T: DeserializeOwned>(&self, path: &str, key: &str, body: &Value) -> Result<Answer<T>, Unavailable> {
+    /// The call within the bulkhead, bounded by its adaptive timeout, hedged when slow.
+    async fn guarded<T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        path: &str,
+        key: &str,
+        body: &Value,
+    ) -> Result<Answer<T>, Unavailable> {
+        let guards = &*self.guards;
+        let Some(_permit) = guards.bulkhead.enter().await else {
+            let message =
+                format!("POST {path} not sent: {} requests in flight on this instance", guards.bulkhead.size());
+            return Err(Unavailable::new(self.service, Why::BulkheadFull, message));
+        };
+        let recent = guards.latencies.recent(operation);
+        let Some(timeout) = guards.timeout.timeout(&recent, Deadline::current().remaining()) else {
+            // Not sent: nothing happened at the provider, and nothing is learnt about it.
+            let message = format!("POST {path} not sent: no time left before the invocation's deadline");
+            return Err(Unavailable::new(self.service, Why::NoTimeLeft, message));
+        };
+        let delay = guards.hedging.delay(&recent).filter(|delay| *delay < timeout);
+        let hedge = move || {
+            let permit = guards.bulkhead.try_enter();
+            if permit.is_some() {
+                crate::metrics::provider_hedge(operation);
+                tracing::debug!(
+                    provider = self.service,
+                    operation,
+                    after_ms = delay.map(|d| d.as_millis() as u64),
+                    "hedging a slow call"
+                );
+            }
+            permit
+        };
+        let call = hedged(delay, move || self.call(operation, path, key, body), hedge);
+        match tokio::time::timeout(timeout, call).await {
+            Ok(call) => call.answer,
+            Err(_) => Err(Unavailable::new(
+                self.service,
+                Why::TimedOut,
+                format!("POST {path} timed out: no answer within {} ms", timeout.as_millis()),
+            )),
+        }
+    }
+
+    /// One request; its latency goes into the operation's window (see
+    /// [`crate::resilience::timeout`]).
+    async fn call<T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        path: &str,
+        key: &str,
+        body: &Value,
+    ) -> Result<Answer<T>, Unavailable> {
         let mut request =
             self.client.post(format!("{}{path}", self.base_url)).header("Idempotency-Key", key).json(body);
         if let Some(api_key) = &self.api_key {
             request = request.bearer_auth(api_key);
         }
-        let response = request.send().await.map_err(|e| {
-            let what = if e.is_timeout() { "timed out" } else { "unreachable" };
-            self.unavailable(format!("POST {path} {what}: {e}"))
-        })?;
+        let sample = self.guards.latencies.sample(operation);
+        let response = match request.send().await {
+            Ok(response) => {
+                sample.answered();
+                response
+            }
+            Err(e) => {
+                let (why, what) = if e.is_timeout() {
+                    (Why::TimedOut, "timed out")
+                } else {
+                    sample.failed();
+                    (Why::Failed, "unreachable")
+                };
+                return Err(Unavailable::new(self.service, why, format!("POST {path} {what}: {e}")));
+            }
+        };
         let status = response.status();
         let text = response.text().await.map_err(|e| self.unavailable(format!("POST {path}: body lost: {e}")))?;
         match status.as_u16() {
@@ -141,7 +294,8 @@ impl HttpPaymentGateway {
     /// In Lambda: `PAYMENT_PROVIDER_URL`, and the API key from SSM.
     pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
         let key = api_key(sdk, &process_env).await?;
-        Provider::from_vars("payment gateway", "PAYMENT_PROVIDER_URL", key, &process_env).map(Self)
+        let provider = Provider::from_vars("payment gateway", "PAYMENT_PROVIDER_URL", key, &process_env)?;
+        Ok(Self(provider.with_breaker(breaker(sdk, "payment-gateway", &process_env)?)))
     }
 }
 
@@ -184,7 +338,8 @@ impl HttpCarrier {
     /// In Lambda: `CARRIER_URL`, and the API key from SSM.
     pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
         let key = api_key(sdk, &process_env).await?;
-        Provider::from_vars("carrier", "CARRIER_URL", key, &process_env).map(Self)
+        let provider = Provider::from_vars("carrier", "CARRIER_URL", key, &process_env)?;
+        Ok(Self(provider.with_breaker(breaker(sdk, "carrier", &process_env)?)))
     }
 }
 
@@ -224,7 +379,8 @@ impl HttpNotifier {
     /// In Lambda: `NOTIFIER_URL`, and the API key from SSM.
     pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
         let key = api_key(sdk, &process_env).await?;
-        Provider::from_vars("notifier", "NOTIFIER_URL", key, &process_env).map(Self)
+        let provider = Provider::from_vars("notifier", "NOTIFIER_URL", key, &process_env)?;
+        Ok(Self(provider.with_breaker(breaker(sdk, "notifier", &process_env)?)))
     }
 }
 

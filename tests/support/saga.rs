@@ -42,6 +42,9 @@ fn overrides() -> HashMap<String, String> {
     HashMap::from([
         ("StepVisibilityTimeout".to_owned(), "3".to_owned()),
         ("StepMaximumConcurrency".to_owned(), "2".to_owned()),
+        ("PaymentMaximumConcurrency".to_owned(), "2".to_owned()),
+        ("CarrierMaximumConcurrency".to_owned(), "2".to_owned()),
+        ("NotifierMaximumConcurrency".to_owned(), "2".to_owned()),
         // A dead letter's automatic redrive after a second or so, not 30, and more of them.
         ("RedriveBaseDelaySeconds".to_owned(), "1".to_owned()),
         ("AutomaticRedrives".to_owned(), "10".to_owned()),

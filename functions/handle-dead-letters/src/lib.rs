@@ -422,14 +422,18 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
         let placed = order.state.placed.clone().ok_or(OperatorError::Unknown)?;
         let stream = StreamId::new("Order", order_id).map_err(|e| OperatorError::Refused(e.to_string()))?;
         let events = self.repo.store().load(&stream, 0).await.map_err(|e| store_error(e.to_string()))?;
-        let (failed_step, error) = events
+        // The latest flag (decoded through the domain, so one stored in an older schema reads too).
+        let failures = events
             .iter()
             .rev()
             .find_map(|e| match shared::aggregate::decode_event::<OrderEvent>(e) {
-                Ok(OrderEvent::OrderFlaggedForManualAction { failed_step, error }) => Some((failed_step, error)),
+                Ok(OrderEvent::OrderFlaggedForManualAction { failures }) => Some(failures),
                 _ => None,
             })
+            .filter(|failures| !failures.is_empty())
             .ok_or(OperatorError::Unknown)?;
+        let failed_step = failures[0].step.clone();
+        let error = failures.iter().map(|f| format!("{} ({})", f.step, f.error)).collect::<Vec<_>>().join("; ");
         // The retry continues the order's flow: its correlation and trace, from `OrderPlaced`.
         let placed_event = events.first();
         let input = serde_json::json!({
@@ -615,18 +619,21 @@ pub fn classify(message: &SqsMessage, seen_at: String) -> Arrival {
     }
 }
 
-/// A manual-action case (what the saga's ReportManualAction state sends): what failed, in words.
+/// A manual-action case (what the saga's ReportManualAction state sends): what failed, in words,
+/// naming every step that kept failing, in the order the saga ran them. A message in the shape
+/// from before the saga ran every compensation names one (`failedStep`, `error`, `cause`).
 fn manual_action(v: &Value) -> Option<String> {
     let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
     v.get("orderId")?.as_str()?;
-    Some(format!(
-        "order {} needs a person: {} kept failing ({}: {}); execution {}",
-        text("orderId"),
-        text("failedStep"),
-        text("error"),
-        text("cause"),
-        text("executionId")
-    ))
+    let failures: BTreeMap<String, shared::saga::Failure> =
+        v.get("failures").and_then(|f| serde_json::from_value(f.clone()).ok()).unwrap_or_default();
+    let failed = if failures.is_empty() {
+        format!("{} kept failing ({}: {})", text("failedStep"), text("error"), text("cause"))
+    } else {
+        let each = shared::saga::failed_actions(&failures);
+        each.iter().map(|f| format!("{} kept failing ({})", f.step, f.error)).collect::<Vec<_>>().join(" and ")
+    };
+    Some(format!("order {} needs a person: {failed}; execution {}", text("orderId"), text("executionId")))
 }
 
 /// The case id of an order's manual action: one per order.
@@ -1054,6 +1061,37 @@ mod tests {
         assert_eq!(dl.failure(), Some(Failure::Poison));
         assert_eq!(dl.first.and_then(|a| a.source).as_deref(), Some(SOURCE));
         assert_eq!(h.notifier.0.lock().expect("told").len(), 1);
+    }
+
+    #[test]
+    fn a_manual_action_case_names_every_step_that_kept_failing_in_the_order_the_saga_ran_them() {
+        // Given what the saga's ReportManualAction sends when the refund and the stock release
+        // both kept failing (a map, in no particular order)
+        let body = serde_json::json!({
+            "orderId": "ord-1",
+            "failures": {
+                "ReleaseInventory": { "Error": "States.Timeout" },
+                "RefundPayment": { "Error": "ServiceUnavailable", "Cause": "refund of pay_1 failed" },
+            },
+            "executionId": "arn:aws:states:us-east-1:1:execution:saga:ord-1",
+        });
+        // When it is read as a case
+        let reason = manual_action(&body).expect("a manual-action case");
+        // Then the reason names both, refund first, each with its error
+        assert_eq!(
+            reason,
+            "order ord-1 needs a person: RefundPayment kept failing (ServiceUnavailable: refund of pay_1 failed) \
+             and ReleaseInventory kept failing (States.Timeout); execution arn:aws:states:us-east-1:1:execution:saga:ord-1"
+        );
+        // And a message in the shape from before (one failed step) still reads
+        let old = serde_json::json!({
+            "orderId": "ord-2", "failedStep": "RefundPayment", "error": "ServiceUnavailable", "cause": "down",
+            "executionId": "x",
+        });
+        assert_eq!(
+            manual_action(&old).as_deref(),
+            Some("order ord-2 needs a person: RefundPayment kept failing (ServiceUnavailable: down); execution x")
+        );
     }
 
     #[tokio::test]

@@ -194,6 +194,7 @@ async fn admit<S: EventStore, C: WindowCounters>(
             }
             let retry_after_seconds = retry_after.as_secs();
             tracing::info!(retry_after_seconds, "order refused: the customer is over its rate limit");
+            shared::metrics::order_rate_limited();
             Err(PlaceError::RateLimited { retry_after_seconds })
         }
         // Fail open. The per-customer limit is fairness between customers, not the system's

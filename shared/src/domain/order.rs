@@ -1,7 +1,8 @@
 //! The Order aggregate: placed once, then completed, cancelled (with the reason) or flagged for
-//! manual action when a compensation could not be carried out.
+//! manual action naming every step that could not be carried out.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use super::ids::{CustomerId, FieldError, OrderId, Sku};
 use super::money::{Currency, Money};
@@ -156,6 +157,24 @@ pub struct Order {
     pub shipment_id: Option<String>,
     pub cancellation_reason: Option<String>,
     pub notified: bool,
+    /// When flagged for manual action: every step that kept failing, in the order they ran.
+    #[serde(default)]
+    pub failed_actions: Vec<FailedAction>,
+}
+
+/// A step that still failed after its retries (a compensation, or the final cancel or complete),
+/// and how: what a person has to act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedAction {
+    pub step: String,
+    pub error: String,
+}
+
+impl FailedAction {
+    pub fn new(step: impl Into<String>, error: impl Into<String>) -> Self {
+        Self { step: step.into(), error: error.into() }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,11 +196,12 @@ pub enum OrderEvent {
         reason: String,
         failed_step: String,
     },
-    /// A compensation failed after its retries: someone has to act.
+    /// Steps failed after their retries (the saga ran the other compensations all the same):
+    /// someone has to act on each of them. Schema v2; v1 named one step (`failedStep`, `error`)
+    /// and is upcast to a list of one.
     #[serde(rename_all = "camelCase")]
     OrderFlaggedForManualAction {
-        failed_step: String,
-        error: String,
+        failures: Vec<FailedAction>,
     },
     /// A person settled a flagged order by hand, saying how.
     #[serde(rename_all = "camelCase")]
@@ -191,7 +211,35 @@ pub enum OrderEvent {
     },
 }
 
-impl DomainEvent for OrderEvent {}
+/// `OrderFlaggedForManualAction`'s schema: v2 lists every step that failed.
+const FLAGGED_SCHEMA_VERSION: u32 = 2;
+
+impl DomainEvent for OrderEvent {
+    fn current_schema_version(event_type: &str) -> u32 {
+        match event_type {
+            "OrderFlaggedForManualAction" => FLAGGED_SCHEMA_VERSION,
+            _ => 1,
+        }
+    }
+
+    fn upcast(event_type: &str, from_version: u32, payload: Value) -> Result<Value, String> {
+        match (event_type, from_version) {
+            // v1 `{failedStep, error}`: the one compensation that failed, before the saga ran the
+            // others all the same.
+            ("OrderFlaggedForManualAction", 1) => {
+                let text = |field: &str| {
+                    payload
+                        .get(field)
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                        .ok_or_else(|| format!("v1 has no text {field:?}"))
+                };
+                Ok(json!({ "failures": [{ "step": text("failedStep")?, "error": text("error")? }] }))
+            }
+            _ => Err(format!("no upcaster for {event_type} from schema version {from_version}")),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub enum OrderCommand {
@@ -199,7 +247,7 @@ pub enum OrderCommand {
     RecordNotification { channel: String, message_id: String },
     Complete { payment_id: String, shipment_id: String },
     Cancel { reason: String, failed_step: String },
-    FlagForManualAction { failed_step: String, error: String },
+    FlagForManualAction { failures: Vec<FailedAction> },
     ResolveManualAction { by: String, note: String },
 }
 
@@ -209,6 +257,8 @@ pub enum OrderError {
     AlreadyPlacedDifferently(String),
     #[error("order is {status:?}: cannot {action}")]
     InvalidTransition { status: OrderStatus, action: &'static str },
+    #[error("flagging for manual action needs at least one failed step")]
+    NothingFailed,
 }
 
 impl Aggregate for Order {
@@ -235,7 +285,10 @@ impl Aggregate for Order {
                 self.status = OrderStatus::Cancelled;
                 self.cancellation_reason = Some(reason.clone());
             }
-            OrderEvent::OrderFlaggedForManualAction { .. } => self.status = OrderStatus::NeedsManualAction,
+            OrderEvent::OrderFlaggedForManualAction { failures } => {
+                self.status = OrderStatus::NeedsManualAction;
+                self.failed_actions = failures.clone();
+            }
             OrderEvent::OrderManualActionResolved { .. } => self.status = OrderStatus::ManuallyResolved,
         }
     }
@@ -265,13 +318,22 @@ impl Aggregate for Order {
             }
             (OrderCommand::Cancel { .. }, Cancelled) => Ok(vec![]),
             (OrderCommand::Cancel { .. }, _) => invalid("cancel"),
-            (OrderCommand::FlagForManualAction { failed_step, error }, Placed | Cancelled) => {
-                Ok(vec![OrderEvent::OrderFlaggedForManualAction {
-                    failed_step: failed_step.clone(),
-                    error: error.clone(),
-                }])
+            (OrderCommand::FlagForManualAction { failures }, _) if failures.is_empty() => {
+                Err(OrderError::NothingFailed)
             }
-            (OrderCommand::FlagForManualAction { .. }, NeedsManualAction) => Ok(vec![]),
+            (OrderCommand::FlagForManualAction { failures }, Placed | Cancelled) => {
+                Ok(vec![OrderEvent::OrderFlaggedForManualAction { failures: failures.clone() }])
+            }
+            // Flagged again (its compensations retried by a person): a redelivery, or the same
+            // steps failing again, changes nothing; other steps failing is news.
+            (OrderCommand::FlagForManualAction { failures }, NeedsManualAction) => {
+                let steps = |list: &[FailedAction]| list.iter().map(|f| f.step.clone()).collect::<Vec<_>>();
+                if steps(failures) == steps(&self.failed_actions) {
+                    Ok(vec![])
+                } else {
+                    Ok(vec![OrderEvent::OrderFlaggedForManualAction { failures: failures.clone() }])
+                }
+            }
             (OrderCommand::FlagForManualAction { .. }, _) => invalid("flag for manual action"),
             (OrderCommand::ResolveManualAction { by, note }, NeedsManualAction) => {
                 Ok(vec![OrderEvent::OrderManualActionResolved { by: by.clone(), note: note.clone() }])

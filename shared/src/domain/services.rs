@@ -14,6 +14,42 @@ use super::order::Address;
 pub struct Unavailable {
     pub service: &'static str,
     pub message: String,
+    pub why: Why,
+    /// When trying again may help (an open breaker's recovery time), if known.
+    pub retry_after: Option<std::time::Duration>,
+}
+
+/// Why a service was unavailable: the caller's fallback differs. A call that was never made
+/// (the breaker is open, the bulkhead is full) can be deferred without asking the provider
+/// what happened; one that failed or timed out may have had its effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// The call was made and failed (an error answer, no connection).
+    Failed,
+    /// The call was made and no answer came in time.
+    TimedOut,
+    /// Not called: the shared circuit breaker is open for this provider.
+    CircuitOpen,
+    /// Not called: this instance already has as many calls in flight as its bulkhead admits.
+    BulkheadFull,
+    /// Not called: no time was left before the invocation's deadline.
+    NoTimeLeft,
+}
+
+impl Unavailable {
+    pub fn new(service: &'static str, why: Why, message: impl Into<String>) -> Self {
+        Self { service, message: message.into(), why, retry_after: None }
+    }
+
+    pub fn retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// Whether the provider was never asked, so nothing can have happened there.
+    pub fn not_called(&self) -> bool {
+        matches!(self.why, Why::CircuitOpen | Why::BulkheadFull | Why::NoTimeLeft)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

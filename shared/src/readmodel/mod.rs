@@ -16,6 +16,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::aggregate::decode_event;
+use crate::domain::order::{FailedAction, OrderEvent};
 use crate::eventstore::{RecordedEvent, StreamId};
 
 /// A read model: keyed by the stream an event comes from, folded from its events.
@@ -104,7 +106,16 @@ pub struct OrderView {
     pub shipment_id: Option<String>,
     pub carrier: Option<String>,
     pub cancellation_reason: Option<String>,
+    /// The step that failed: for a cancelled order the one that ended the saga; for a flagged
+    /// one the first of `failed_actions`.
     pub failed_step: Option<String>,
+    /// For an order flagged for manual action: every step that kept failing, with its error, in
+    /// the order the saga ran them.
+    #[serde(default)]
+    pub failed_actions: Vec<FailedAction>,
+    /// While the order is parked waiting for the payment gateway: until when it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_pending_until: Option<String>,
     pub placed_at: String,
     pub updated_at: String,
     pub timeline: Vec<TimelineEntry>,
@@ -148,13 +159,38 @@ impl ReadModel for OrderView {
                 self.status = "Cancelled".into();
                 self.cancellation_reason = str_field(p, "reason");
                 self.failed_step = str_field(p, "failedStep");
+                // Flagged before, and its compensations then went through: nothing left to act on.
+                self.failed_actions.clear();
             }
             "OrderFlaggedForManualAction" => {
                 self.status = "NeedsManualAction".into();
-                self.failed_step = str_field(p, "failedStep");
+                // Decoded through the domain, so an event stored in an older schema (one
+                // `failedStep`) is upcast to the list.
+                self.failed_actions = match decode_event::<OrderEvent>(e) {
+                    Ok(OrderEvent::OrderFlaggedForManualAction { failures }) => failures,
+                    _ => {
+                        tracing::warn!(stream = %e.stream_id, version = e.version, "a flag event that does not decode");
+                        vec![]
+                    }
+                };
+                self.failed_step = self.failed_actions.first().map(|f| f.step.clone());
             }
             "OrderManualActionResolved" => self.status = "ManuallyResolved".into(),
-            "PaymentCharged" => self.payment_id = str_field(p, "paymentId"),
+            "PaymentPostponed" => {
+                self.payment_pending_until = str_field(p, "retryUntil");
+                if matches!(self.status.as_str(), "" | "Pending" | "Placed") {
+                    self.status = "PaymentPending".into();
+                }
+            }
+            "PaymentCharged" | "PaymentDeclined" => {
+                if e.event_type == "PaymentCharged" {
+                    self.payment_id = str_field(p, "paymentId");
+                }
+                self.payment_pending_until = None;
+                if self.status == "PaymentPending" {
+                    self.status = "Placed".into();
+                }
+            }
             "PaymentRefunded" => self.refund_id = str_field(p, "refundId"),
             "ShipmentCreated" => {
                 self.shipment_id = str_field(p, "shipmentId");

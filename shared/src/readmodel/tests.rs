@@ -104,3 +104,47 @@ fn daily_sales_count_orders_and_revenue_of_completed_ones() {
     assert_eq!((day.day.as_str(), day.placed, day.completed, day.cancelled), ("2026-11-22", 1, 1, 0));
     assert_eq!(day.revenue_minor["EUR"], 500);
 }
+
+#[test]
+fn a_flagged_order_s_view_names_every_step_that_kept_failing_whatever_the_event_s_schema() {
+    // Given an order flagged in today's schema, naming two steps that kept failing
+    let placed = order_events().remove(0);
+    let mut flagged = event(
+        "Order-o1",
+        2,
+        "OrderFlaggedForManualAction",
+        json!({ "failures": [
+            { "step": "CancelShipment", "error": "ServiceUnavailable: carrier down" },
+            { "step": "RefundPayment", "error": "ServiceUnavailable: refund of pay_1 failed" },
+        ] }),
+        "2026-11-22T10:00:05.000Z",
+    );
+    flagged.schema_version = 2;
+    // And one flagged in the first schema (one `failedStep`), stored before the saga ran the rest
+    let mut old = flagged.clone();
+    (old.stream_id, old.schema_version) = ("Order-o2".into(), 1);
+    old.payload = json!({ "failedStep": "RefundPayment", "error": "ServiceUnavailable: refund failed" });
+
+    // When each is projected
+    let view = |events: &[&RecordedEvent]| {
+        let mut view = OrderView::default();
+        for e in events {
+            view.apply_next(e);
+        }
+        view
+    };
+    let mut old_placed = placed.clone();
+    old_placed.stream_id = "Order-o2".into();
+    let (new_view, old_view) = (view(&[&placed, &flagged]), view(&[&old_placed, &old]));
+
+    // Then the view shows every failed step with its error, the first as the failed step
+    assert_eq!(new_view.status, "NeedsManualAction");
+    let steps = |v: &OrderView| v.failed_actions.iter().map(|f| f.step.clone()).collect::<Vec<_>>();
+    assert_eq!(steps(&new_view), ["CancelShipment", "RefundPayment"]);
+    assert_eq!(new_view.failed_actions[1].error, "ServiceUnavailable: refund of pay_1 failed");
+    assert_eq!(new_view.failed_step.as_deref(), Some("CancelShipment"));
+    // And the old event reads as a list of one
+    assert_eq!(old_view.status, "NeedsManualAction");
+    assert_eq!(old_view.failed_actions, [FailedAction::new("RefundPayment", "ServiceUnavailable: refund failed")]);
+    assert_eq!(old_view.failed_step.as_deref(), Some("RefundPayment"));
+}

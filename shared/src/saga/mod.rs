@@ -5,11 +5,13 @@
 pub mod runtime;
 pub mod steps;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::aggregate::ExecuteError;
-use crate::domain::order::PlaceOrder;
+use crate::domain::order::{FailedAction, PlaceOrder};
 
 /// Error names the state machine branches on (`Catch` / `Retry`).
 pub mod errors {
@@ -19,6 +21,8 @@ pub mod errors {
     pub const NOTIFICATION_UNDELIVERABLE: &str = "NotificationUndeliverable";
     /// A transient failure of an external service: retried with backoff by the state machine.
     pub const SERVICE_UNAVAILABLE: &str = "ServiceUnavailable";
+    /// The payment gateway stayed unavailable for as long as an order may wait for it.
+    pub const PAYMENT_PROVIDER_UNAVAILABLE: &str = "PaymentProviderUnavailable";
     /// The command could not be read; it went to the step's DLQ.
     pub const MALFORMED_COMMAND: &str = "MalformedCommand";
     /// A permanent failure that is not a business answer (a broken invariant).
@@ -48,6 +52,31 @@ pub struct Failure {
     pub cause: String,
 }
 
+impl Failure {
+    /// `Error: Cause`, or the error alone when there is no cause.
+    pub fn describe(&self) -> String {
+        if self.cause.is_empty() { self.error.clone() } else { format!("{}: {}", self.error, self.cause) }
+    }
+}
+
+/// The steps whose failure after their retries ends in manual action, in the order the saga runs
+/// them: the compensations (each runs even when one before it failed), then the final steps.
+const FLAGGABLE_IN_ORDER: [Step; 5] =
+    [Step::CancelShipment, Step::RefundPayment, Step::ReleaseInventory, Step::CancelOrder, Step::CompleteOrder];
+
+/// The state machine's record of the steps that kept failing (`$.compensationFailures`: each
+/// step's Catch output under its name), as a list in the order the saga ran them. A name the
+/// saga does not know comes last, still listed.
+pub fn failed_actions(failures: &BTreeMap<String, Failure>) -> Vec<FailedAction> {
+    let rank = |name: &str| {
+        FLAGGABLE_IN_ORDER.iter().position(|s| format!("{s:?}") == name).unwrap_or(FLAGGABLE_IN_ORDER.len())
+    };
+    let mut list: Vec<_> = failures.iter().collect();
+    // Stable: unknown names stay in name order.
+    list.sort_by_key(|(name, _)| rank(name));
+    list.into_iter().map(|(name, failure)| FailedAction::new(name, failure.describe())).collect()
+}
+
 /// The command message a state machine task sends to a step queue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -60,6 +89,10 @@ pub struct StepMessage {
     pub failed_step: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// On the way to manual action: every step that kept failing, by name (what the state
+    /// machine's Catches recorded at `$.compensationFailures`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failures: BTreeMap<String, Failure>,
     /// The flow's correlation id (the execution input's), kept on every event the step appends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
@@ -70,6 +103,17 @@ pub struct StepMessage {
 }
 
 impl StepMessage {
+    /// The steps that kept failing, in the order the saga ran them. A message in the shape from
+    /// before the saga ran every compensation (`failedStep` and `failure`, no `failures`) names one.
+    pub fn failed_actions(&self) -> Vec<FailedAction> {
+        if !self.failures.is_empty() {
+            return failed_actions(&self.failures);
+        }
+        let step = self.failed_step.clone().unwrap_or_else(|| "unknown".into());
+        let error = self.failure.as_ref().map_or_else(|| "no reason given".into(), Failure::describe);
+        vec![FailedAction::new(step, error)]
+    }
+
     /// What the step's log lines are about.
     pub fn about(&self) -> crate::telemetry::About<'_> {
         crate::telemetry::About {

@@ -177,7 +177,9 @@ where
         .map(|message| async move {
             let id = message.message_id.clone().unwrap_or_default();
             let result = if deadline.allows(Duration::ZERO) {
-                let work = process_one(message, accepts, callback, dead_letters, step);
+                // The deadline is also the work's current one: a provider call inside bounds
+                // its timeout by it (polled here, by `buffered`, in this task).
+                let work = deadline.scope(process_one(message, accepts, callback, dead_letters, step));
                 deadline.run(work).await.unwrap_or_else(|| {
                     tracing::warn!(message_id = %id, "step command cut off at the invocation's deadline");
                     Err("the invocation's deadline came first".to_owned())
@@ -436,6 +438,30 @@ mod tests {
         // and the unreadable message was parked with its reason
         let parked = parked.reasons();
         assert!(parked.len() == 1 && parked[0].starts_with("malformed step command"), "{parked:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_command_s_work_sees_the_invocation_s_deadline() {
+        // Given an invocation with 5 s left, and a step that reads the current deadline
+        let (answers, parked) = (Answers::default(), KeptDeadLetters::default());
+        let seen = Mutex::new(Vec::new());
+        let step = |_command: StepMessage| {
+            let seen = &seen;
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                seen.lock().expect("lock").push(Deadline::current().remaining());
+                Ok(Ok(json!({})))
+            }
+        };
+        let deadline = Deadline::after(Duration::from_secs(5));
+
+        // When a batch of 5 commands (4 at a time) is processed
+        process_batch(batch(5), &deadline, &[Step::ReserveInventory], &answers, &parked, step).await;
+
+        // Then each command's work saw the time left to the invocation's deadline
+        let seen = seen.lock().expect("lock").clone();
+        let expected = [4, 4, 4, 4, 3].map(|s| Some(Duration::from_secs(s)));
+        assert_eq!(seen, expected);
     }
 
     #[tokio::test(start_paused = true)]

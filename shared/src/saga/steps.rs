@@ -96,7 +96,7 @@ async fn resolve_charge<S: EventStore, G: PaymentGateway>(
     gateway: &G,
     msg: &StepMessage,
     amount: crate::domain::Money,
-    at: Option<u64>,
+    at: Option<(Payment, u64)>,
 ) -> Result<Result<Payment, Unavailable>, StepError> {
     let order = &msg.order;
     let key = format!("charge-{}", order.order_id);
@@ -112,25 +112,124 @@ async fn resolve_charge<S: EventStore, G: PaymentGateway>(
     let (id, ctx) = (order.order_id.as_str(), context(msg));
     // The request state is held (`at`): recording the answer needs no second load.
     Ok(Ok(match at {
-        Some(version) => repo.execute_from(id, Payment::Requested { amount }, version, &command, &ctx).await?.1,
+        Some((state, version)) => repo.execute_from(id, state, version, &command, &ctx).await?.1,
         None => repo.execute_with_state::<Payment>(id, &command, &ctx).await?.1,
     }))
 }
 
-/// Records the request, asks the gateway, records its answer.
+/// How long an order may wait for an unavailable payment gateway, and how often it asks again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parking {
+    /// From the first time the order is parked: past this, it is compensated.
+    pub limit: std::time::Duration,
+    /// Between two tries when the gateway gave no hint (an open breaker gives its recovery time).
+    pub retry: std::time::Duration,
+}
+
+impl Default for Parking {
+    fn default() -> Self {
+        Self { limit: std::time::Duration::from_secs(3600), retry: std::time::Duration::from_secs(5) }
+    }
+}
+
+impl Parking {
+    /// `PAYMENT_PARKING_LIMIT_SECONDS` and `PAYMENT_RETRY_SECONDS`; unset, the defaults (an hour;
+    /// five seconds).
+    pub fn from_vars(vars: crate::config::Vars<'_>) -> Result<Self, crate::config::ConfigError> {
+        let seconds = |name: &'static str, default: std::time::Duration| match vars(name) {
+            None => Ok(default),
+            Some(v) => v.trim().parse().map(std::time::Duration::from_secs).map_err(|_| {
+                crate::config::ConfigError::Invalid { name, reason: format!("expected whole seconds, got {v:?}") }
+            }),
+        };
+        let d = Self::default();
+        Ok(Self {
+            limit: seconds("PAYMENT_PARKING_LIMIT_SECONDS", d.limit)?,
+            retry: seconds("PAYMENT_RETRY_SECONDS", d.retry)?.max(std::time::Duration::from_secs(1)),
+        })
+    }
+
+    /// The wait before the next try: the gateway's hint or [`Self::retry`], plus up to a quarter
+    /// more of jitter (parked orders do not all come back at once), at least a second, and no
+    /// later than the deadline (`left`), so the last try happens.
+    pub fn wait(&self, hint: Option<std::time::Duration>, left: std::time::Duration) -> std::time::Duration {
+        let base = hint.unwrap_or(self.retry).max(std::time::Duration::from_secs(1));
+        let jitter = base.mul_f64(fastrand::f64() / 4.0);
+        (base + jitter).min(left).max(std::time::Duration::from_secs(1))
+    }
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// The gateway is unavailable: the order waits for it instead of failing. The first time, the
+/// payment is recorded as postponed, with the deadline; each time, the state machine is told to
+/// wait (`pending`, `retryInSeconds`) and try the charge again. Past the deadline, the step fails
+/// with `PaymentProviderUnavailable` and the order is compensated.
+async fn park<S: EventStore>(
+    repo: &Repository<S>,
+    parking: &Parking,
+    msg: &StepMessage,
+    requested: Option<(Payment, u64)>,
+    e: Unavailable,
+) -> Result<StepOutcome, StepError> {
+    let order_id = &msg.order.order_id;
+    let now = time::OffsetDateTime::now_utc();
+    let retry_until = match requested {
+        Some((Payment::Postponed { retry_until, .. }, _)) => retry_until,
+        requested => {
+            let until = rfc3339(now + parking.limit);
+            let cmd =
+                PaymentCommand::Postpone { order_id: order_id.clone(), reason: e.to_string(), retry_until: until };
+            let (id, ctx) = (order_id.as_str(), context(msg));
+            let (executed, state) = match requested {
+                Some((state, version)) => repo.execute_from(id, state, version, &cmd, &ctx).await?,
+                None => repo.execute_with_state::<Payment>(id, &cmd, &ctx).await?,
+            };
+            if let Executed::Appended { .. } = executed {
+                metrics::payment_parked();
+            }
+            match state {
+                Payment::Postponed { retry_until, .. } => retry_until,
+                other => return Err(StepError::Retryable(format!("payment is {other:?}, not postponed"))),
+            }
+        }
+    };
+    let deadline = time::OffsetDateTime::parse(&retry_until, &time::format_description::well_known::Rfc3339)
+        .map_err(|err| StepError::Permanent(format!("postponed until {retry_until:?}: {err}")))?;
+    let left = std::time::Duration::try_from(deadline - now).unwrap_or_default();
+    if left.is_zero() {
+        let cause = format!("{e}; the order waited for the gateway until {retry_until}");
+        return Ok(Err(StepFailure::new(PAYMENT_PROVIDER_UNAVAILABLE, cause)));
+    }
+    let wait = parking.wait(e.retry_after, left);
+    tracing::info!(wait_s = wait.as_secs(), %retry_until, reason = %e, "payment parked: the gateway is unavailable");
+    Ok(Ok(json!({
+        "pending": true,
+        "retryInSeconds": wait.as_secs(),
+        "retryUntil": retry_until,
+        "reason": e.to_string(),
+    })))
+}
+
+/// Records the request, asks the gateway, records its answer. While the gateway is
+/// unavailable, the order is parked (see [`park`]) rather than compensated.
 pub async fn charge_payment<S: EventStore, G: PaymentGateway>(
     repo: &Repository<S>,
     gateway: &G,
+    parking: &Parking,
     msg: &StepMessage,
 ) -> Result<StepOutcome, StepError> {
     let order = &msg.order;
     let request = PaymentCommand::Request { order_id: order.order_id.clone(), amount: order.total };
     let (executed, mut payment) =
         repo.execute_with_state::<Payment>(order.order_id.as_str(), &request, &context(msg)).await?;
-    if let Payment::Requested { amount } = payment {
-        payment = match resolve_charge(repo, gateway, msg, amount, executed.state_version()).await? {
+    if let Payment::Requested { amount } | Payment::Postponed { amount, .. } = payment {
+        let requested = executed.state_version().map(|version| (payment.clone(), version));
+        payment = match resolve_charge(repo, gateway, msg, amount, requested.clone()).await? {
             Ok(p) => p,
-            Err(e) => return Ok(unavailable(e)),
+            Err(e) => return park(repo, parking, msg, requested, e).await,
         };
     }
     Ok(match payment {
@@ -139,7 +238,7 @@ pub async fn charge_payment<S: EventStore, G: PaymentGateway>(
         }
         Payment::Declined { reason } => Err(StepFailure::new(PAYMENT_DECLINED, reason)),
         Payment::Refunded { .. } => Err(StepFailure::new(PAYMENT_DECLINED, "the payment was already refunded")),
-        Payment::None | Payment::Requested { .. } => {
+        Payment::None | Payment::Requested { .. } | Payment::Postponed { .. } => {
             return Err(StepError::Retryable("payment answer not recorded".into()));
         }
     })
@@ -156,8 +255,8 @@ pub async fn refund_payment<S: EventStore, G: PaymentGateway>(
     let id = order.order_id.as_str();
     let loaded = repo.load::<Payment>(id).await?;
     let mut payment = loaded.state;
-    if let Payment::Requested { amount } = payment {
-        payment = match resolve_charge(repo, gateway, msg, amount, Some(loaded.version)).await? {
+    if let Payment::Requested { amount } | Payment::Postponed { amount, .. } = payment {
+        payment = match resolve_charge(repo, gateway, msg, amount, Some((payment.clone(), loaded.version))).await? {
             Ok(p) => p,
             Err(e) => return Ok(unavailable(e)),
         };
@@ -179,7 +278,9 @@ pub async fn refund_payment<S: EventStore, G: PaymentGateway>(
         Payment::None | Payment::Declined { .. } => {
             Ok(Ok(json!({ "refunded": false, "reason": "nothing was charged" })))
         }
-        Payment::Requested { .. } => Err(StepError::Retryable("payment answer not recorded".into())),
+        Payment::Requested { .. } | Payment::Postponed { .. } => {
+            Err(StepError::Retryable("payment answer not recorded".into()))
+        }
     }
 }
 
@@ -344,11 +445,7 @@ fn failure_code(msg: &StepMessage) -> &str {
 
 fn failure_text(msg: &StepMessage) -> (String, String) {
     let step = msg.failed_step.clone().unwrap_or_else(|| "unknown".into());
-    let reason = match &msg.failure {
-        Some(f) if !f.cause.is_empty() => format!("{}: {}", f.error, f.cause),
-        Some(f) => f.error.clone(),
-        None => "no reason given".into(),
-    };
+    let reason = msg.failure.as_ref().map_or_else(|| "no reason given".into(), super::Failure::describe);
     (step, reason)
 }
 
@@ -364,18 +461,20 @@ pub async fn cancel_order<S: EventStore>(repo: &Repository<S>, msg: &StepMessage
     ))
 }
 
-/// A compensation failed after its retries: recorded on the order for someone to act on.
+/// Steps failed after their retries (the saga ran the other compensations all the same):
+/// recorded on the order, every one of them, for someone to act on.
 pub async fn flag_for_manual_action<S: EventStore>(
     repo: &Repository<S>,
     msg: &StepMessage,
 ) -> Result<StepOutcome, StepError> {
-    let (failed_step, error) = failure_text(msg);
-    let cmd = OrderCommand::FlagForManualAction { failed_step: failed_step.clone(), error: error.clone() };
+    let failures = msg.failed_actions();
+    let cmd = OrderCommand::FlagForManualAction { failures: failures.clone() };
     let id = msg.order.order_id.as_str();
     let (executed, order) = repo.execute_with_state::<Order>(id, &cmd, &context(msg)).await?;
     if order.status != OrderStatus::NeedsManualAction {
         return Err(StepError::Permanent(format!("order is {:?}, not flagged", order.status)));
     }
-    record_outcome(repo, id, &executed, Outcome::FlaggedForManualAction(&failed_step)).await;
-    Ok(Ok(json!({ "status": "NeedsManualAction", "failedStep": failed_step, "error": error })))
+    let steps = failures.iter().map(|f| f.step.as_str()).collect::<Vec<_>>().join("+");
+    record_outcome(repo, id, &executed, Outcome::FlaggedForManualAction(&steps)).await;
+    Ok(Ok(json!({ "status": "NeedsManualAction", "failures": failures })))
 }

@@ -97,16 +97,18 @@ fn an_order_ends_once() {
     assert_eq!(order.decide(&cancel), Ok(vec![]), "cancelling again changes nothing");
     let complete = OrderCommand::Complete { payment_id: "p".into(), shipment_id: "s".into() };
     assert!(matches!(order.decide(&complete), Err(OrderError::InvalidTransition { .. })));
-    let flag = OrderCommand::FlagForManualAction { failed_step: "RefundPayment".into(), error: "x".into() };
-    assert_eq!(order.decide(&flag).unwrap().len(), 1, "a cancelled order can still need manual action");
+    assert_eq!(
+        order.decide(&flag(&["CancelOrder"])).unwrap().len(),
+        1,
+        "a cancelled order can still need manual action"
+    );
 }
 
 #[test]
 fn a_flagged_order_ends_cancelled_once_its_compensations_go_through_or_resolved_by_a_person() {
     // Given an order flagged for manual action
     let mut flagged = placed();
-    let flag = OrderCommand::FlagForManualAction { failed_step: "RefundPayment".into(), error: "x".into() };
-    let events = flagged.decide(&flag).unwrap();
+    let events = flagged.decide(&flag(&["RefundPayment"])).unwrap();
     flagged.apply(&events[0]);
     // When its compensations are retried and go through, it is cancelled
     let mut retried = flagged.clone();
@@ -124,4 +126,81 @@ fn a_flagged_order_ends_cancelled_once_its_compensations_go_through_or_resolved_
     assert!(matches!(flagged.decide(&cancel), Err(OrderError::InvalidTransition { .. })), "final");
     // And an order nobody flagged is not resolved by hand
     assert!(matches!(placed().decide(&resolve), Err(OrderError::InvalidTransition { .. })));
+}
+
+fn flag(steps: &[&str]) -> OrderCommand {
+    OrderCommand::FlagForManualAction {
+        failures: steps.iter().map(|s| FailedAction::new(*s, "ServiceUnavailable: down")).collect(),
+    }
+}
+
+#[test]
+fn flagging_names_every_step_that_kept_failing_and_only_new_failures_flag_again() {
+    // Given a placed order whose refund and stock release kept failing
+    let mut order = placed();
+    // When it is flagged for manual action
+    let events = order.decide(&flag(&["RefundPayment", "ReleaseInventory"])).unwrap();
+    // Then the event names both steps, each with its error
+    assert_eq!(
+        events,
+        [OrderEvent::OrderFlaggedForManualAction {
+            failures: vec![
+                FailedAction::new("RefundPayment", "ServiceUnavailable: down"),
+                FailedAction::new("ReleaseInventory", "ServiceUnavailable: down"),
+            ],
+        }]
+    );
+    order.apply(&events[0]);
+    assert_eq!(order.status, OrderStatus::NeedsManualAction);
+    assert_eq!(order.failed_actions.len(), 2);
+    // And flagging it again for the same steps (a redelivery, or a retry that failed alike)
+    // changes nothing, while other steps failing on a retry is recorded
+    assert_eq!(order.decide(&flag(&["RefundPayment", "ReleaseInventory"])), Ok(vec![]));
+    assert_eq!(order.decide(&flag(&["RefundPayment"])).unwrap().len(), 1);
+    // And a flag naming no step is refused
+    assert_eq!(placed().decide(&flag(&[])), Err(OrderError::NothingFailed));
+}
+
+#[test]
+fn a_flag_event_stored_in_the_first_schema_decodes_as_a_list_of_one() {
+    use crate::aggregate::{decode_event, encode_event};
+    use crate::eventstore::RecordedEvent;
+    // Given an OrderFlaggedForManualAction stored as schema v1 (one `failedStep` and its `error`)
+    let stored = RecordedEvent {
+        stream_id: "Order-ord-1".into(),
+        version: 5,
+        event_id: "e5".into(),
+        event_type: "OrderFlaggedForManualAction".into(),
+        schema_version: 1,
+        payload: serde_json::json!({ "failedStep": "RefundPayment", "error": "ServiceUnavailable: refund failed" }),
+        correlation_id: "c".into(),
+        causation_id: None,
+        idempotency_key: None,
+        trace_header: None,
+        recorded_at: "2026-11-22T10:00:00Z".into(),
+    };
+    // When it is decoded
+    let event = decode_event::<OrderEvent>(&stored).expect("upcast and decoded");
+    // Then it names that one step, with its error
+    assert_eq!(
+        event,
+        OrderEvent::OrderFlaggedForManualAction {
+            failures: vec![FailedAction::new("RefundPayment", "ServiceUnavailable: refund failed")],
+        }
+    );
+    // And an order replaying it is flagged
+    let mut order = placed();
+    order.apply(&event);
+    assert_eq!(order.status, OrderStatus::NeedsManualAction);
+    // And new flag events are written as schema v2, and decode back
+    let encoded = encode_event(&event).expect("encodes");
+    assert_eq!(
+        (encoded.schema_version, &encoded.payload["failures"][0]["step"]),
+        (2, &serde_json::json!("RefundPayment"))
+    );
+    let v2 = RecordedEvent { schema_version: 2, payload: encoded.payload, ..stored.clone() };
+    assert_eq!(decode_event::<OrderEvent>(&v2).expect("decodes"), event);
+    // And a v1 payload missing its step does not pass as a flag of nothing
+    let broken = RecordedEvent { payload: serde_json::json!({ "error": "x" }), ..stored };
+    assert!(decode_event::<OrderEvent>(&broken).is_err());
 }
