@@ -540,15 +540,8 @@ async fn a_refund_that_keeps_failing_no_longer_leaves_the_stock_reserved_and_the
     // And the history shows the release entered after the refund's failure was recorded
     let release_input = entered_after_failure(&env, &finished, "RefundPayment", "ReleaseInventory").await;
     assert_eq!(release_input["compensationFailures"]["RefundPayment"]["Error"], "ServiceUnavailable");
-    // And the stock is back: both reservations released on the inventory streams
-    for id in [&refund_fails, &both_fail] {
-        let order_id = shared::domain::OrderId::parse(id).expect("order id");
-        for sku in skus {
-            let stock = env.repo.load::<Inventory>(sku).await.unwrap().state;
-            let reservation = stock.reservation(&order_id);
-            assert!(matches!(reservation, Some(Reservation::Released(_))), "{id} {sku}: {reservation:?}");
-        }
-    }
+    // And the stock is back: its reservations released on the inventory streams
+    assert_released(&env, &refund_fails, &skus).await;
     // And the order needs a person for exactly the refund, in the aggregate and on its stream
     let order = env.repo.load::<Order>(&refund_fails).await.unwrap().state;
     assert_eq!(order.status, OrderStatus::NeedsManualAction);
@@ -566,6 +559,7 @@ async fn a_refund_that_keeps_failing_no_longer_leaves_the_stock_reserved_and_the
         ["CancelShipment", "RefundPayment", "ReleaseInventory", "FlagForManualAction", "ReportManualAction"]
     );
     assert_eq!(failed_steps(&env, &both_fail).await, ["CancelShipment", "RefundPayment"]);
+    assert_released(&env, &both_fail, &skus).await;
     let order = env.repo.load::<Order>(&both_fail).await.unwrap().state;
     assert_eq!(steps_of(&order), ["CancelShipment", "RefundPayment"]);
     // And no stock is held for either order, none lost
@@ -574,6 +568,16 @@ async fn a_refund_that_keeps_failing_no_longer_leaves_the_stock_reserved_and_the
         assert_eq!((stock.available, stock.reserved), (available, reserved), "{sku}");
     }
     env.stop().await;
+}
+
+/// Every reservation `id` made of `skus` is released.
+async fn assert_released(env: &SagaEnv, id: &str, skus: &[&str]) {
+    let order_id = shared::domain::OrderId::parse(id).expect("order id");
+    for sku in skus {
+        let stock = env.repo.load::<Inventory>(sku).await.unwrap().state;
+        let reservation = stock.reservation(&order_id);
+        assert!(matches!(reservation, Some(Reservation::Released(_))), "{id} {sku}: {reservation:?}");
+    }
 }
 
 /// The steps the order's (latest) `OrderFlaggedForManualAction` names, decoded through the domain.
