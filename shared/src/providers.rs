@@ -143,6 +143,19 @@ impl Provider {
         Ok(Self { service, base_url, api_key, client, guards: Arc::new(guards), breaker: None })
     }
 
+    /// In Lambda: the base URL in `url_variable`, the API key from SSM ([`api_key`]), and the
+    /// circuit breaker `breaker_name` ([`breaker`]); everything else from the process's variables.
+    pub async fn from_env(
+        sdk: &aws_config::SdkConfig,
+        service: &'static str,
+        url_variable: &str,
+        breaker_name: &str,
+    ) -> Result<Self, ConfigError> {
+        let key = api_key(sdk, &process_env).await?;
+        let provider = Self::from_vars(service, url_variable, key, &process_env)?;
+        Ok(provider.with_breaker(breaker(sdk, breaker_name, &process_env)?))
+    }
+
     /// Calls go through `breaker` (see [`crate::resilience::breaker`]).
     pub fn with_breaker(mut self, breaker: Option<SharedBreaker>) -> Self {
         self.breaker = breaker.map(Arc::new);
@@ -291,11 +304,9 @@ impl Provider {
 pub struct HttpPaymentGateway(pub Provider);
 
 impl HttpPaymentGateway {
-    /// In Lambda: `PAYMENT_PROVIDER_URL`, and the API key from SSM.
+    /// In Lambda: `PAYMENT_PROVIDER_URL`, the API key from SSM, the `payment-gateway` breaker.
     pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
-        let key = api_key(sdk, &process_env).await?;
-        let provider = Provider::from_vars("payment gateway", "PAYMENT_PROVIDER_URL", key, &process_env)?;
-        Ok(Self(provider.with_breaker(breaker(sdk, "payment-gateway", &process_env)?)))
+        Provider::from_env(sdk, "payment gateway", "PAYMENT_PROVIDER_URL", "payment-gateway").await.map(Self)
     }
 }
 
@@ -335,11 +346,9 @@ impl PaymentGateway for HttpPaymentGateway {
 pub struct HttpCarrier(pub Provider);
 
 impl HttpCarrier {
-    /// In Lambda: `CARRIER_URL`, and the API key from SSM.
+    /// In Lambda: `CARRIER_URL`, the API key from SSM, the `carrier` breaker.
     pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
-        let key = api_key(sdk, &process_env).await?;
-        let provider = Provider::from_vars("carrier", "CARRIER_URL", key, &process_env)?;
-        Ok(Self(provider.with_breaker(breaker(sdk, "carrier", &process_env)?)))
+        Provider::from_env(sdk, "carrier", "CARRIER_URL", "carrier").await.map(Self)
     }
 }
 
@@ -376,11 +385,9 @@ const ID: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remo
 pub struct HttpNotifier(pub Provider);
 
 impl HttpNotifier {
-    /// In Lambda: `NOTIFIER_URL`, and the API key from SSM.
+    /// In Lambda: `NOTIFIER_URL`, the API key from SSM, the `notifier` breaker.
     pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
-        let key = api_key(sdk, &process_env).await?;
-        let provider = Provider::from_vars("notifier", "NOTIFIER_URL", key, &process_env)?;
-        Ok(Self(provider.with_breaker(breaker(sdk, "notifier", &process_env)?)))
+        Provider::from_env(sdk, "notifier", "NOTIFIER_URL", "notifier").await.map(Self)
     }
 }
 
