@@ -27,6 +27,7 @@ fn order_view(order_id: &str, customer_id: &str, versions: &[(&str, u64)]) -> Or
         failed_step: None,
         failed_actions: vec![],
         payment_pending_until: None,
+        refund_pending_until: None,
         placed_at: "2026-11-20T10:00:00Z".into(),
         updated_at: "2026-11-20T10:00:04Z".into(),
         timeline: vec![TimelineEntry {

@@ -391,7 +391,7 @@ async fn malformed_commands_are_parked_as_dead_letters_people_are_told_and_an_op
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_compensation_that_keeps_failing_is_flagged_told_retried_by_an_operator_and_resolved_by_hand() {
-    // Given an order whose shipment fails and whose refund keeps failing, and people on call
+    // Given an order whose shipment fails and whose refund the gateway refuses, and people on call
     let env = SagaEnv::start().await;
     let pager = env.pager().await;
     let id = env.place(env.sample("needs-manual-action")).await;
@@ -416,15 +416,13 @@ async fn a_compensation_that_keeps_failing_is_flagged_told_retried_by_an_operato
     let parked = cases.iter().find(|d| d.dead_letter_id == case).expect("the order's case");
     assert_eq!((parked.status, parked.failure), (Status::Parked, Some(Failure::ManualAction)));
     assert!(
-        parked
-            .reason
-            .starts_with(&format!("order {id} needs a person: RefundPayment kept failing (ServiceUnavailable")),
+        parked.reason.starts_with(&format!("order {id} needs a person: RefundPayment kept failing (RefundRefused")),
         "{parked:?}"
     );
     let told = env.told(&pager, &[case.as_str()], 20).await;
     assert!(told.iter().any(|(_, m)| m.contains("orders retry-compensations")), "{told:?}");
 
-    // When an operator retries its compensations (the refund still fails: nothing fixed it)
+    // When an operator retries its compensations (the refund is still refused: nothing fixed it)
     let operator = env.operator();
     let execution = operator.retry_compensations(&id, "ana", &env.sfn, env.state_machine()).await.expect("retry");
     // Then a new execution ran the compensations in reverse order, and flagged the order again
@@ -457,16 +455,64 @@ async fn a_compensation_that_keeps_failing_is_flagged_told_retried_by_an_operato
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_refund_that_failed_in_a_provider_outage_is_retried_by_an_operator_after_recovery_and_the_order_cancelled() {
-    // Given the payment provider refusing every refund, and an order whose shipment is rejected
-    let env = SagaEnv::start().await;
+async fn a_refund_in_a_provider_outage_waits_for_the_provider_and_the_order_is_cancelled_not_flagged() {
+    // Given the payment provider failing every refund, and an order whose shipment is rejected
+    let env = SagaEnv::start_with_parameters(&[("PaymentRetrySeconds", "1")]).await;
     env.provider_behaviour(&json!({ "service": "payments", "operation": "refund", "errorRate": 1.0 })).await;
     let id = env.place(env.sample("shipment-failed")).await;
 
-    // Then its refund fails, and the order is flagged for a person
+    // Then its refund is parked, waiting for the provider, with a deadline
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let parked = loop {
+        let history = env.events("Payment", &id).await;
+        if let Some(parked) = history.into_iter().find(|e| e.event_type == "RefundPostponed") {
+            break parked;
+        }
+        assert!(std::time::Instant::now() < deadline, "the refund was not parked");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(parked.payload["retryUntil"].as_str().is_some_and(|t| !t.is_empty()), "{parked:?}");
+    // And it asks again while the provider is down (the refund calls keep coming)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(env.event_types("Order", &id).await.iter().all(|t| t != "OrderFlaggedForManualAction"));
+
+    // When the provider recovers
+    env.providers_normal().await;
+
+    // Then the refund goes through and the order is cancelled: nothing left to a person
+    let finished = env.finished(&id).await;
+    assert_eq!(finished.status, "SUCCEEDED", "{finished:?}");
+    let steps = env.steps(&finished).await;
+    let refunds = steps.iter().filter(|s| *s == "RefundPayment").count();
+    assert!(refunds >= 2, "the refund was tried again: {steps:?}");
+    assert_eq!(steps.last().map(String::as_str), Some("CancelOrder"), "{steps:?}");
+    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::Cancelled);
+    assert!(matches!(env.repo.load::<Payment>(&id).await.unwrap().state, Payment::Refunded { .. }));
+    // And the provider charged once and refunded once (its ledger says so)
+    let ledger = env.provider_ledger(&id).await;
+    let done = |op: &str| {
+        ledger.iter().filter(|e| e["operation"] == op && e["status"].as_u64().is_some_and(|s| s < 300)).count()
+    };
+    assert_eq!((done("charge"), done("refund")), (1, 1), "{ledger:?}");
+    // And its stock is back
+    assert_released(&env, &id, &["SKU-RED-MUG", "SKU-BLUE-PLATE"]).await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_that_outlasted_its_parking_limit_is_retried_by_an_operator_after_recovery_and_the_order_cancelled() {
+    // Given refunds that may not wait for the provider at all, the provider failing every refund,
+    // and an order whose shipment is rejected
+    let env = SagaEnv::start_with_parameters(&[("PaymentParkingLimitSeconds", "0")]).await;
+    env.provider_behaviour(&json!({ "service": "payments", "operation": "refund", "errorRate": 1.0 })).await;
+    let id = env.place(env.sample("shipment-failed")).await;
+
+    // Then its refund fails for good, and the order is flagged for a person
     let finished = env.finished(&id).await;
     assert_eq!(finished.error.as_deref(), Some("NeedsManualAction"), "{finished:?}");
-    assert_eq!(env.repo.load::<Order>(&id).await.unwrap().state.status, OrderStatus::NeedsManualAction);
+    let order = env.repo.load::<Order>(&id).await.unwrap().state;
+    assert_eq!(order.status, OrderStatus::NeedsManualAction);
+    assert!(order.failed_actions[0].error.starts_with("PaymentProviderUnavailable"), "{order:?}");
     let ledger: Vec<Value> = env.provider_ledger(&id).await;
     let payments: Vec<&str> =
         ledger.iter().filter(|e| e["service"] == "payments").filter_map(|e| e["operation"].as_str()).collect();
@@ -489,19 +535,15 @@ async fn a_refund_that_failed_in_a_provider_outage_is_retried_by_an_operator_aft
     let refunds = ledger.iter().filter(|e| e["operation"] == "refund").count();
     assert_eq!(refunds, 1, "{ledger:?}");
     // And its stock is back
-    for sku in ["SKU-RED-MUG", "SKU-BLUE-PLATE"] {
-        let stock = env.repo.load::<Inventory>(sku).await.unwrap().state;
-        let reservation = stock.reservation(&shared::domain::OrderId::parse(&id).expect("order id"));
-        assert!(matches!(reservation, Some(Reservation::Released(_))), "{sku}: {reservation:?}");
-    }
+    assert_released(&env, &id, &["SKU-RED-MUG", "SKU-BLUE-PLATE"]).await;
     env.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_refund_that_keeps_failing_no_longer_leaves_the_stock_reserved_and_the_order_names_each_failed_step() {
-    // Given the payment provider refusing every refund (and nothing else), stock on hand, and two
-    // orders whose customer cannot be notified: one shipped to an address whose shipment cannot
-    // be cancelled either
+async fn a_refused_refund_no_longer_leaves_the_stock_reserved_and_the_order_names_each_failed_step() {
+    // Given stock on hand and two orders whose customer cannot be notified, paid with a card
+    // whose refunds the provider refuses: one shipped to an address whose shipment cannot be
+    // cancelled either
     let env = SagaEnv::start().await;
     let skus = ["SKU-RED-MUG", "SKU-BLUE-PLATE"];
     let mut stock_before = Vec::new();
@@ -509,9 +551,13 @@ async fn a_refund_that_keeps_failing_no_longer_leaves_the_stock_reserved_and_the
         let stock = env.repo.load::<Inventory>(sku).await.unwrap().state;
         stock_before.push((stock.available, stock.reserved));
     }
-    env.provider_behaviour(&json!({ "service": "payments", "operation": "refund", "errorRate": 1.0 })).await;
-    let refund_fails = env.place(env.sample("notification-failed")).await;
-    let mut both = env.sample("notification-failed");
+    let refunds_refused = || {
+        let mut order = env.sample("notification-failed");
+        order["paymentToken"] = json!("tok_refund_fails");
+        order
+    };
+    let refund_fails = env.place(refunds_refused()).await;
+    let mut both = refunds_refused();
     both["shippingAddress"]["line1"] = json!("CANCEL-FAILS");
     let both_fail = env.place(both).await;
 
@@ -539,7 +585,7 @@ async fn a_refund_that_keeps_failing_no_longer_leaves_the_stock_reserved_and_the
     assert!(!matches!(payment, Payment::Refunded { .. }), "{payment:?}");
     // And the history shows the release entered after the refund's failure was recorded
     let release_input = entered_after_failure(&env, &finished, "RefundPayment", "ReleaseInventory").await;
-    assert_eq!(release_input["compensationFailures"]["RefundPayment"]["Error"], "ServiceUnavailable");
+    assert_eq!(release_input["compensationFailures"]["RefundPayment"]["Error"], "RefundRefused");
     // And the stock is back: its reservations released on the inventory streams
     assert_released(&env, &refund_fails, &skus).await;
     // And the order needs a person for exactly the refund, in the aggregate and on its stream
@@ -548,7 +594,7 @@ async fn a_refund_that_keeps_failing_no_longer_leaves_the_stock_reserved_and_the
     assert_eq!(failed_steps(&env, &refund_fails).await, ["RefundPayment"]);
     let steps_of = |o: &Order| o.failed_actions.iter().map(|f| f.step.clone()).collect::<Vec<_>>();
     assert_eq!(steps_of(&order), ["RefundPayment"]);
-    assert!(order.failed_actions[0].error.starts_with("ServiceUnavailable"), "{order:?}");
+    assert!(order.failed_actions[0].error.starts_with("RefundRefused"), "{order:?}");
 
     // And the second saga went on past both failed compensations and names both, in saga order
     let finished = env.finished(&both_fail).await;

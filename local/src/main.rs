@@ -75,7 +75,7 @@ async fn provision(argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let region = config.region().map(ToString::to_string).unwrap_or_else(|| "us-east-1".into());
     let account_id = std::env::var("AWS_ACCOUNT_ID").unwrap_or_else(|_| "000000000000".into());
-    // The providers are the simulator `local-env run` serves, unless the caller names others.
+    // The providers are the simulator `local-env run` starts, unless the caller names others.
     let mut overrides = args.overrides;
     let simulator_url = format!("http://127.0.0.1:{}", local_env::providers::port()?);
     local_env::providers::point_at(&template, &simulator_url, &mut overrides);
@@ -164,26 +164,46 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         log_dir.display()
     );
 
-    // The providers the functions call (the stack's provider URLs point at this port).
+    // The providers the functions call (the stack's provider URLs point at this port): the
+    // simulator's own process, its journal started fresh for this run.
     let simulator_port = local_env::providers::port()?;
-    // It asks for the key the functions read from SSM, as a real provider would.
-    let api_key = match local_env::providers::api_key_parameter(&stack) {
-        Some(name) => local_env::providers::api_key(&aws_sdk_ssm::Client::new(&sdk), &name).await?,
-        None => None,
-    };
     let simulator_addr: std::net::SocketAddr = ([127, 0, 0, 1], simulator_port).into();
-    let simulator = match local_env::providers::serve(simulator_port, api_key).await {
-        Ok(simulator) => {
-            println!(
-                "Provider simulator on {} (control: {0}/control/behaviour, ledger: {0}/control/ledger)",
-                simulator.url()
-            );
-            Some(simulator)
-        }
+    let mut simulator = if local_env::providers::answering(simulator_addr).await {
         // One already serves that port (a second run, or one started by hand): use it.
-        Err(e) => {
-            eprintln!("local-env: not serving the provider simulator, using what is on port {simulator_port}: {e:#}");
-            None
+        eprintln!("local-env: not starting the provider simulator, using what is on port {simulator_port}");
+        None
+    } else {
+        // It asks for the key the functions read from SSM, as a real provider would.
+        let api_key = match local_env::providers::api_key_parameter(&stack) {
+            Some(name) => local_env::providers::api_key(&aws_sdk_ssm::Client::new(&sdk), &name).await?,
+            None => None,
+        };
+        let binary = local_env::providers::simulator_binary(&std::env::current_dir()?, None)?;
+        let journal = Path::new(".local/provider-simulator.jsonl");
+        match std::fs::remove_file(journal) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", journal.display()));
+            }
+            _ => {}
+        }
+        match local_env::providers::SimulatorProcess::start(&binary, simulator_port, api_key, journal).await {
+            Ok(simulator) => {
+                println!(
+                    "Provider simulator on {} (control: {0}/control/behaviour, ledger: {0}/control/ledger; \
+                     journal {}, logs {})",
+                    simulator.url(),
+                    simulator.journal().display(),
+                    simulator.log().display()
+                );
+                Some(simulator)
+            }
+            // Taken meanwhile, say: use what is there.
+            Err(e) => {
+                eprintln!(
+                    "local-env: not serving the provider simulator, using what is on port {simulator_port}: {e:#}"
+                );
+                None
+            }
         }
     };
 
@@ -260,7 +280,7 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     running.stop().await;
     lambda_api.stop();
     service.shutdown().await;
-    if let Some(simulator) = simulator {
+    if let Some(simulator) = simulator.as_mut() {
         simulator.stop().await;
     }
     meter_proxies.iter().for_each(|p| p.abort());

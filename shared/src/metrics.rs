@@ -37,6 +37,7 @@ pub mod names {
     pub const BREAKER_OPENED: &str = "CircuitBreakerOpened";
     pub const CALLS_SHORT_CIRCUITED: &str = "ProviderCallsShortCircuited";
     pub const PAYMENTS_PARKED: &str = "PaymentsParked";
+    pub const REFUNDS_PARKED: &str = "RefundsParked";
     pub const ORDERS_RATE_LIMITED: &str = "OrdersRateLimited";
 }
 
@@ -75,6 +76,7 @@ pub fn init() {
                 names::BREAKER_OPENED,
                 names::CALLS_SHORT_CIRCUITED,
                 names::PAYMENTS_PARKED,
+                names::REFUNDS_PARKED,
                 names::ORDERS_RATE_LIMITED,
             ] {
                 metrics::describe_counter!(name, Unit::Count, "");
@@ -210,6 +212,12 @@ pub fn order_rate_limited() {
 /// An order's payment parked for the first time while the gateway is unavailable.
 pub fn payment_parked() {
     metrics::counter!(names::PAYMENTS_PARKED).increment(1);
+    flush();
+}
+
+/// An order's refund parked for the first time while the gateway is unavailable.
+pub fn refund_parked() {
+    metrics::counter!(names::REFUNDS_PARKED).increment(1);
     flush();
 }
 

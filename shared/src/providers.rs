@@ -3,7 +3,8 @@
 //! key as the `Idempotency-Key` header, as payment APIs take it, so a retried call has one
 //! effect. Base URLs come from the environment; the API key is a SecureString in SSM Parameter
 //! Store (its name in `PROVIDER_API_KEY_PARAMETER`), read once per instance at init, never an
-//! environment variable. Nothing here knows it may be talking to a simulator.
+//! environment variable, and read again when the provider answers `401` (the key was rotated:
+//! see [`Credentials`]). Nothing here knows it may be talking to a simulator.
 //!
 //! What an answer means, once: `2xx` is done; `402` / `422` are the provider's business answers
 //! (declined, rejected, undeliverable), final for that key; anything else (`5xx`, `429`, a
@@ -18,8 +19,10 @@
 //! circuit breaker shared by every instance ([`crate::resilience::breaker`]; [`Why::CircuitOpen`]
 //! while it is open).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -29,7 +32,7 @@ use crate::deadline::Deadline;
 use crate::domain::money::Money;
 use crate::domain::order::Address;
 use crate::domain::services::{
-    Carrier, ChargeOutcome, Notifier, NotifyOutcome, PaymentGateway, ShipmentOutcome, Unavailable, Why,
+    Carrier, ChargeOutcome, Notifier, NotifyOutcome, PaymentGateway, RefundOutcome, ShipmentOutcome, Unavailable, Why,
 };
 use crate::resilience::breaker::{Admission, BreakerPolicy, Outcome as BreakerOutcome, SharedBreaker};
 use crate::resilience::bulkhead::{self, Bulkhead};
@@ -47,7 +50,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Provider {
     service: &'static str,
     base_url: String,
-    api_key: Option<String>,
+    credentials: Credentials,
     client: reqwest::Client,
     /// Shared by the clones: one bulkhead and one latency record per instance.
     guards: Arc<Guards>,
@@ -71,6 +74,81 @@ enum Answer<T> {
     Refused(String),
 }
 
+/// One request's answer, before the credentials had their say.
+enum Reply<T> {
+    Answer(Answer<T>),
+    /// `401`: the key sent (none: no key) was refused; its answer's text.
+    Unauthorized(Option<String>, String),
+}
+
+/// Fetches the API key from where it is kept (SSM Parameter Store in Lambda).
+pub type KeyFetch = Arc<dyn Fn() -> BoxFuture<'static, Result<Option<String>, String>> + Send + Sync>;
+
+/// The shortest time between two fetches of the key after refusals: a key that stays wrong
+/// costs one SSM read per instance this often, not one per call.
+pub const KEY_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The providers' API key, cached per instance (shared by the clones). When the provider
+/// refuses it (`401`: rotated since this instance read it), it is fetched again and the call
+/// made once more with the new key; calls refused at the same time share one fetch.
+#[derive(Clone)]
+pub struct Credentials {
+    key: Arc<RwLock<Option<String>>>,
+    fetch: Option<KeyFetch>,
+    fetched: Arc<tokio::sync::Mutex<Option<Instant>>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = if self.current().is_some() { "<redacted>" } else { "<none>" };
+        f.debug_struct("Credentials").field("key", &key).field("refetches", &self.fetch.is_some()).finish()
+    }
+}
+
+impl Credentials {
+    /// A key that never changes (or none).
+    pub fn fixed(key: Option<String>) -> Self {
+        Self { key: Arc::new(RwLock::new(key)), fetch: None, fetched: Arc::default() }
+    }
+
+    /// `key`, fetched again with `fetch` when the provider refuses it.
+    pub fn refetched(key: Option<String>, fetch: KeyFetch) -> Self {
+        Self { fetch: Some(fetch), ..Self::fixed(key) }
+    }
+
+    /// The key calls are sent with now.
+    pub fn current(&self) -> Option<String> {
+        self.key.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After `refused` was refused: the key to try instead, if there is another one (set by a
+    /// concurrent call's fetch, or fetched now, unless one was fetched very recently).
+    async fn renewed(&self, refused: Option<&str>) -> Option<String> {
+        let mut fetched = self.fetched.lock().await;
+        let current = self.current();
+        if current.as_deref() != refused {
+            return current;
+        }
+        let fetch = self.fetch.as_ref()?;
+        if fetched.is_some_and(|at| at.elapsed() < KEY_REFETCH_INTERVAL) {
+            return None;
+        }
+        *fetched = Some(Instant::now());
+        match fetch().await {
+            Ok(Some(key)) if Some(key.as_str()) != refused => {
+                tracing::warn!("the provider refused the API key: using the one now in the parameter store");
+                *self.key.write().unwrap_or_else(|p| p.into_inner()) = Some(key.clone());
+                Some(key)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "fetching the provider API key again failed");
+                None
+            }
+        }
+    }
+}
+
 /// The providers' API key: the SecureString parameter named by `PROVIDER_API_KEY_PARAMETER`
 /// (none when that is unset: a provider without credentials, as the simulator can run).
 /// Read in the init phase, so once per instance; a key that cannot be read fails the init with
@@ -78,15 +156,31 @@ enum Answer<T> {
 pub async fn api_key(sdk: &aws_config::SdkConfig, vars: Vars<'_>) -> Result<Option<String>, ConfigError> {
     let Some(name) = vars("PROVIDER_API_KEY_PARAMETER") else { return Ok(None) };
     let invalid = |reason: String| ConfigError::Invalid { name: "PROVIDER_API_KEY_PARAMETER", reason };
-    let answer = aws_sdk_ssm::Client::new(sdk)
+    read_key(&aws_sdk_ssm::Client::new(sdk), &name).await.map(Some).map_err(invalid)
+}
+
+async fn read_key(ssm: &aws_sdk_ssm::Client, name: &str) -> Result<String, String> {
+    let answer = ssm
         .get_parameter()
-        .name(&name)
+        .name(name)
         .with_decryption(true)
         .send()
         .await
-        .map_err(|e| invalid(format!("{name}: {}", aws_sdk_ssm::error::DisplayErrorContext(&e))))?;
+        .map_err(|e| format!("{name}: {}", aws_sdk_ssm::error::DisplayErrorContext(&e)))?;
     let value = answer.parameter.and_then(|p| p.value).filter(|v| !v.trim().is_empty());
-    value.map(Some).ok_or_else(|| invalid(format!("{name} has no value")))
+    value.ok_or_else(|| format!("{name} has no value"))
+}
+
+/// The API key ([`api_key`]), fetched again from its parameter when the provider refuses it.
+pub async fn credentials(sdk: &aws_config::SdkConfig, vars: Vars<'_>) -> Result<Credentials, ConfigError> {
+    let key = api_key(sdk, vars).await?;
+    let Some(name) = vars("PROVIDER_API_KEY_PARAMETER") else { return Ok(Credentials::fixed(key)) };
+    let ssm = aws_sdk_ssm::Client::new(sdk);
+    let fetch: KeyFetch = Arc::new(move || {
+        let (ssm, name) = (ssm.clone(), name.clone());
+        Box::pin(async move { read_key(&ssm, &name).await.map(Some) })
+    });
+    Ok(Credentials::refetched(key, fetch))
 }
 
 /// `name`'s circuit breaker, its state in `COMMANDS_TABLE`, its policy from `BREAKER_*` (see
@@ -140,10 +234,11 @@ impl Provider {
             hedging: Hedging::new(hedging),
             latencies: Latencies::default(),
         };
-        Ok(Self { service, base_url, api_key, client, guards: Arc::new(guards), breaker: None })
+        let credentials = Credentials::fixed(api_key);
+        Ok(Self { service, base_url, credentials, client, guards: Arc::new(guards), breaker: None })
     }
 
-    /// In Lambda: the base URL in `url_variable`, the API key from SSM ([`api_key`]), and the
+    /// In Lambda: the base URL in `url_variable`, the API key from SSM ([`credentials`]), and the
     /// circuit breaker `breaker_name` ([`breaker`]); everything else from the process's variables.
     pub async fn from_env(
         sdk: &aws_config::SdkConfig,
@@ -151,9 +246,15 @@ impl Provider {
         url_variable: &str,
         breaker_name: &str,
     ) -> Result<Self, ConfigError> {
-        let key = api_key(sdk, &process_env).await?;
-        let provider = Self::from_vars(service, url_variable, key, &process_env)?;
+        let credentials = credentials(sdk, &process_env).await?;
+        let provider = Self::from_vars(service, url_variable, None, &process_env)?.with_credentials(credentials);
         Ok(provider.with_breaker(breaker(sdk, breaker_name, &process_env)?))
+    }
+
+    /// Calls are sent with `credentials`' key.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// Calls go through `breaker` (see [`crate::resilience::breaker`]).
@@ -164,6 +265,10 @@ impl Provider {
 
     fn unavailable(&self, message: impl Into<String>) -> Unavailable {
         Unavailable::new(self.service, Why::Failed, message)
+    }
+
+    fn refused_key(&self, path: &str, text: &str) -> Unavailable {
+        self.unavailable(format!("POST {path} answered 401: the API key was refused ({text})"))
     }
 
     /// One logical call (where it starts and ends: hedged requests are inside), timed into
@@ -187,7 +292,19 @@ impl Provider {
             },
         };
         let started = std::time::Instant::now();
-        let answer = self.guarded(operation, path, key, body).await;
+        let answer = match self.guarded(operation, path, key, body).await {
+            Ok(Reply::Answer(answer)) => Ok(answer),
+            Ok(Reply::Unauthorized(refused, text)) => match self.credentials.renewed(refused.as_deref()).await {
+                // Rotated: once more with the new key; refused again, it is a failure like any other.
+                Some(_) => match self.guarded(operation, path, key, body).await {
+                    Ok(Reply::Answer(answer)) => Ok(answer),
+                    Ok(Reply::Unauthorized(_, text)) => Err(self.refused_key(path, &text)),
+                    Err(e) => Err(e),
+                },
+                None => Err(self.refused_key(path, &text)),
+            },
+            Err(e) => Err(e),
+        };
         if let (Some(breaker), Some(permit)) = (&self.breaker, permit) {
             match &answer {
                 // Never sent (the bulkhead): nothing learnt about the provider.
@@ -213,7 +330,7 @@ impl Provider {
         path: &str,
         key: &str,
         body: &Value,
-    ) -> Result<Answer<T>, Unavailable> {
+    ) -> Result<Reply<T>, Unavailable> {
         let guards = &*self.guards;
         let Some(_permit) = guards.bulkhead.enter().await else {
             let message =
@@ -259,10 +376,11 @@ impl Provider {
         path: &str,
         key: &str,
         body: &Value,
-    ) -> Result<Answer<T>, Unavailable> {
+    ) -> Result<Reply<T>, Unavailable> {
         let mut request =
             self.client.post(format!("{}{path}", self.base_url)).header("Idempotency-Key", key).json(body);
-        if let Some(api_key) = &self.api_key {
+        let api_key = self.credentials.current();
+        if let Some(api_key) = &api_key {
             request = request.bearer_auth(api_key);
         }
         let sample = self.guards.latencies.sample(operation);
@@ -285,15 +403,16 @@ impl Provider {
         let text = response.text().await.map_err(|e| self.unavailable(format!("POST {path}: body lost: {e}")))?;
         match status.as_u16() {
             200..=299 => serde_json::from_str(&text)
-                .map(Answer::Done)
+                .map(|done| Reply::Answer(Answer::Done(done)))
                 .map_err(|e| self.unavailable(format!("POST {path}: unexpected answer ({e}): {text}"))),
             402 | 422 => {
                 let reason = serde_json::from_str::<Value>(&text)
                     .ok()
                     .and_then(|v| v["reason"].as_str().map(str::to_owned))
                     .unwrap_or(text);
-                Ok(Answer::Refused(reason))
+                Ok(Reply::Answer(Answer::Refused(reason)))
             }
+            401 => Ok(Reply::Unauthorized(api_key, text)),
             code => Err(self.unavailable(format!("POST {path} answered {code}: {text}"))),
         }
     }
@@ -331,13 +450,20 @@ impl PaymentGateway for HttpPaymentGateway {
         })
     }
 
-    async fn refund(&self, key: &str, payment_id: &str, amount: Money) -> Result<String, Unavailable> {
+    async fn void_charge(&self, key: &str, charge_key: &str) -> Result<ChargeOutcome, Unavailable> {
+        let body = json!({ "chargeKey": charge_key });
+        Ok(match self.0.post::<Charged>("voidCharge", "/v1/charges/void", key, &body).await? {
+            Answer::Done(charged) => ChargeOutcome::Charged { payment_id: charged.payment_id },
+            Answer::Refused(reason) => ChargeOutcome::Declined { reason },
+        })
+    }
+
+    async fn refund(&self, key: &str, payment_id: &str, amount: Money) -> Result<RefundOutcome, Unavailable> {
         let body = json!({ "paymentId": payment_id, "amount": amount });
-        match self.0.post::<Refunded>("refund", "/v1/refunds", key, &body).await? {
-            Answer::Done(refunded) => Ok(refunded.refund_id),
-            // A refund has no business "no": a refusal is the gateway failing to do it.
-            Answer::Refused(reason) => Err(self.0.unavailable(format!("refund of {payment_id} refused: {reason}"))),
-        }
+        Ok(match self.0.post::<Refunded>("refund", "/v1/refunds", key, &body).await? {
+            Answer::Done(refunded) => RefundOutcome::Refunded { refund_id: refunded.refund_id },
+            Answer::Refused(reason) => RefundOutcome::Refused { reason },
+        })
     }
 }
 

@@ -1,10 +1,12 @@
 //! The providers' HTTP clients against a real provider simulator (each test its own, on a free
 //! port): hedged requests against a slow tail, the bulkhead against a slow provider, and the
-//! timeout within the invocation's deadline. The simulator's ledger is the ground truth: what
+//! timeout within the invocation's deadline; a rotated API key fetched again. The simulator's ledger is the ground truth: what
 //! the provider received and what it did.
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
@@ -13,7 +15,7 @@ use serde_json::{Value, json};
 use shared::deadline::Deadline;
 use shared::domain::money::{Currency, Money};
 use shared::domain::services::{ChargeOutcome, PaymentGateway, Unavailable, Why};
-use shared::providers::{HttpPaymentGateway, Provider};
+use shared::providers::{Credentials, HttpPaymentGateway, KeyFetch, Provider};
 
 async fn simulator() -> Simulator {
     serve(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), Config::default()).await.expect("the simulator starts")
@@ -203,5 +205,51 @@ async fn a_call_that_cannot_answer_before_the_invocation_s_deadline_times_out_be
     assert_eq!(result.expect_err("no time").why, Why::NoTimeLeft);
     let (calls, _) = charged_keys(&sim, "late").await;
     assert_eq!(calls, 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_api_key_is_fetched_again_on_a_401_and_the_refused_calls_made_once_more() {
+    // Given a provider asking for key one, and a gateway holding key one, kept in a store
+    let config = Config { api_key: Some("key-one".into()), ..Config::default() };
+    let sim = serve(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config).await.expect("the simulator starts");
+    let stored = Arc::new(Mutex::new("key-one".to_owned()));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let fetch: KeyFetch = {
+        let (stored, fetches) = (stored.clone(), fetches.clone());
+        Arc::new(move || {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            let key = stored.lock().expect("store").clone();
+            Box::pin(async move { Ok(Some(key)) })
+        })
+    };
+    let HttpPaymentGateway(provider) = gateway(&sim, &[]);
+    let gateway = HttpPaymentGateway(provider.with_credentials(Credentials::refetched(Some("key-one".into()), fetch)));
+    assert!(matches!(gateway.charge("rot-0", amount(), "tok_visa").await, Ok(ChargeOutcome::Charged { .. })));
+
+    // When the key is rotated, at the provider and in the store, and charges follow at once
+    let rotate = |key: &str| {
+        reqwest::Client::new().put(format!("{}/control/api-key", sim.url())).json(&json!({ "apiKey": key })).send()
+    };
+    assert!(rotate("key-two").await.expect("rotate").status().is_success());
+    *stored.lock().expect("store") = "key-two".to_owned();
+    let run = charges(&gateway, "rot-a", 5, 5).await;
+
+    // Then every charge went through, the refused ones made once more, with one fetch between them
+    assert_eq!((run.charged, run.failed.len()), (5, 0), "{:?}", run.failed);
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    let (calls, keys) = charged_keys(&sim, "rot-a").await;
+    assert_eq!(keys.len(), 5);
+    assert!((5..=10).contains(&calls), "{calls} calls");
+
+    // And a key that stays wrong is a failure like any other, and is not fetched on every call
+    // (at most once per KEY_REFETCH_INTERVAL)
+    assert!(rotate("key-three").await.expect("rotate").status().is_success());
+    for i in 0..3 {
+        let failed = gateway.charge(&format!("rot-b-{i}"), amount(), "tok_visa").await.expect_err("refused");
+        assert_eq!(failed.why, Why::Failed);
+        assert!(failed.message.contains("401"), "{failed:?}");
+    }
+    assert!(fetches.load(Ordering::SeqCst) <= 2, "{fetches:?} fetches");
     sim.stop().await;
 }

@@ -27,7 +27,8 @@ use crate::rules::{self, Unavailable};
 type Slot = Arc<tokio::sync::Mutex<Option<Answer>>>;
 
 pub(crate) struct Sim {
-    api_key: Option<String>,
+    /// Rotated at run time on `PUT /control/api-key`, as a provider's dashboard rotates it.
+    api_key: Mutex<Option<String>>,
     behaviours: Behaviours,
     ledger: Ledger,
     answers: Mutex<HashMap<(Operation, String), Slot>>,
@@ -37,28 +38,57 @@ pub(crate) struct Sim {
 
 type Shared = State<Arc<Sim>>;
 
-pub(crate) fn router(config: Config, shutdown: watch::Receiver<bool>) -> Router {
+/// The service; with a journal, what it answered before is replayed into it first.
+pub(crate) fn router(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<Router> {
+    let (kept, replayed) = match &config.journal {
+        Some(path) => Ledger::journaled(path)?,
+        None => (Ledger::default(), Vec::new()),
+    };
+    let answers = replayed
+        .into_iter()
+        .map(|(operation, key, answer)| ((operation, key), Arc::new(tokio::sync::Mutex::new(Some(answer)))))
+        .collect();
     let sim = Sim {
-        api_key: config.api_key,
+        api_key: Mutex::new(config.api_key),
         behaviours: Behaviours::default(),
-        ledger: Ledger::default(),
-        answers: Mutex::default(),
+        ledger: kept,
+        answers: Mutex::new(answers),
         shutdown,
     };
-    Router::new()
+    Ok(Router::new()
         .route("/v1/charges", post(charge))
+        .route("/v1/charges/void", post(void_charge))
         .route("/v1/refunds", post(refund))
         .route("/v1/shipments", post(create_shipment))
         .route("/v1/shipments/{id}/cancel", post(cancel_shipment))
         .route("/v1/messages", post(notify))
         .route("/control/ledger", get(ledger).delete(clear_ledger))
+        .route("/control/api-key", axum::routing::put(rotate_api_key))
         .route("/control/behaviour", get(behaviours).put(set_behaviour).delete(clear_behaviours))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .with_state(Arc::new(sim))
+        .with_state(Arc::new(sim)))
 }
 
 async fn charge(State(sim): Shared, headers: HeaderMap, body: Bytes) -> Answer {
     sim.call(Operation::Charge, &headers, parse(&body), rules::charge).await
+}
+
+/// Settles a charge by its key without charging: the charge's stored answer if it was made (or
+/// declined); otherwise the key is voided (a `422` stored as the charge's answer), so a charge
+/// still on its way with that key is answered "voided" and never made. One slot, the charge's:
+/// the void and the charge cannot both happen.
+async fn void_charge(State(sim): Shared, headers: HeaderMap, body: Bytes) -> Answer {
+    let request = parse::<rules::VoidRequest>(&body);
+    let mut headers = headers;
+    if let Ok((_, void)) = &request {
+        match axum::http::HeaderValue::from_str(&void.charge_key) {
+            Ok(key) => {
+                headers.insert("idempotency-key", key);
+            }
+            Err(_) => return Answer::error(StatusCode::BAD_REQUEST, "chargeKey is not a valid key"),
+        }
+    }
+    sim.call(Operation::Charge, &headers, request, rules::void_charge).await
 }
 
 async fn refund(State(sim): Shared, headers: HeaderMap, body: Bytes) -> Answer {
@@ -130,7 +160,11 @@ impl Sim {
         }
         match rule(key, &request) {
             Ok(answer) => {
-                self.ledger.record(operation, key, body, &answer);
+                // Journaled before it is given: an answer given is an answer kept.
+                if let Err(e) = self.ledger.record(operation, key, body, &answer) {
+                    tracing::error!(error = %e, operation = operation.name(), key, "journal write failed");
+                    return Ok((Answer::unavailable(format!("journal write failed: {e}")), "unavailable"));
+                }
                 *stored = Some(answer.clone());
                 Ok((answer, "done"))
             }
@@ -140,10 +174,10 @@ impl Sim {
     }
 
     fn authorize(&self, headers: &HeaderMap) -> Result<(), Answer> {
-        let Some(expected) = &self.api_key else { return Ok(()) };
+        let Some(expected) = self.api_key.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return Ok(()) };
         let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         match given.and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(token) if token == expected => Ok(()),
+            Some(token) if token == expected.as_str() => Ok(()),
             _ => Err(Answer::error(StatusCode::UNAUTHORIZED, "missing or invalid API key")),
         }
     }
@@ -186,11 +220,29 @@ async fn ledger(State(sim): Shared, Query(query): Query<LedgerQuery>) -> impl In
     Json(sim.ledger.view(query.contains.as_deref()))
 }
 
-/// Forgets entries, counts and stored answers: a fresh provider, e.g. between benchmark runs.
-async fn clear_ledger(State(sim): Shared) -> StatusCode {
+/// Forgets entries, counts and stored answers (the journal's too): a fresh provider, e.g.
+/// between benchmark runs.
+async fn clear_ledger(State(sim): Shared) -> Result<StatusCode, Answer> {
     sim.answers.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    sim.ledger.clear();
-    StatusCode::NO_CONTENT
+    sim.ledger
+        .clear()
+        .map_err(|e| Answer::error(StatusCode::INTERNAL_SERVER_ERROR, format!("clearing the journal: {e}")))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ApiKey {
+    api_key: String,
+}
+
+/// Rotates the API key: calls with the old one are refused (`401`) from now on.
+async fn rotate_api_key(State(sim): Shared, Json(key): Json<ApiKey>) -> Result<StatusCode, Answer> {
+    if key.api_key.trim().is_empty() {
+        return Err(Answer::error(StatusCode::BAD_REQUEST, "apiKey is empty"));
+    }
+    *sim.api_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(key.api_key);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn behaviours(State(sim): Shared) -> impl IntoResponse {

@@ -1,7 +1,10 @@
 //! What the simulator actually did (one entry per effect, i.e. per stored answer) and every call
 //! it received, so tests can assert effects and benchmarks can count retries and duplicates.
+//! With a [`Journal`], the entries are written through to it, and read back from it at start.
 
 use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -9,6 +12,9 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use axum::http::StatusCode;
+
+use crate::journal::{Journal, Record};
 use crate::model::{Answer, Operation, Service};
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,12 +45,36 @@ struct Inner {
     /// one simulator count their own calls). `None`: the call had no idempotency key.
     calls: Vec<(Operation, Option<String>)>,
     duplicates: Vec<(Operation, String)>,
+    journal: Option<Journal>,
 }
 
 #[derive(Default)]
 pub struct Ledger(Mutex<Inner>);
 
+/// A stored answer read back from the journal: its operation, its idempotency key, the answer.
+pub type Replayed = (Operation, String, Answer);
+
 impl Ledger {
+    /// A ledger kept in the journal at `path`: its entries so far, and the stored answers.
+    pub fn journaled(path: &Path) -> anyhow::Result<(Self, Vec<Replayed>)> {
+        let (journal, records) = Journal::open(path)?;
+        let mut inner = Inner::default();
+        let mut answers = Vec::with_capacity(records.len());
+        for record in records {
+            let status = StatusCode::from_u16(record.status)
+                .map_err(|e| anyhow::anyhow!("{}: status {}: {e}", journal.path().display(), record.status))?;
+            answers.push((
+                record.operation,
+                record.idempotency_key.clone(),
+                Answer { status, body: record.response.clone() },
+            ));
+            inner.push(record);
+        }
+        tracing::info!(journal = %journal.path().display(), answers = answers.len(), "journal replayed");
+        inner.journal = Some(journal);
+        Ok((Self(Mutex::new(inner)), answers))
+    }
+
     pub fn call(&self, operation: Operation, key: Option<&str>) {
         self.lock().calls.push((operation, key.map(str::to_owned)));
     }
@@ -53,20 +83,23 @@ impl Ledger {
         self.lock().duplicates.push((operation, key.to_owned()));
     }
 
-    pub fn record(&self, operation: Operation, key: &str, request: Value, answer: &Answer) {
-        let at = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
-        let mut inner = self.lock();
-        let seq = inner.entries.len() as u64 + 1;
-        inner.entries.push(Entry {
-            seq,
-            at,
-            service: operation.service(),
+    /// Records an effect: written to the journal first, if there is one (an error there records
+    /// nothing, and the answer must not be given).
+    pub fn record(&self, operation: Operation, key: &str, request: Value, answer: &Answer) -> io::Result<()> {
+        let record = Record {
+            at: OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default(),
             operation,
             idempotency_key: key.to_owned(),
             request,
             status: answer.status.as_u16(),
             response: answer.body.clone(),
-        });
+        };
+        let mut inner = self.lock();
+        if let Some(journal) = inner.journal.as_mut() {
+            journal.append(&record)?;
+        }
+        inner.push(record);
+        Ok(())
     }
 
     pub fn view(&self, contains: Option<&str>) -> LedgerView {
@@ -87,12 +120,34 @@ impl Ledger {
         LedgerView { entries, calls, duplicates }
     }
 
-    pub fn clear(&self) {
-        *self.lock() = Inner::default();
+    /// Forgets everything, the journal too.
+    pub fn clear(&self) -> io::Result<()> {
+        let mut inner = self.lock();
+        let mut journal = inner.journal.take();
+        *inner = Inner::default();
+        let cleared = journal.as_mut().map_or(Ok(()), Journal::clear);
+        inner.journal = journal;
+        cleared
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain data behind: keep serving it.
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Inner {
+    fn push(&mut self, record: Record) {
+        let seq = self.entries.len() as u64 + 1;
+        self.entries.push(Entry {
+            seq,
+            at: record.at,
+            service: record.operation.service(),
+            operation: record.operation,
+            idempotency_key: record.idempotency_key,
+            request: record.request,
+            status: record.status,
+            response: record.response,
+        });
     }
 }

@@ -1,16 +1,20 @@
 //! External-provider simulator: a payment gateway, a shipping carrier and a notifier behind one
-//! small HTTP service, for local runs and system tests. It answers by the same deterministic rules
-//! as the in-process simulation (`shared::domain::services::Simulated`, see [`rules`]), replays
-//! the first answer for a repeated idempotency key, keeps a ledger of the effects it had, and
-//! takes latency, error and outage behaviours at run time on `/control/behaviour`.
+//! small HTTP service, for local runs and system tests. It answers by deterministic rules of its
+//! own (documented in [`rules`]), replays the first answer for a repeated idempotency key, keeps a
+//! ledger of the effects it had, and takes latency, error and outage behaviours at run time on
+//! `/control/behaviour`. With a journal ([`Config::journal`]) it is durable as a real provider
+//! is: a killed simulator, restarted on its journal, replays the answers it gave and its ledger
+//! still shows what it did.
 
 mod api;
 mod behaviour;
+mod journal;
 mod ledger;
 mod model;
 pub mod rules;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,6 +27,9 @@ pub use model::{Answer, Operation, Service};
 pub struct Config {
     /// When set, every provider call needs `Authorization: Bearer <key>` (control calls do not).
     pub api_key: Option<String>,
+    /// When set, every stored answer is appended to this file (one JSON line, flushed before the
+    /// answer is sent) and the file is replayed at start: see `journal.rs`.
+    pub journal: Option<PathBuf>,
 }
 
 /// A running simulator. Dropping it stops the server too, without waiting.
@@ -35,12 +42,13 @@ pub struct Simulator {
 /// How long `stop` waits for in-flight requests before cutting them off.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// Binds `addr` (port 0: any free port) and serves until stopped.
+/// Binds `addr` (port 0: any free port) and serves until stopped, having replayed the journal
+/// first, if there is one.
 pub async fn serve(addr: SocketAddr, config: Config) -> anyhow::Result<Simulator> {
+    let (shutdown, stopping) = watch::channel(false);
+    let app = api::router(config, stopping.clone())?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let addr = listener.local_addr()?;
-    let (shutdown, stopping) = watch::channel(false);
-    let app = api::router(config, stopping.clone());
     let task = tokio::spawn(async move {
         let mut stopping = stopping;
         axum::serve(listener, app)

@@ -1,8 +1,8 @@
-//! The providers' business rules, mirroring `shared::domain::services::Simulated` exactly, so a
-//! local run against the simulator behaves as the in-process simulation does:
+//! The providers' business rules: the simulator's own, deterministic, documented here:
 //! - payment token `tok_decline` is declined ("card declined"), `tok_insufficient_funds` too
 //!   ("insufficient funds"); `tok_refund_fails` charges succeed (id prefix `payrf`) but their
-//!   refunds are always unavailable;
+//!   refunds are refused (`422`, "the charge is disputed"): final for that key, as a gateway's
+//!   refusal is, unlike an outage, which a retry may outlast;
 //! - postal code `00000` is undeliverable; shipments to address line `CANCEL-FAILS` (id prefix
 //!   `shpcf`) cannot be cancelled;
 //! - customer ids starting `unreachable` cannot be notified.
@@ -31,6 +31,13 @@ pub struct Money {
 pub struct ChargeRequest {
     pub amount: Money,
     pub payment_token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VoidRequest {
+    /// The idempotency key of the charge to settle.
+    pub charge_key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -70,7 +77,7 @@ pub fn derived_id(prefix: &str, key: &str) -> String {
     format!("{prefix}_{hash:016x}")
 }
 
-/// Ids of charges made with `tok_refund_fails` start with this: their refunds always fail.
+/// Ids of charges made with `tok_refund_fails` start with this: their refunds are refused.
 const REFUND_FAILS: &str = "payrf";
 /// Ids of shipments to `CANCEL-FAILS` start with this: their cancellations always fail.
 const CANCEL_FAILS: &str = "shpcf";
@@ -91,9 +98,16 @@ pub fn charge(key: &str, request: &ChargeRequest) -> Result<Answer, Unavailable>
     }
 }
 
+/// A charge key voided before any charge was made with it.
+pub fn void_charge(_key: &str, _request: &VoidRequest) -> Result<Answer, Unavailable> {
+    let reason = "voided before it was made";
+    answer(StatusCode::UNPROCESSABLE_ENTITY, json!({"status": "voided", "reason": reason}))
+}
+
 pub fn refund(key: &str, request: &RefundRequest) -> Result<Answer, Unavailable> {
     if request.payment_id.starts_with(REFUND_FAILS) {
-        return Err(Unavailable(format!("refund of {} failed", request.payment_id)));
+        let reason = format!("refund of {} refused: the charge is disputed", request.payment_id);
+        return answer(StatusCode::UNPROCESSABLE_ENTITY, json!({"status": "refused", "reason": reason}));
     }
     answer(StatusCode::CREATED, json!({"refundId": derived_id("ref", key)}))
 }

@@ -147,7 +147,7 @@ async fn a_decline_is_stored_and_repeated() {
 }
 
 #[tokio::test]
-async fn a_refund_of_a_refund_fails_charge_is_unavailable_and_not_recorded() {
+async fn a_refund_of_a_refund_fails_charge_is_refused_once_and_for_all() {
     // Given a charge made with the refund-fails token
     let (sim, client) = start(Config::default()).await;
     let (status, charge) = client.charge("rf:charge", "tok_refund_fails").await;
@@ -160,13 +160,15 @@ async fn a_refund_of_a_refund_fails_charge_is_unavailable_and_not_recorded() {
     let first = client.post("/v1/refunds", Some("rf:refund"), refund.clone()).await;
     let second = client.post("/v1/refunds", Some("rf:refund"), refund).await;
 
-    // Then both are 503 (not stored: each is tried again), and neither is in the ledger
-    assert_eq!(first.0, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(second.0, StatusCode::SERVICE_UNAVAILABLE);
+    // Then both are the same 422 refusal: a business answer, stored for the key like any other
+    assert_eq!(first.0, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(first.1["reason"], format!("refund of {payment_id} refused: the charge is disputed"));
+    assert_eq!(second, first);
     let ledger = client.ledger("rf:refund").await;
-    assert_eq!(ledger["entries"], json!([]));
+    assert_eq!(ledger["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(ledger["entries"][0]["status"], 422);
     assert_eq!(ledger["calls"]["refund"], 2);
-    assert_eq!(ledger["duplicates"]["refund"], 0);
+    assert_eq!(ledger["duplicates"]["refund"], 1);
     sim.stop().await;
 }
 
@@ -328,7 +330,7 @@ async fn latency_is_applied() {
 #[tokio::test]
 async fn with_an_api_key_provider_calls_need_it_and_control_calls_do_not() {
     // Given a simulator started with an API key
-    let (sim, mut client) = start(Config { api_key: Some("s3cret".into()) }).await;
+    let (sim, mut client) = start(Config { api_key: Some("s3cret".into()), ..Config::default() }).await;
 
     // Then calls without it or with a wrong one are refused, without effect
     assert_eq!(client.charge("auth:1", "tok_visa").await.0, StatusCode::UNAUTHORIZED);
@@ -405,5 +407,55 @@ async fn a_patient_caller_gets_a_late_answer_after_a_timeout_outage() {
     assert_eq!(status, StatusCode::CREATED);
     assert!(started.elapsed() >= Duration::from_millis(400), "answered after {:?}", started.elapsed());
     assert_eq!(client.ledger("late").await["entries"].as_array().unwrap().len(), 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_void_settles_a_charge_key_once_and_for_all() {
+    let (sim, client) = start(Config::default()).await;
+    // Given one charge made, and one whose request never arrived
+    let (status, made) = client.charge("v:made", "tok_visa").await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    // When both keys are voided (twice each, as a retried call would)
+    let void = |charge_key: &str| json!({"chargeKey": charge_key});
+    let made_void = client.post("/v1/charges/void", Some("v:void-made"), void("v:made")).await;
+    let lost_void = client.post("/v1/charges/void", Some("v:void-lost"), void("v:lost")).await;
+    let lost_again = client.post("/v1/charges/void", Some("v:void-lost"), void("v:lost")).await;
+
+    // Then the charge that was made is answered as made: nothing voided, the caller refunds it
+    assert_eq!(made_void, (StatusCode::CREATED, made));
+    // And the other is voided, the same answer each time
+    assert_eq!(lost_void.0, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(lost_void.1["status"], "voided");
+    assert_eq!(lost_again, lost_void);
+    // And a charge still on its way with the voided key is never made
+    let (status, late) = client.charge("v:lost", "tok_visa").await;
+    assert_eq!((status, late), lost_void);
+    let ledger = client.ledger("v:lost").await;
+    let entries = ledger["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{ledger}");
+    assert_eq!((entries[0]["operation"].as_str(), entries[0]["status"].as_u64()), (Some("charge"), Some(422)));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_api_key_refuses_the_old_one() {
+    // Given a simulator asking for key one
+    let config = Config { api_key: Some("key-one".into()), ..Config::default() };
+    let (sim, mut client) = start(config).await;
+    client.api_key = Some("key-one".into());
+    assert_eq!(client.charge("k:1", "tok_visa").await.0, StatusCode::CREATED);
+
+    // When the key is rotated
+    let rotate = |key: &str| Some(json!({"apiKey": key}));
+    assert_eq!(client.control(reqwest::Method::PUT, "/control/api-key", rotate("")).await.0, StatusCode::BAD_REQUEST);
+    let (status, _) = client.control(reqwest::Method::PUT, "/control/api-key", rotate("key-two")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    // Then the old key is refused, and the new one accepted
+    assert_eq!(client.charge("k:2", "tok_visa").await.0, StatusCode::UNAUTHORIZED);
+    client.api_key = Some("key-two".into());
+    assert_eq!(client.charge("k:2", "tok_visa").await.0, StatusCode::CREATED);
     sim.stop().await;
 }

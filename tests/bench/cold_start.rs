@@ -80,9 +80,9 @@ async fn main() -> anyhow::Result<()> {
     let key_parameter = format!("{stack_name}-provider-api-key");
     let key = unique("key-");
     local_env::providers::put_api_key(&aws.ssm(), &key_parameter, &key).await?;
-    let providers =
-        provider_simulator::serve(([127, 0, 0, 1], 0).into(), provider_simulator::Config { api_key: Some(key) })
-            .await?;
+    let binary = local_env::providers::simulator_binary(&workspace_root(), None)?;
+    let journal = std::env::temp_dir().join(format!("provider-simulator-{stack_name}.jsonl"));
+    let mut providers = local_env::providers::SimulatorProcess::start(&binary, 0, Some(key), &journal).await?;
     let mut parameter_overrides = HashMap::from([("ProviderApiKeyParameter".to_owned(), key_parameter.clone())]);
     local_env::providers::point_at(&template, &providers.url(), &mut parameter_overrides);
     let options =
@@ -161,6 +161,8 @@ async fn main() -> anyhow::Result<()> {
     }
     service.shutdown().await;
     providers.stop().await;
+    let _ = std::fs::remove_file(providers.journal());
+    let _ = std::fs::remove_file(providers.log());
     let _ = aws.ssm().delete_parameter().name(&key_parameter).send().await;
 
     let bare_p50 = {

@@ -3,12 +3,14 @@
 //! service, fed by the local runner, and helpers to place orders and watch their sagas.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues, StreamReplayer};
 use local_env::lambda::LambdaService;
 use local_env::observe::{Finished, history, saga_steps, wait_for_saga};
+use local_env::providers::SimulatorProcess;
 use local_env::runner::{Invoke, Runner, RunnerClients, RunnerHandle};
 use local_env::{Options, Stack, Template};
 use serde_json::Value;
@@ -32,8 +34,30 @@ pub struct SagaEnv {
     disposable: bool,
     /// The functions' Lambda endpoint (a test's own stack).
     invoke_api: Option<local_env::lambda::invoke_api::InvokeApi>,
-    /// The providers the functions call (a test's own, so its faults touch no other test).
-    pub providers: Option<provider_simulator::Simulator>,
+    /// The providers the functions call: the simulator's own process (a test's own, so its
+    /// faults touch no other test), which a test may kill and restart on its journal.
+    pub providers: Option<SimulatorProcess>,
+}
+
+/// The provider simulator's binary, built once per test binary.
+fn simulator_binary() -> &'static PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        local_env::providers::simulator_binary(&workspace_root(), None).expect("the provider simulator builds")
+    })
+}
+
+/// A fresh journal for a test's simulator (its log beside it), in the temporary directory.
+fn simulator_journal(stack_name: &str) -> PathBuf {
+    std::env::temp_dir().join("order-saga-tests").join(format!("provider-simulator-{stack_name}.jsonl"))
+}
+
+/// Starts the provider simulator's process on `port` (0: any).
+async fn start_simulator(port: u16, api_key: Option<String>, stack_name: &str) -> SimulatorProcess {
+    let binary = simulator_binary();
+    SimulatorProcess::start(binary, port, api_key, &simulator_journal(stack_name))
+        .await
+        .expect("the provider simulator starts")
 }
 
 /// Test settings: redeliveries after 3 s instead of 60 (so a crashed or timed-out invocation's
@@ -103,7 +127,11 @@ impl SagaEnv {
             None => None,
         };
         let port = local_env::providers::port().expect("PROVIDER_SIMULATOR_PORT");
-        let providers = local_env::providers::serve(port, key).await.ok();
+        let providers = if local_env::providers::answering(([127, 0, 0, 1], port).into()).await {
+            None
+        } else {
+            Some(start_simulator(port, key, &unique(&format!("{}-", stack.stack_name))).await)
+        };
         Self {
             aws,
             stack,
@@ -129,9 +157,7 @@ impl SagaEnv {
         let key_parameter = format!("{stack_name}-provider-api-key");
         let key = uuid::Uuid::new_v4().simple().to_string();
         local_env::providers::put_api_key(&aws.ssm(), &key_parameter, &key).await.expect("the API key in SSM");
-        let config = provider_simulator::Config { api_key: Some(key) };
-        let providers =
-            provider_simulator::serve(([127, 0, 0, 1], 0).into(), config).await.expect("serve the provider simulator");
+        let providers = start_simulator(0, Some(key), &stack_name).await;
         let mut parameter_overrides = overrides();
         local_env::providers::point_at(&template, &providers.url(), &mut parameter_overrides);
         parameter_overrides.insert("ProviderApiKeyParameter".to_owned(), key_parameter);
@@ -265,7 +291,18 @@ impl SagaEnv {
         told
     }
 
-    /// A sample order from `events/place-order/`, with a test-unique id.
+    /// Crashes this test's provider simulator (SIGKILL): calls are refused until
+    /// [`Self::restart_providers`].
+    pub async fn kill_providers(&mut self) {
+        self.providers.as_mut().expect("this test's provider simulator").kill().await.expect("kill the simulator");
+    }
+
+    /// Starts this test's provider simulator again, on its port and journal: it answers as it did.
+    pub async fn restart_providers(&mut self) {
+        let providers = self.providers.as_mut().expect("this test's provider simulator");
+        providers.restart().await.expect("restart the simulator");
+    }
+
     /// Sets a provider behaviour on this test's simulator (`PUT /control/behaviour`), e.g.
     /// `{"service": "payments", "operation": "refund", "errorRate": 1.0}`.
     pub async fn provider_behaviour(&self, behaviour: &Value) {
@@ -303,6 +340,7 @@ impl SagaEnv {
         crate::log_messages(&self.aws.logs(), name).await
     }
 
+    /// A sample order from `events/place-order/`, with a test-unique id.
     pub fn sample(&self, name: &str) -> Value {
         local_env::demo::sample_order(&workspace_root().join("events/place-order"), name, &unique(&self.run_id[..6]))
             .expect("sample order")
@@ -339,8 +377,11 @@ impl SagaEnv {
         if let Some(api) = self.invoke_api.take() {
             api.stop();
         }
-        if let Some(providers) = self.providers.take() {
+        if let Some(mut providers) = self.providers.take() {
             providers.stop().await;
+            // What a passing test's simulator wrote is of no further use.
+            let _ = std::fs::remove_file(providers.journal());
+            let _ = std::fs::remove_file(providers.log());
         }
         if self.disposable
             && let Some(name) = local_env::providers::api_key_parameter(&self.stack)

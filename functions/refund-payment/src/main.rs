@@ -9,10 +9,11 @@ async fn main() -> Result<(), Error> {
     shared::telemetry::init();
     let sdk = shared::aws::sdk_config().await;
     let lambda = StepLambda::from_sdk(&sdk, HttpPaymentGateway::from_env(&sdk).await?)?;
+    let parking = &shared::saga::steps::Parking::from_vars(&shared::config::process_env)?;
     let lambda = &lambda;
     run(service_fn(|event: LambdaEvent<SqsEvent>| async move {
         let deadline = Deadline::from_epoch_millis(event.context.deadline);
-        Ok::<_, Error>(refund_payment::handle(lambda, event.payload, deadline).await)
+        Ok::<_, Error>(refund_payment::handle(lambda, parking, event.payload, deadline).await)
     }))
     .await
 }

@@ -17,6 +17,16 @@ pub fn build(workspace: &Path, crates: &[String], profile: Option<&str>) -> anyh
     if let Some(dir) = std::env::var_os("LOCAL_LAMBDA_BINARIES").filter(|d| !d.is_empty()) {
         return prebuilt(Path::new(&dir), crates);
     }
+    cargo_build(workspace, crates, profile)
+}
+
+/// Builds the binary of every crate named with cargo, by crate name, whatever
+/// `LOCAL_LAMBDA_BINARIES` says.
+pub fn cargo_build(
+    workspace: &Path,
+    crates: &[String],
+    profile: Option<&str>,
+) -> anyhow::Result<HashMap<String, PathBuf>> {
     let mut command = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command
         .current_dir(workspace)

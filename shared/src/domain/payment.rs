@@ -1,7 +1,8 @@
 //! Payment per order (stream `Payment-<orderId>`). The request is recorded before the gateway is
 //! called and its answer after, so a charge whose answer was lost (the handler died in between)
-//! is known to exist: the refund resolves it through the gateway's idempotency key before undoing
-//! it, and a redelivered command reuses the recorded answer instead of charging again.
+//! is known to exist: the refund settles it with the gateway first (the charge if it was made,
+//! else the key voided), and a redelivered command reuses the recorded answer instead of
+//! charging again.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,14 @@ pub enum Payment {
         refund_id: String,
         amount: Money,
     },
+    /// Being compensated, and the refund parked while the gateway is unavailable: tried again
+    /// until `retry_until`, then the order is flagged for manual action. `payment_id` is none
+    /// while the charge itself is still unresolved (its answer was lost).
+    RefundPostponed {
+        payment_id: Option<String>,
+        amount: Money,
+        retry_until: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +76,13 @@ pub enum PaymentEvent {
         refund_id: String,
         amount: Money,
     },
+    /// The refund could not be made (the gateway's breaker open, or no answer): it waits for
+    /// the gateway until `retry_until`. Recorded once, when the refund is first parked.
+    RefundPostponed {
+        order_id: OrderId,
+        reason: String,
+        retry_until: String,
+    },
 }
 
 impl DomainEvent for PaymentEvent {}
@@ -78,6 +94,7 @@ pub enum PaymentCommand {
     RecordCharge { order_id: OrderId, payment_id: String },
     RecordDecline { order_id: OrderId, reason: String },
     RecordRefund { order_id: OrderId, refund_id: String },
+    PostponeRefund { order_id: OrderId, reason: String, retry_until: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +102,17 @@ pub enum PaymentCommand {
 pub struct PaymentError(&'static str, &'static str);
 
 impl Payment {
+    /// What a refund would give back: the charge's id (none while its answer is unknown) and
+    /// amount; none when nothing was or may have been charged, or it is refunded already.
+    pub fn refundable(&self) -> Option<(Option<&str>, Money)> {
+        match self {
+            Payment::Requested { amount } | Payment::Postponed { amount, .. } => Some((None, *amount)),
+            Payment::Charged { payment_id, amount } => Some((Some(payment_id), *amount)),
+            Payment::RefundPostponed { payment_id, amount, .. } => Some((payment_id.as_deref(), *amount)),
+            Payment::None | Payment::Declined { .. } | Payment::Refunded { .. } => None,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Payment::None => "not requested",
@@ -93,6 +121,7 @@ impl Payment {
             Payment::Charged { .. } => "charged",
             Payment::Declined { .. } => "declined",
             Payment::Refunded { .. } => "refunded",
+            Payment::RefundPostponed { .. } => "waiting to be refunded",
         }
     }
 }
@@ -106,16 +135,32 @@ impl Aggregate for Payment {
     type Error = PaymentError;
 
     fn apply(&mut self, event: &PaymentEvent) {
-        *self = match event {
-            PaymentEvent::PaymentRequested { amount, .. } => Payment::Requested { amount: *amount },
-            PaymentEvent::PaymentPostponed { amount, retry_until, .. } => {
+        *self = match (event, &*self) {
+            // The lost answer of a charge being refunded, resolved: the refund still waits.
+            (PaymentEvent::PaymentCharged { payment_id, .. }, Payment::RefundPostponed { amount, retry_until, .. }) => {
+                Payment::RefundPostponed {
+                    payment_id: Some(payment_id.clone()),
+                    amount: *amount,
+                    retry_until: retry_until.clone(),
+                }
+            }
+            (PaymentEvent::RefundPostponed { retry_until, .. }, current) => match current.refundable() {
+                Some((payment_id, amount)) => Payment::RefundPostponed {
+                    payment_id: payment_id.map(str::to_owned),
+                    amount,
+                    retry_until: retry_until.clone(),
+                },
+                None => current.clone(),
+            },
+            (PaymentEvent::PaymentRequested { amount, .. }, _) => Payment::Requested { amount: *amount },
+            (PaymentEvent::PaymentPostponed { amount, retry_until, .. }, _) => {
                 Payment::Postponed { amount: *amount, retry_until: retry_until.clone() }
             }
-            PaymentEvent::PaymentCharged { payment_id, amount, .. } => {
+            (PaymentEvent::PaymentCharged { payment_id, amount, .. }, _) => {
                 Payment::Charged { payment_id: payment_id.clone(), amount: *amount }
             }
-            PaymentEvent::PaymentDeclined { reason, .. } => Payment::Declined { reason: reason.clone() },
-            PaymentEvent::PaymentRefunded { payment_id, refund_id, amount, .. } => {
+            (PaymentEvent::PaymentDeclined { reason, .. }, _) => Payment::Declined { reason: reason.clone() },
+            (PaymentEvent::PaymentRefunded { payment_id, refund_id, amount, .. }, _) => {
                 Payment::Refunded { payment_id: payment_id.clone(), refund_id: refund_id.clone(), amount: *amount }
             }
         };
@@ -149,22 +194,49 @@ impl Aggregate for Payment {
             (C::RecordDecline { order_id, reason }, Payment::Requested { .. } | Payment::Postponed { .. }) => {
                 Ok(vec![PaymentEvent::PaymentDeclined { order_id: order_id.clone(), reason: reason.clone() }])
             }
-            // The gateway's answer is already recorded (a concurrent redelivery got there first).
-            (C::RecordCharge { .. }, Payment::Charged { .. } | Payment::Refunded { .. }) => Ok(vec![]),
-            (C::RecordDecline { .. }, Payment::Declined { .. }) => Ok(vec![]),
-            (C::RecordRefund { order_id, refund_id }, Payment::Charged { payment_id, amount }) => {
-                Ok(vec![PaymentEvent::PaymentRefunded {
+            // A charge whose answer was lost, resolved while its refund waits for the gateway.
+            (C::RecordCharge { order_id, payment_id }, Payment::RefundPostponed { payment_id: None, amount, .. }) => {
+                Ok(vec![PaymentEvent::PaymentCharged {
                     order_id: order_id.clone(),
                     payment_id: payment_id.clone(),
-                    refund_id: refund_id.clone(),
                     amount: *amount,
                 }])
             }
+            (C::RecordDecline { order_id, reason }, Payment::RefundPostponed { payment_id: None, .. }) => {
+                Ok(vec![PaymentEvent::PaymentDeclined { order_id: order_id.clone(), reason: reason.clone() }])
+            }
+            // The gateway's answer is already recorded (a concurrent redelivery got there first).
+            (
+                C::RecordCharge { .. },
+                Payment::Charged { .. } | Payment::Refunded { .. } | Payment::RefundPostponed { .. },
+            ) => Ok(vec![]),
+            (C::RecordDecline { .. }, Payment::Declined { .. }) => Ok(vec![]),
+            (
+                C::PostponeRefund { order_id, reason, retry_until },
+                Payment::Requested { .. } | Payment::Postponed { .. } | Payment::Charged { .. },
+            ) => Ok(vec![PaymentEvent::RefundPostponed {
+                order_id: order_id.clone(),
+                reason: reason.clone(),
+                retry_until: retry_until.clone(),
+            }]),
+            // Parked already: the first deadline stands.
+            (C::PostponeRefund { .. }, Payment::RefundPostponed { .. }) => Ok(vec![]),
+            (
+                C::RecordRefund { order_id, refund_id },
+                Payment::Charged { payment_id, amount }
+                | Payment::RefundPostponed { payment_id: Some(payment_id), amount, .. },
+            ) => Ok(vec![PaymentEvent::PaymentRefunded {
+                order_id: order_id.clone(),
+                payment_id: payment_id.clone(),
+                refund_id: refund_id.clone(),
+                amount: *amount,
+            }]),
             (C::RecordRefund { .. }, Payment::Refunded { .. }) => Ok(vec![]),
             (C::RecordCharge { .. }, _) => Err(PaymentError(self.name(), "record a charge")),
             (C::RecordDecline { .. }, _) => Err(PaymentError(self.name(), "record a decline")),
             (C::Postpone { .. }, _) => Err(PaymentError(self.name(), "postpone")),
             (C::RecordRefund { .. }, _) => Err(PaymentError(self.name(), "refund")),
+            (C::PostponeRefund { .. }, _) => Err(PaymentError(self.name(), "postpone a refund")),
         }
     }
 }
@@ -208,5 +280,70 @@ mod tests {
         let charged =
             given(&[PaymentEvent::PaymentCharged { order_id: order_id.clone(), payment_id: "pay-1".into(), amount }]);
         assert!(charged.decide(&postpone("2026-11-22T11:00:00Z")).is_err());
+    }
+
+    #[test]
+    fn a_parked_refund_keeps_its_first_deadline_and_is_recorded_once_the_gateway_answers() {
+        // Given a charged payment
+        let order_id = OrderId::parse("o-2").expect("id");
+        let amount = Money::new(4499, Currency::EUR);
+        let charged = PaymentEvent::PaymentCharged { order_id: order_id.clone(), payment_id: "pay-2".into(), amount };
+        let postpone = |until: &str| PaymentCommand::PostponeRefund {
+            order_id: order_id.clone(),
+            reason: "gateway down".into(),
+            retry_until: until.into(),
+        };
+        // When its refund is postponed twice
+        let first = given(std::slice::from_ref(&charged)).decide(&postpone("2026-11-23T11:00:00Z")).expect("postponed");
+        let parked = given(&[charged.clone(), first[0].clone()]);
+        // Then only the first is recorded, with its deadline, and the charge is still known
+        let waiting = Payment::RefundPostponed {
+            payment_id: Some("pay-2".into()),
+            amount,
+            retry_until: "2026-11-23T11:00:00Z".into(),
+        };
+        assert_eq!(parked, waiting);
+        assert_eq!(parked.decide(&postpone("2026-11-23T12:00:00Z")), Ok(vec![]));
+        // And the refund, once made, is recorded from the parked state
+        let refund = PaymentCommand::RecordRefund { order_id: order_id.clone(), refund_id: "ref-2".into() };
+        let refunded = parked.decide(&refund).expect("refunded");
+        assert_eq!(
+            given(&[charged, first[0].clone(), refunded[0].clone()]),
+            Payment::Refunded { payment_id: "pay-2".into(), refund_id: "ref-2".into(), amount }
+        );
+    }
+
+    #[test]
+    fn a_refund_parked_before_its_lost_charge_was_resolved_learns_the_charge_and_still_waits() {
+        // Given a charge whose answer was lost, and its refund parked
+        let order_id = OrderId::parse("o-3").expect("id");
+        let amount = Money::new(1999, Currency::EUR);
+        let requested = PaymentEvent::PaymentRequested { order_id: order_id.clone(), amount };
+        let postpone = PaymentCommand::PostponeRefund {
+            order_id: order_id.clone(),
+            reason: "gateway down".into(),
+            retry_until: "2026-11-23T11:00:00Z".into(),
+        };
+        let parked_event = given(std::slice::from_ref(&requested)).decide(&postpone).expect("postponed")[0].clone();
+        let parked = given(&[requested.clone(), parked_event.clone()]);
+        assert_eq!(
+            parked,
+            Payment::RefundPostponed { payment_id: None, amount, retry_until: "2026-11-23T11:00:00Z".into() }
+        );
+        // When the gateway tells the charge
+        let charge = PaymentCommand::RecordCharge { order_id: order_id.clone(), payment_id: "pay-3".into() };
+        let charged = parked.decide(&charge).expect("charge recorded");
+        // Then the refund still waits, with its deadline, now knowing what to refund
+        assert_eq!(
+            given(&[requested, parked_event, charged[0].clone()]),
+            Payment::RefundPostponed {
+                payment_id: Some("pay-3".into()),
+                amount,
+                retry_until: "2026-11-23T11:00:00Z".into()
+            }
+        );
+        // But a declined or refunded payment has no refund to postpone
+        let declined = given(&[PaymentEvent::PaymentDeclined { order_id: order_id.clone(), reason: "no".into() }]);
+        assert!(declined.decide(&postpone).is_err());
     }
 }

@@ -59,6 +59,17 @@ pub enum ChargeOutcome {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    Refunded {
+        refund_id: String,
+    },
+    /// The gateway's final "no" (a disputed charge, say): no retry changes it; a person must act.
+    Refused {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShipmentOutcome {
     Created { shipment_id: String, carrier: String },
     Rejected { reason: String },
@@ -78,13 +89,21 @@ pub trait PaymentGateway: Send + Sync {
         payment_token: &str,
     ) -> impl Future<Output = Result<ChargeOutcome, Unavailable>> + Send;
 
-    /// Returns the refund id.
     fn refund(
         &self,
         idempotency_key: &str,
         payment_id: &str,
         amount: Money,
-    ) -> impl Future<Output = Result<String, Unavailable>> + Send;
+    ) -> impl Future<Output = Result<RefundOutcome, Unavailable>> + Send;
+
+    /// Settles the charge requested with `charge_key` whose answer was lost, without charging:
+    /// the charge's answer if the gateway made it, or else `Declined` ("voided"), and the key is
+    /// voided so that a charge still on its way with it can no longer be made.
+    fn void_charge(
+        &self,
+        idempotency_key: &str,
+        charge_key: &str,
+    ) -> impl Future<Output = Result<ChargeOutcome, Unavailable>> + Send;
 }
 
 pub trait Carrier: Send + Sync {

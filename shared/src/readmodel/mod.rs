@@ -116,6 +116,9 @@ pub struct OrderView {
     /// While the order is parked waiting for the payment gateway: until when it waits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_pending_until: Option<String>,
+    /// While the order's refund is parked waiting for the payment gateway: until when it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_pending_until: Option<String>,
     pub placed_at: String,
     pub updated_at: String,
     pub timeline: Vec<TimelineEntry>,
@@ -191,7 +194,11 @@ impl ReadModel for OrderView {
                     self.status = "Placed".into();
                 }
             }
-            "PaymentRefunded" => self.refund_id = str_field(p, "refundId"),
+            "RefundPostponed" => self.refund_pending_until = str_field(p, "retryUntil"),
+            "PaymentRefunded" => {
+                self.refund_id = str_field(p, "refundId");
+                self.refund_pending_until = None;
+            }
             "ShipmentCreated" => {
                 self.shipment_id = str_field(p, "shipmentId");
                 self.carrier = str_field(p, "carrier");

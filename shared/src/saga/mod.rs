@@ -21,8 +21,10 @@ pub mod errors {
     pub const NOTIFICATION_UNDELIVERABLE: &str = "NotificationUndeliverable";
     /// A transient failure of an external service: retried with backoff by the state machine.
     pub const SERVICE_UNAVAILABLE: &str = "ServiceUnavailable";
-    /// The payment gateway stayed unavailable for as long as an order may wait for it.
+    /// The payment gateway stayed unavailable for as long as an order (or its refund) may wait.
     pub const PAYMENT_PROVIDER_UNAVAILABLE: &str = "PaymentProviderUnavailable";
+    /// The gateway refused the refund for good: a person must act (not retried).
+    pub const REFUND_REFUSED: &str = "RefundRefused";
     /// The command could not be read; it went to the step's DLQ.
     pub const MALFORMED_COMMAND: &str = "MalformedCommand";
     /// A permanent failure that is not a business answer (a broken invariant).

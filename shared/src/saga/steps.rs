@@ -12,7 +12,7 @@ use crate::domain::inventory::{Inventory, InventoryCommand, Reservation};
 use crate::domain::order::{Order, OrderCommand, OrderStatus};
 use crate::domain::payment::{Payment, PaymentCommand};
 use crate::domain::services::{
-    Carrier, ChargeOutcome, Notifier, NotifyOutcome, PaymentGateway, ShipmentOutcome, Unavailable,
+    Carrier, ChargeOutcome, Notifier, NotifyOutcome, PaymentGateway, RefundOutcome, ShipmentOutcome, Unavailable,
 };
 use crate::domain::shipment::{Shipment, ShipmentCommand};
 use crate::eventstore::{EventStore, StreamId};
@@ -89,18 +89,32 @@ pub async fn release_inventory<S: EventStore>(
     Ok(Ok(json!({ "releasedLines": released })))
 }
 
+/// How a recorded charge request is resolved.
+#[derive(Clone, Copy)]
+enum Resolve {
+    /// Charge (again) with its idempotency key: the same answer if it was made, or the charge.
+    Charge,
+    /// Void it: its answer if it was made, or never (a compensating order is not charged now).
+    Void,
+}
+
 /// Asks the gateway about a recorded charge request (idempotent: the same key gives the same
 /// answer, so a lost answer is found again) and records the answer.
 async fn resolve_charge<S: EventStore, G: PaymentGateway>(
     repo: &Repository<S>,
     gateway: &G,
     msg: &StepMessage,
+    how: Resolve,
     amount: crate::domain::Money,
     at: Option<(Payment, u64)>,
 ) -> Result<Result<Payment, Unavailable>, StepError> {
     let order = &msg.order;
     let key = format!("charge-{}", order.order_id);
-    let command = match gateway.charge(&key, amount, &order.payment_token).await {
+    let answer = match how {
+        Resolve::Charge => gateway.charge(&key, amount, &order.payment_token).await,
+        Resolve::Void => gateway.void_charge(&format!("void-{}", order.order_id), &key).await,
+    };
+    let command = match answer {
         Err(e) => return Ok(Err(e)),
         Ok(ChargeOutcome::Charged { payment_id }) => {
             PaymentCommand::RecordCharge { order_id: order.order_id.clone(), payment_id }
@@ -174,37 +188,89 @@ async fn park<S: EventStore>(
     requested: Option<(Payment, u64)>,
     e: Unavailable,
 ) -> Result<StepOutcome, StepError> {
-    let order_id = &msg.order.order_id;
     let now = time::OffsetDateTime::now_utc();
     let retry_until = match requested {
         Some((Payment::Postponed { retry_until, .. }, _)) => retry_until,
         requested => {
-            let until = rfc3339(now + parking.limit);
-            let cmd =
-                PaymentCommand::Postpone { order_id: order_id.clone(), reason: e.to_string(), retry_until: until };
-            let (id, ctx) = (order_id.as_str(), context(msg));
-            let (executed, state) = match requested {
-                Some((state, version)) => repo.execute_from(id, state, version, &cmd, &ctx).await?,
-                None => repo.execute_with_state::<Payment>(id, &cmd, &ctx).await?,
+            let cmd = PaymentCommand::Postpone {
+                order_id: msg.order.order_id.clone(),
+                reason: e.to_string(),
+                retry_until: rfc3339(now + parking.limit),
             };
-            if let Executed::Appended { .. } = executed {
-                metrics::payment_parked();
-            }
-            match state {
+            match postpone(repo, msg, requested, &cmd, metrics::payment_parked).await? {
                 Payment::Postponed { retry_until, .. } => retry_until,
                 other => return Err(StepError::Retryable(format!("payment is {other:?}, not postponed"))),
             }
         }
     };
-    let deadline = time::OffsetDateTime::parse(&retry_until, &time::format_description::well_known::Rfc3339)
+    wait_or_give_up(parking, now, &retry_until, e, "the order")
+}
+
+/// The refund's [`park`]: while the gateway is unavailable, a compensating order waits for it
+/// (from the first time, for as long as [`Parking::limit`]) rather than being flagged for an
+/// outage; past that, the step fails with `PaymentProviderUnavailable` and a person must act.
+async fn park_refund<S: EventStore>(
+    repo: &Repository<S>,
+    parking: &Parking,
+    msg: &StepMessage,
+    at: Option<(Payment, u64)>,
+    e: Unavailable,
+) -> Result<StepOutcome, StepError> {
+    let now = time::OffsetDateTime::now_utc();
+    let retry_until = match at {
+        Some((Payment::RefundPostponed { retry_until, .. }, _)) => retry_until,
+        at => {
+            let cmd = PaymentCommand::PostponeRefund {
+                order_id: msg.order.order_id.clone(),
+                reason: e.to_string(),
+                retry_until: rfc3339(now + parking.limit),
+            };
+            match postpone(repo, msg, at, &cmd, metrics::refund_parked).await? {
+                Payment::RefundPostponed { retry_until, .. } => retry_until,
+                other => return Err(StepError::Retryable(format!("payment is {other:?}, no refund postponed"))),
+            }
+        }
+    };
+    wait_or_give_up(parking, now, &retry_until, e, "the refund")
+}
+
+/// Records a postponement (from the state held, or loaded), counted once when it is recorded.
+async fn postpone<S: EventStore>(
+    repo: &Repository<S>,
+    msg: &StepMessage,
+    at: Option<(Payment, u64)>,
+    cmd: &PaymentCommand,
+    count: fn(),
+) -> Result<Payment, StepError> {
+    let (id, ctx) = (msg.order.order_id.as_str(), context(msg));
+    let (executed, state) = match at {
+        Some((state, version)) => repo.execute_from(id, state, version, cmd, &ctx).await?,
+        None => repo.execute_with_state::<Payment>(id, cmd, &ctx).await?,
+    };
+    if let Executed::Appended { .. } = executed {
+        count();
+    }
+    Ok(state)
+}
+
+/// Before `retry_until`: the answer that makes the state machine wait and try again. After it:
+/// `PaymentProviderUnavailable`.
+fn wait_or_give_up(
+    parking: &Parking,
+    now: time::OffsetDateTime,
+    retry_until: &str,
+    e: Unavailable,
+    waiting: &str,
+) -> Result<StepOutcome, StepError> {
+    let deadline = time::OffsetDateTime::parse(retry_until, &time::format_description::well_known::Rfc3339)
         .map_err(|err| StepError::Permanent(format!("postponed until {retry_until:?}: {err}")))?;
     let left = std::time::Duration::try_from(deadline - now).unwrap_or_default();
     if left.is_zero() {
-        let cause = format!("{e}; the order waited for the gateway until {retry_until}");
+        let cause = format!("{e}; {waiting} waited for the gateway until {retry_until}");
         return Ok(Err(StepFailure::new(PAYMENT_PROVIDER_UNAVAILABLE, cause)));
     }
     let wait = parking.wait(e.retry_after, left);
-    tracing::info!(wait_s = wait.as_secs(), %retry_until, reason = %e, "payment parked: the gateway is unavailable");
+    tracing::info!(wait_s = wait.as_secs(), %retry_until, reason = %e, "{waiting} parked: the gateway is unavailable");
     Ok(Ok(json!({
         "pending": true,
         "retryInSeconds": wait.as_secs(),
@@ -227,7 +293,7 @@ pub async fn charge_payment<S: EventStore, G: PaymentGateway>(
         repo.execute_with_state::<Payment>(order.order_id.as_str(), &request, &context(msg)).await?;
     if let Payment::Requested { amount } | Payment::Postponed { amount, .. } = payment {
         let requested = executed.state_version().map(|version| (payment.clone(), version));
-        payment = match resolve_charge(repo, gateway, msg, amount, requested.clone()).await? {
+        payment = match resolve_charge(repo, gateway, msg, Resolve::Charge, amount, requested.clone()).await? {
             Ok(p) => p,
             Err(e) => return park(repo, parking, msg, requested, e).await,
         };
@@ -237,35 +303,45 @@ pub async fn charge_payment<S: EventStore, G: PaymentGateway>(
             Ok(json!({ "paymentId": payment_id, "amountMinor": amount.amount_minor }))
         }
         Payment::Declined { reason } => Err(StepFailure::new(PAYMENT_DECLINED, reason)),
-        Payment::Refunded { .. } => Err(StepFailure::new(PAYMENT_DECLINED, "the payment was already refunded")),
+        Payment::Refunded { .. } | Payment::RefundPostponed { .. } => {
+            Err(StepFailure::new(PAYMENT_DECLINED, "the payment is being or was refunded"))
+        }
         Payment::None | Payment::Requested { .. } | Payment::Postponed { .. } => {
             return Err(StepError::Retryable("payment answer not recorded".into()));
         }
     })
 }
 
-/// Compensation of `charge_payment`. A charge whose answer was never recorded is resolved
-/// through the gateway first, so money taken is always given back.
+/// Compensation of `charge_payment`. A charge whose answer was never recorded is settled
+/// through the gateway first (voided unless it was made), so money taken is always given back
+/// and none is taken for an order being cancelled. While the gateway is
+/// unavailable the refund is parked (see [`park_refund`]); a refusal is final (`RefundRefused`).
 pub async fn refund_payment<S: EventStore, G: PaymentGateway>(
     repo: &Repository<S>,
     gateway: &G,
+    parking: &Parking,
     msg: &StepMessage,
 ) -> Result<StepOutcome, StepError> {
     let order = &msg.order;
     let id = order.order_id.as_str();
     let loaded = repo.load::<Payment>(id).await?;
+    let at = (loaded.state.clone(), loaded.version);
     let mut payment = loaded.state;
-    if let Payment::Requested { amount } | Payment::Postponed { amount, .. } = payment {
-        payment = match resolve_charge(repo, gateway, msg, amount, Some((payment.clone(), loaded.version))).await? {
+    if let Some((None, amount)) = payment.refundable() {
+        payment = match resolve_charge(repo, gateway, msg, Resolve::Void, amount, Some(at.clone())).await? {
             Ok(p) => p,
-            Err(e) => return Ok(unavailable(e)),
+            Err(e) => return park_refund(repo, parking, msg, Some(at), e).await,
         };
     }
+    // (When resolving the charge moved the state on, a postponement loads it again.)
+    let held = (payment == at.0).then_some(at);
     match payment {
-        Payment::Charged { payment_id, amount } => {
+        Payment::Charged { payment_id, amount }
+        | Payment::RefundPostponed { payment_id: Some(payment_id), amount, .. } => {
             let refund_id = match gateway.refund(&format!("refund-{id}"), &payment_id, amount).await {
-                Ok(refund_id) => refund_id,
-                Err(e) => return Ok(unavailable(e)),
+                Ok(RefundOutcome::Refunded { refund_id }) => refund_id,
+                Ok(RefundOutcome::Refused { reason }) => return Ok(Err(StepFailure::new(REFUND_REFUSED, reason))),
+                Err(e) => return park_refund(repo, parking, msg, held, e).await,
             };
             let cmd = PaymentCommand::RecordRefund { order_id: order.order_id.clone(), refund_id: refund_id.clone() };
             // Counted when this command recorded the refund (not a concurrent redelivery's replay).
@@ -278,7 +354,7 @@ pub async fn refund_payment<S: EventStore, G: PaymentGateway>(
         Payment::None | Payment::Declined { .. } => {
             Ok(Ok(json!({ "refunded": false, "reason": "nothing was charged" })))
         }
-        Payment::Requested { .. } | Payment::Postponed { .. } => {
+        Payment::Requested { .. } | Payment::Postponed { .. } | Payment::RefundPostponed { payment_id: None, .. } => {
             Err(StepError::Retryable("payment answer not recorded".into()))
         }
     }
