@@ -12,6 +12,12 @@
 //! already placed is answered whatever the limit. The HTTP API's stage throttling stays the
 //! global limit, in front of this one.
 //!
+//! What a request may be (each violation a JSON error naming the limit, nothing written): a body
+//! of at most [`MAX_BODY_BYTES`] (`413`), sent as JSON (`Content-Type: application/json` or
+//! `…+json`, else `415`); an `Idempotency-Key` of 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] printable
+//! ASCII characters (`400`: an empty key would be one key shared by every client). The order's
+//! own limits (lines, ids, amounts) are the domain's validation (`400`, per field).
+//!
 //! The order's flow is correlated from here: the caller's `X-Correlation-Id` (else the API's
 //! request id, else the invocation's) and the invocation's X-Ray trace go on `OrderPlaced`, and
 //! from there on every event and log line of the saga. The answer repeats the correlation id.
@@ -37,10 +43,19 @@ pub struct Placed {
     pub correlation_id: String,
 }
 
+/// The largest body `POST /orders` reads: an order of the most lines with the longest fields
+/// fits many times over.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The longest `Idempotency-Key` (it becomes part of a DynamoDB key).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PlaceError {
     #[error("the body is not an order: {0}")]
     Malformed(String),
+    /// The request itself is unusable (its idempotency key, say): the reason names the limit.
+    #[error("{0}")]
+    BadRequest(String),
     #[error("the order is invalid")]
     Invalid(Vec<FieldError>),
     #[error("{0}")]
@@ -56,7 +71,7 @@ pub enum PlaceError {
 impl PlaceError {
     pub fn status(&self) -> u16 {
         match self {
-            Self::Malformed(_) | Self::Invalid(_) => 400,
+            Self::Malformed(_) | Self::Invalid(_) | Self::BadRequest(_) => 400,
             Self::Conflict(_) => 409,
             Self::RateLimited { .. } => 429,
             Self::Unavailable(_) => 503,
@@ -100,6 +115,23 @@ fn acceptable_correlation_id(id: &str) -> bool {
     (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
 }
 
+/// `Idempotency-Key` as given, if usable: none, or 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] printable
+/// ASCII characters.
+fn checked_idempotency_key(key: Option<&str>) -> Result<Option<&str>, PlaceError> {
+    let Some(key) = key else { return Ok(None) };
+    let refuse = |why: String| Err(PlaceError::BadRequest(format!("Idempotency-Key {why}")));
+    if key.trim().is_empty() {
+        return refuse("is empty: send a key unique to this order, or none".into());
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return refuse(format!("is {} bytes long: at most {MAX_IDEMPOTENCY_KEY_BYTES}", key.len()));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return refuse("may hold printable ASCII characters only, no spaces".into());
+    }
+    Ok(Some(key))
+}
+
 /// Validates and records the order, within its customer's limit if there is one.
 pub async fn place<S: EventStore, C: WindowCounters>(
     repo: &Repository<S>,
@@ -114,6 +146,7 @@ pub async fn place<S: EventStore, C: WindowCounters>(
         correlation_id: Some(&flow.correlation_id),
         trace_header: flow.trace_header.as_deref(),
     });
+    let idempotency_key = checked_idempotency_key(idempotency_key)?;
     record(repo, limiter, request, idempotency_key, flow).instrument(span).await
 }
 
@@ -275,10 +308,22 @@ pub async fn handle<S: EventStore, C: WindowCounters>(
     if method != "POST" {
         return http_response(405, &json!({ "error": "use POST /orders" }), &[("allow", "POST".into()), correlated]);
     }
+    // A JSON body, or no stated type at all; anything else is not read as an order.
+    if let Some(content_type) = header(&event, "content-type") {
+        let media = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        if media != "application/json" && !(media.starts_with("application/") && media.ends_with("+json")) {
+            let error = json!({ "error": format!("send the order as application/json, not {media:?}") });
+            return http_response(415, &error, &[correlated]);
+        }
+    }
     let body = match event["body"].as_str() {
         Some(b) if event["isBase64Encoded"].as_bool() == Some(true) => {
             let error = json!({ "error": format!("send JSON, not base64 ({} bytes)", b.len()) });
             return http_response(415, &error, &[correlated]);
+        }
+        Some(b) if b.len() > MAX_BODY_BYTES => {
+            let error = json!({ "error": format!("the body is {} bytes: at most {MAX_BODY_BYTES}", b.len()) });
+            return http_response(413, &error, &[correlated]);
         }
         Some(b) => b,
         None => return http_response(400, &json!({ "error": "the body is empty" }), &[correlated]),

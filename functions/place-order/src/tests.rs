@@ -149,3 +149,66 @@ async fn no_limiter_no_limit() {
         assert_eq!(answer["statusCode"], 201, "{answer}");
     }
 }
+
+#[tokio::test]
+async fn an_unusable_idempotency_key_is_a_400_naming_the_limit_and_nothing_is_written() {
+    // Given a system taking orders
+    let fixture = Fixture::new();
+    let long = "k".repeat(600);
+    let huge = "k".repeat(10 * 1024);
+    for (key, says) in [
+        ("", "is empty"),
+        ("  ", "is empty"),
+        (&long[..], "at most 255"),
+        (&huge[..], "at most 255"),
+        ("a key", "printable ASCII"),
+    ] {
+        // When an order comes with that key
+        let id = format!("ord-key-{}", key.len());
+        let answer = fixture.send(http(&order(&id, "cust-k"), Some(key))).await;
+
+        // Then it is refused with a 400 that says why, as JSON, and nothing is recorded
+        assert_eq!(answer["statusCode"], 400, "{key:?}: {answer}");
+        let body: Value = serde_json::from_str(answer["body"].as_str().expect("body")).expect("a JSON body");
+        assert!(body["error"].as_str().is_some_and(|e| e.starts_with("Idempotency-Key") && e.contains(says)), "{body}");
+        assert_eq!(fixture.events(&id).await, 0);
+    }
+    // And the longest key allowed is used as given
+    let at_limit = "k".repeat(255);
+    let answer = fixture.send(http(&order("ord-key-ok", "cust-k"), Some(&at_limit))).await;
+    assert_eq!(answer["statusCode"], 201, "{answer}");
+    // And a direct invocation is held to the same rule
+    let direct = json!({ "order": order("ord-key-direct", "cust-k"), "idempotencyKey": "" });
+    let answer = fixture.send(direct).await;
+    assert!(answer["error"].as_str().is_some_and(|e| e.contains("is empty")), "{answer}");
+    assert_eq!(fixture.events("ord-key-direct").await, 0);
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json_or_too_large_is_refused_before_it_is_read() {
+    let fixture = Fixture::new();
+    // Given a valid order sent as text/plain
+    let mut plain = http(&order("ord-plain", "cust-c"), None);
+    plain["headers"]["content-type"] = json!("text/plain");
+    // When it is sent, then it is a 415 saying what to send, and nothing is written
+    let answer = fixture.send(plain).await;
+    assert_eq!(answer["statusCode"], 415, "{answer}");
+    assert!(answer["body"].as_str().is_some_and(|b| b.contains("application/json")), "{answer}");
+    assert_eq!(fixture.events("ord-plain").await, 0);
+
+    // Given JSON with a charset, or a +json type: accepted
+    for (i, content_type) in ["application/json; charset=utf-8", "application/vnd.order+json"].into_iter().enumerate() {
+        let mut typed = http(&order(&format!("ord-typed-{i}"), "cust-c"), None);
+        typed["headers"]["content-type"] = json!(content_type);
+        assert_eq!(fixture.send(typed).await["statusCode"], 201, "{content_type}");
+    }
+
+    // Given a body over 64 KB (an order padded with a long field)
+    let mut padded = order("ord-big", "cust-c");
+    padded["note"] = json!("x".repeat(super::MAX_BODY_BYTES));
+    // Then it is a 413 naming the limit
+    let answer = fixture.send(http(&padded, None)).await;
+    assert_eq!(answer["statusCode"], 413, "{answer}");
+    assert!(answer["body"].as_str().is_some_and(|b| b.contains("at most 65536")), "{answer}");
+    assert_eq!(fixture.events("ord-big").await, 0);
+}
