@@ -115,6 +115,17 @@ fn acceptable_correlation_id(id: &str) -> bool {
     (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
 }
 
+/// A decoding error for the caller, cut short: serde quotes the offending value, which may be
+/// most of a 64 KB body.
+fn malformed(e: serde_json::Error) -> PlaceError {
+    const MAX: usize = 200;
+    let text = e.to_string();
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => PlaceError::Malformed(format!("{}…", &text[..cut])),
+        None => PlaceError::Malformed(text),
+    }
+}
+
 /// `Idempotency-Key` as given, if usable: none, or 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] printable
 /// ASCII characters.
 fn checked_idempotency_key(key: Option<&str>) -> Result<Option<&str>, PlaceError> {
@@ -279,7 +290,7 @@ pub async fn handle<S: EventStore, C: WindowCounters>(
             .map(|d| (d.order, d.idempotency_key, d.correlation_id))
             .or_else(|_| serde_json::from_value::<OrderRequest>(event).map(|o| (o, None, None)));
         return match parsed {
-            Err(e) => PlaceError::Malformed(e.to_string()).body(),
+            Err(e) => malformed(e).body(),
             Ok((order, key, correlation_id)) => {
                 let correlation_id = correlation_id.filter(|id| acceptable_correlation_id(id));
                 let flow = Flow {
@@ -330,7 +341,7 @@ pub async fn handle<S: EventStore, C: WindowCounters>(
     };
     let order = match serde_json::from_str::<OrderRequest>(body) {
         Ok(order) => order,
-        Err(e) => return http_response(400, &PlaceError::Malformed(e.to_string()).body(), &[correlated]),
+        Err(e) => return http_response(400, &malformed(e).body(), &[correlated]),
     };
     match place(repo, limiter, &order, header(&event, "idempotency-key"), &flow).await {
         Ok(placed) => {

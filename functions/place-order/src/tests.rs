@@ -212,3 +212,122 @@ async fn a_body_that_is_not_json_or_too_large_is_refused_before_it_is_read() {
     assert!(answer["body"].as_str().is_some_and(|b| b.contains("at most 65536")), "{answer}");
     assert_eq!(fixture.events("ord-big").await, 0);
 }
+
+/// Arbitrary input at both ways in: never a panic; always a JSON answer with a status the API
+/// documents, a short error naming what is wrong, and nothing written for a refusal.
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::{Fixture, http, order};
+
+    /// Any JSON, with the order's own field names among the keys so that decoding goes deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,40}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 48, 6, |inner| {
+            let key = prop_oneof![
+                Just("orderId".to_owned()),
+                Just("customerId".to_owned()),
+                Just("currency".to_owned()),
+                Just("lines".to_owned()),
+                Just("sku".to_owned()),
+                Just("quantity".to_owned()),
+                Just("unitPriceMinor".to_owned()),
+                Just("order".to_owned()),
+                Just("idempotencyKey".to_owned()),
+                "[a-zA-Z]{0,10}",
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(key, inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A valid order with one field replaced by anything.
+    fn damaged_order() -> impl Strategy<Value = Value> {
+        let field = prop::sample::select(vec![
+            "orderId",
+            "customerId",
+            "currency",
+            "lines",
+            "paymentToken",
+            "shippingAddress",
+            "unknown",
+        ]);
+        (field, any_json()).prop_map(|(field, value)| {
+            let mut order = order("ord-prop", "cust-prop");
+            order[field] = value;
+            order
+        })
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future)
+    }
+
+    fn check_http_answer(answer: &Value) -> Result<(), TestCaseError> {
+        let status = answer["statusCode"].as_u64().unwrap_or_default();
+        prop_assert!([200, 201, 400, 405, 409, 413, 415].contains(&status), "status {status}: {answer}");
+        prop_assert_eq!(&answer["headers"]["content-type"], "application/json");
+        let body: Value = serde_json::from_str(answer["body"].as_str().unwrap_or_default())
+            .map_err(|e| TestCaseError::fail(format!("not JSON ({e}): {answer}")))?;
+        if status >= 400 {
+            let error = body["error"].as_str().unwrap_or_default();
+            prop_assert!(!error.is_empty() && error.len() <= 400, "error {error:?}");
+            prop_assert!(error != "internal error", "{answer}");
+        } else {
+            prop_assert!(body["orderId"].is_string(), "{body}");
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_http_body_is_answered_with_json_and_a_documented_status(body in ".{0,300}", key in proptest::option::of(".{0,300}")) {
+            let fixture = Fixture::new();
+            let mut event = http(&json!(null), key.as_deref());
+            event["body"] = json!(body);
+            let answer = block_on(fixture.send(event));
+            check_http_answer(&answer)?;
+        }
+
+        #[test]
+        fn any_damaged_order_is_placed_or_refused_with_a_reason_and_nothing_written(order in damaged_order()) {
+            let fixture = Fixture::new();
+            let answer = block_on(fixture.send(http(&order, None)));
+            check_http_answer(&answer)?;
+            if answer["statusCode"].as_u64().unwrap_or_default() >= 400 {
+                prop_assert_eq!(block_on(fixture.events("ord-prop")), 0);
+            }
+        }
+
+        #[test]
+        fn any_http_request_shape_is_answered(method in "[A-Z]{0,8}", headers in any_json(), base64 in any::<bool>()) {
+            let fixture = Fixture::new();
+            let mut event = http(&order("ord-shape", "cust-shape"), None);
+            event["requestContext"]["http"]["method"] = json!(method);
+            event["headers"] = headers;
+            event["isBase64Encoded"] = json!(base64);
+            let answer = block_on(fixture.send(event));
+            check_http_answer(&answer)?;
+        }
+
+        #[test]
+        fn any_direct_invocation_gets_an_order_or_an_error(event in any_json()) {
+            prop_assume!(event.get("requestContext").is_none());
+            let fixture = Fixture::new();
+            let answer = block_on(fixture.send(event));
+            let error = answer["error"].as_str();
+            prop_assert!(answer["orderId"].is_string() || error.is_some_and(|e| !e.is_empty() && e.len() <= 400), "{answer}");
+        }
+    }
+}

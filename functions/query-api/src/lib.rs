@@ -578,4 +578,62 @@ mod tests {
         let links = vec![("/x?after=3".to_owned(), "next"), ("/x?after=0".to_owned(), "prev")];
         assert_eq!(link_header(&links).unwrap(), r#"</x?after=3>; rel="next", </x?after=0>; rel="prev""#);
     }
+
+    /// Arbitrary requests through the pure half of the API (routing, query strings, numbers,
+    /// cursors): never a panic, and every refusal a 4xx with a short message.
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn refusal(e: &ApiError) -> Result<(), TestCaseError> {
+            prop_assert!((400..500).contains(&e.status()), "{e:?}");
+            prop_assert!(e.to_string().len() <= 1024 + 64, "{} bytes", e.to_string().len());
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_path_and_method_resolve_or_are_refused(
+                method in "[A-Za-z]{0,8}",
+                path in prop_oneof!["/[a-zA-Z0-9%/{}._-]{0,60}", "/(orders|customers|streams)/.{0,30}(/orders|/events|/lag)?"],
+                route_key in proptest::option::of(".{0,40}"),
+                parameter in proptest::option::of(".{0,40}"),
+            ) {
+                let mut event = http(&method, &path, "");
+                if let Some(key) = route_key {
+                    event["routeKey"] = json!(key);
+                }
+                if let Some(value) = parameter {
+                    event["pathParameters"] = json!({ "id": value, "stream": value });
+                }
+                if let Err(e) = resolve(&event) {
+                    refusal(&e)?;
+                }
+            }
+
+            #[test]
+            fn any_query_string_decodes_and_numbers_are_bounded(query in ".{0,200}") {
+                let params = query_params(&http("GET", "/x", &query));
+                for name in ["limit", "after", "missing"] {
+                    match whole_number(&params, name, 20, (1, 100)) {
+                        Ok(n) => prop_assert!((1..=100).contains(&n)),
+                        Err(e) => refusal(&e)?,
+                    }
+                }
+            }
+
+            #[test]
+            fn any_cursor_is_a_position_in_the_listing_or_a_400(
+                cursor in prop_oneof![".{0,200}", "[A-Za-z0-9_-]{0,200}", any::<Vec<u8>>().prop_map(|b| URL_SAFE_NO_PAD.encode(b))],
+            ) {
+                match decode_cursor(&cursor, "CUSTOMER#c1") {
+                    Ok(key) => prop_assert_eq!(key.len(), 4),
+                    Err(e) => refusal(&e)?,
+                }
+            }
+        }
+    }
 }

@@ -489,4 +489,86 @@ mod tests {
         assert_eq!(failed, ["m5", "m6", "m7", "m8", "m9", "bad"]);
         assert!(parked.reasons().is_empty());
     }
+
+    /// Arbitrary message bodies on a step's queue: each is either worked and answered, or parked
+    /// with its reason; none panics, none is left for redelivery (no poison loop).
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        use super::*;
+
+        /// The sample command with one field replaced by anything, or any text at all.
+        fn body() -> impl Strategy<Value = String> {
+            let sample: Value = serde_json::from_str(include_str!("../../../events/reserve-inventory/command.json"))
+                .expect("the sample event");
+            let command: Value =
+                serde_json::from_str(sample["Records"][0]["body"].as_str().expect("body")).expect("a command");
+            let field = prop::sample::select(vec!["taskToken", "step", "order", "correlationId", "traceHeader"]);
+            let value = prop_oneof![
+                Just(Value::Null),
+                any::<i64>().prop_map(|n| json!(n)),
+                ".{0,30}".prop_map(Value::String),
+                Just(json!({})),
+                Just(json!(["ReserveInventory"])),
+                Just(json!("ChargePayment")),
+            ];
+            prop_oneof![
+                ".{0,200}",
+                (field, value).prop_map(move |(field, value)| {
+                    let mut command = command.clone();
+                    command[field] = value;
+                    command.to_string()
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn every_message_is_answered_or_parked_with_a_reason(bodies in prop::collection::vec(body(), 1..5)) {
+                let sample: Value =
+                    serde_json::from_str(include_str!("../../../events/reserve-inventory/command.json")).expect("sample");
+                let records: Vec<Value> = bodies
+                    .iter()
+                    .enumerate()
+                    .map(|(i, body)| {
+                        let mut record = sample["Records"][0].clone();
+                        record["messageId"] = json!(format!("m{i}"));
+                        record["body"] = json!(body);
+                        record
+                    })
+                    .collect();
+                let event: SqsEvent = serde_json::from_value(json!({ "Records": records })).expect("an SQS event");
+                let (answers, parked) = (Answers::default(), KeptDeadLetters::default());
+                let worked = AtomicUsize::new(0);
+                let step = |_command: StepMessage| {
+                    let worked = &worked;
+                    async move {
+                        worked.fetch_add(1, Ordering::SeqCst);
+                        Ok(Ok(json!({})))
+                    }
+                };
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let response = runtime.block_on(process_batch(
+                    event,
+                    &Deadline::never(),
+                    &[Step::ReserveInventory],
+                    &answers,
+                    &parked,
+                    step,
+                ));
+                prop_assert!(response.batch_item_failures.is_empty(), "{:?}", response.batch_item_failures);
+                let reasons = parked.reasons();
+                prop_assert_eq!(worked.load(Ordering::SeqCst) + reasons.len(), bodies.len());
+                for reason in reasons {
+                    prop_assert!(
+                        reason.starts_with("malformed step command") || reason.contains("does not belong on this queue"),
+                        "{}", reason
+                    );
+                }
+            }
+        }
+    }
 }
