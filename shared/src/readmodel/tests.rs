@@ -148,3 +148,100 @@ fn a_flagged_order_s_view_names_every_step_that_kept_failing_whatever_the_event_
     assert_eq!(old_view.failed_actions, [FailedAction::new("RefundPayment", "ServiceUnavailable: refund failed")]);
     assert_eq!(old_view.failed_step.as_deref(), Some("RefundPayment"));
 }
+
+/// Any event a projection may be handed (known types with damaged payloads, unknown types, odd
+/// stream ids), in any order: applied without a panic, and the view still serializes.
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::readmodel::dead_letters::DeadLetterView;
+
+    fn payload() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(|n| json!(n)),
+            ".{0,20}".prop_map(Value::String),
+            Just(json!([{ "sku": "A", "quantity": 1 }])),
+            Just(json!({ "amountMinor": 1, "currency": "EUR" })),
+        ];
+        let key = prop::sample::select(vec![
+            "orderId",
+            "customerId",
+            "currency",
+            "lines",
+            "total",
+            "reason",
+            "failedStep",
+            "failures",
+            "retryUntil",
+            "paymentId",
+            "refundId",
+            "shipmentId",
+            "sku",
+            "quantity",
+            "available",
+            "deadLetterId",
+            "status",
+        ]);
+        prop::collection::btree_map(key, leaf, 0..6)
+            .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+    }
+
+    fn any_event() -> impl Strategy<Value = RecordedEvent> {
+        let event_type = prop_oneof![
+            prop::sample::select(vec![
+                "OrderPlaced",
+                "OrderCompleted",
+                "OrderCancelled",
+                "OrderFlaggedForManualAction",
+                "OrderManualActionResolved",
+                "PaymentPostponed",
+                "PaymentCharged",
+                "PaymentDeclined",
+                "PaymentRefunded",
+                "RefundPostponed",
+                "ShipmentCreated",
+                "InventoryReserved",
+                "InventoryReleased",
+                "InventoryRestocked",
+                "DeadLetterRecorded",
+                "DeadLetterParked",
+            ])
+            .prop_map(str::to_owned),
+            "[A-Za-z]{0,12}",
+        ];
+        let stream = prop_oneof![
+            Just("Order-o1".to_owned()),
+            Just("Payment-o1".to_owned()),
+            Just("Inventory-A".to_owned()),
+            Just("DeadLetter-d1".to_owned()),
+            ".{0,12}",
+        ];
+        (stream, 0u64..5, event_type, payload(), any::<u32>()).prop_map(|(stream, version, event_type, payload, at)| {
+            event(&stream, version, &event_type, payload, &format!("2026-11-23T10:00:{:02}.000Z", at % 60))
+        })
+    }
+
+    fn apply_all<M: ReadModel>(events: &[RecordedEvent]) -> Result<(), TestCaseError> {
+        let mut model = M::default();
+        for e in events {
+            model.apply(e);
+        }
+        prop_assert!(serde_json::to_value(&model).is_ok());
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_events_apply_to_every_view_without_a_panic(events in prop::collection::vec(any_event(), 0..12)) {
+            apply_all::<OrderView>(&events)?;
+            apply_all::<CustomerOrder>(&events)?;
+            apply_all::<InventoryLevel>(&events)?;
+            apply_all::<DeadLetterView>(&events)?;
+        }
+    }
+}
