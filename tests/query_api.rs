@@ -376,6 +376,30 @@ async fn lag_shows_how_far_each_read_model_is_behind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_api_gateways_head_limit_are_refused_with_json() {
+    // Given the HTTP API
+    let env = ApiEnv::start().await;
+    // When a request line is 100 KB long (its query string)
+    let long = format!("/customers/c-1/orders?status={}", "x".repeat(100 * 1024));
+    let answer = request(env.addr(), "GET", &long, None).await;
+    // Then it is a 414 with a JSON error naming the limit
+    assert_clean_error(&answer, 414);
+    assert!(answer.body.contains("10240 bytes"), "{}", answer.body);
+    // When the headers together are over 10 KB
+    let big = "h".repeat(11 * 1024);
+    let answer =
+        local_env::http_client::request_with_headers(env.addr(), "GET", "/orders/o-1", &[("x-big", &big)], None)
+            .await
+            .expect("an answer");
+    // Then it is a 431, also JSON
+    assert_clean_error(&answer, 431);
+    // And a request within the limit reaches the function (its 400: no such status)
+    let within = format!("/customers/c-1/orders?status={}", "x".repeat(8 * 1024));
+    assert_eq!(request(env.addr(), "GET", &within, None).await.status, 400);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_methods_are_405_and_unknown_routes_404() {
     let env = ApiEnv::start().await;
     let deleted = request(env.addr(), "DELETE", "/orders/ord-1", None).await;

@@ -16,6 +16,11 @@
 //! Differences from API Gateway, by design: a path that a route serves for other methods gets
 //! `405` with `Allow` (API Gateway answers 404), and errors of the server itself are JSON
 //! `{"error": …}`. No authorizers, CORS, throttling or stages.
+//!
+//! As on API Gateway, a request whose line and headers together exceed 10 KB is refused before
+//! anything is invoked: `414` when the request line alone is too long, else `431`, with a JSON
+//! body like every other answer (hyper would answer a long URI itself, with an empty body: the
+//! head is read ahead of it, and one request is served per connection so each is checked).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -35,7 +40,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
@@ -268,13 +274,30 @@ async fn accept(listener: TcpListener, state: Arc<State>, stopped: watch::Receiv
             () = stop_requested(&mut stop) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
+                Ok((mut stream, peer)) => {
                     let state = state.clone();
                     let mut stop = stopped.clone();
                     connections.spawn(async move {
+                        let head = match tokio::time::timeout(HEAD_READ_TIMEOUT, read_head(&mut stream)).await {
+                            Ok(Ok(Head::Fits(head))) => head,
+                            Ok(Ok(Head::TooLarge { status })) => {
+                                refuse_head(&mut stream, status).await;
+                                return;
+                            }
+                            Ok(Ok(Head::Closed)) => return,
+                            Ok(Err(e)) => {
+                                debug!(%peer, error = %e, "reading the request failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(%peer, "no request within {} s", HEAD_READ_TIMEOUT.as_secs());
+                                return;
+                            }
+                        };
                         let service = service_fn(move |request| respond(state.clone(), request, peer));
                         let mut builder = http1::Builder::new();
-                        builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+                        builder.timer(TokioTimer::new()).header_read_timeout(HEAD_READ_TIMEOUT).keep_alive(false);
+                        let stream = Prefixed { prefix: head, read: 0, inner: stream };
                         let connection = builder.serve_connection(TokioIo::new(stream), service);
                         tokio::pin!(connection);
                         tokio::select! {
@@ -303,6 +326,109 @@ async fn accept(listener: TcpListener, state: Arc<State>, stopped: watch::Receiv
     if drained.is_err() {
         warn!("requests still under way after {} s: aborted", DRAIN.as_secs());
         connections.abort_all();
+    }
+}
+
+/// API Gateway's HTTP API quota on a request's line and headers together.
+const MAX_HEAD_BYTES: usize = 10 * 1024;
+/// How long a client may take to send its request's head.
+const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request's head as read ahead of hyper.
+enum Head {
+    /// What was read (the head, maybe the start of the body): hyper reads it again.
+    Fits(Vec<u8>),
+    /// Over [`MAX_HEAD_BYTES`]: `414` or `431`.
+    TooLarge { status: StatusCode },
+    /// The client went away without a byte.
+    Closed,
+}
+
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
+    let mut read = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+            if end + 4 <= MAX_HEAD_BYTES {
+                return Ok(Head::Fits(read));
+            }
+        }
+        if read.len() > MAX_HEAD_BYTES || read.windows(4).any(|w| w == b"\r\n\r\n") {
+            let line_ends = read.windows(2).position(|w| w == b"\r\n");
+            let status = match line_ends {
+                Some(end) if end <= MAX_HEAD_BYTES => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                _ => StatusCode::URI_TOO_LONG,
+            };
+            return Ok(Head::TooLarge { status });
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            // A truncated request: hyper answers (or closes) as it would.
+            return Ok(if read.is_empty() { Head::Closed } else { Head::Fits(read) });
+        }
+        read.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Answers a request whose head is over the limit, without reading the rest of it.
+async fn refuse_head(stream: &mut TcpStream, status: StatusCode) {
+    let what = if status == StatusCode::URI_TOO_LONG { "request line" } else { "request line and headers" };
+    let body = json!({ "error": format!("the {what} exceed {MAX_HEAD_BYTES} bytes, API Gateway's limit") }).to_string();
+    let reason = status.canonical_reason().unwrap_or_default();
+    let response = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// A connection whose first bytes were already read: they are read again first.
+struct Prefixed {
+    prefix: Vec<u8>,
+    read: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.read < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.read);
+            buf.put_slice(&this.prefix[this.read..this.read + n]);
+            this.read += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

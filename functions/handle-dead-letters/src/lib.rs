@@ -275,9 +275,18 @@ impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHan
             .then(|| serde_json::from_str::<Value>(&arrival.body).ok())
             .flatten()
             .and_then(|v| v.get("orderId").and_then(Value::as_str).map(manual_action_case));
+        // A consumer's dead letter names the message it gave up on: that message delivered again
+        // (at least once) and dead-lettered again is the same dead letter, seen twice.
+        let from_source = match (arrival.attributes.get("sourceArn"), arrival.attributes.get("sourceId")) {
+            (Some(arn), Some(source_id)) => Some(
+                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("{arn}#{source_id}").as_bytes()).to_string(),
+            ),
+            _ => None,
+        };
         let id = case
             .into_iter()
             .chain(arrival.attributes.get(DEAD_LETTER_ID).cloned())
+            .chain(from_source)
             .find(|id| StreamId::new("DeadLetter", id).is_ok())
             .unwrap_or_else(|| arrival.message_id.clone());
         let ctx = CommandContext { correlation_id: Some(id.clone()), ..CommandContext::default() };
@@ -1054,13 +1063,22 @@ mod tests {
         let h = handler(true);
         let message = sample("unreadable.json");
         let outcome = h.handle_one(&message).await.expect("handled");
-        let Outcome::Parked { reason, .. } = outcome else { panic!("{outcome:?}") };
+        let Outcome::Parked { reason, dead_letter_id } = outcome else { panic!("{outcome:?}") };
         assert!(reason.contains("expected struct Order"), "{reason}");
         assert!(h.queues.0.lock().expect("sent").is_empty());
-        let dl = state(&h, message.message_id.as_deref().expect("id")).await;
+        let dl = state(&h, &dead_letter_id).await;
         assert_eq!(dl.failure(), Some(Failure::Poison));
         assert_eq!(dl.first.and_then(|a| a.source).as_deref(), Some(SOURCE));
         assert_eq!(h.notifier.0.lock().expect("told").len(), 1);
+
+        // When its source message, delivered again, is dead-lettered again (a new DLQ message)
+        let mut again = message.clone();
+        again.message_id = Some("dlq-copy-2".into());
+        let outcome = h.handle_one(&again).await.expect("handled");
+        // Then it is the same dead letter, seen twice and parked again, not a second one
+        assert!(matches!(&outcome, Outcome::Parked { dead_letter_id: same, .. } if *same == dead_letter_id));
+        let dl = state(&h, &dead_letter_id).await;
+        assert_eq!((dl.status, dl.times_seen), (Status::Parked, 2));
     }
 
     #[test]
