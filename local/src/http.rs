@@ -348,10 +348,10 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Head> {
     let mut read = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
-            if end + 4 <= MAX_HEAD_BYTES {
-                return Ok(Head::Fits(read));
-            }
+        if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n")
+            && end + 4 <= MAX_HEAD_BYTES
+        {
+            return Ok(Head::Fits(read));
         }
         if read.len() > MAX_HEAD_BYTES || read.windows(4).any(|w| w == b"\r\n\r\n") {
             let line_ends = read.windows(2).position(|w| w == b"\r\n");
