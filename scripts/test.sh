@@ -13,6 +13,9 @@ scripts/env.sh up
 step "template lint: cfn-lint with the serverless rules"
 .local/venv/bin/cfn-lint template.yaml -a cfn_lint_serverless.rules
 
+step "template security scan: checkov (skips, each with its reason, in the template)"
+scripts/checkov.sh
+
 step "format and lints: cargo fmt --check, cargo clippy"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
