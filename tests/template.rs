@@ -275,3 +275,137 @@ fn every_stream_consumer_and_consumed_queue_has_a_stall_alarm() {
         assert!(across, "no alarm on {metric} across the functions");
     }
 }
+
+/// The logical ids a value refers to: `Ref`, `Fn::GetAtt`, and `${Id}` / `${Id.Attr}` in `Fn::Sub`.
+fn referenced(value: &Value, into: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map {
+                match (key.as_str(), inner) {
+                    ("Ref", Value::String(id)) => {
+                        into.insert(id.clone());
+                    }
+                    ("Fn::GetAtt", Value::Array(parts)) => {
+                        into.extend(parts.first().and_then(Value::as_str).map(str::to_owned));
+                    }
+                    ("Fn::GetAtt", Value::String(path)) => {
+                        into.extend(path.split('.').next().map(str::to_owned));
+                    }
+                    ("Fn::Sub", sub) => {
+                        let text = sub.as_str().or_else(|| sub.get(0).and_then(Value::as_str)).unwrap_or_default();
+                        for part in text.split("${").skip(1) {
+                            let name = part.split(['}', '.']).next().unwrap_or_default();
+                            if !name.starts_with("AWS::") && !name.is_empty() {
+                                into.insert(name.to_owned());
+                            }
+                        }
+                        referenced(sub, into);
+                    }
+                    _ => referenced(inner, into),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| referenced(v, into)),
+        _ => {}
+    }
+}
+
+/// A policy statement's actions are named one by one, and its resources are named: `*` only for
+/// the calls IAM scopes by something else (a task token).
+fn assert_narrow_statements(owner: &str, statements: &Value) {
+    const UNSCOPED: [&str; 3] = ["states:SendTaskSuccess", "states:SendTaskFailure", "states:SendTaskHeartbeat"];
+    let as_list = |v: &Value| match v {
+        Value::Array(items) => items.clone(),
+        Value::Null => vec![],
+        other => vec![other.clone()],
+    };
+    for statement in as_list(statements) {
+        assert_eq!(statement["Effect"], "Allow", "{owner}: {statement}");
+        let actions: Vec<String> =
+            as_list(&statement["Action"]).iter().filter_map(|a| a.as_str().map(str::to_owned)).collect();
+        assert!(!actions.is_empty(), "{owner}: a statement without actions: {statement}");
+        for action in &actions {
+            assert!(!action.contains('*'), "{owner}: wildcard action {action}");
+        }
+        if as_list(&statement["Resource"]).iter().any(|r| r == "*") {
+            assert!(actions.iter().all(|a| UNSCOPED.contains(&a.as_str())), "{owner}: Resource \"*\" for {actions:?}");
+        }
+        assert!(statement.get("NotAction").is_none() && statement.get("NotResource").is_none(), "{owner}");
+    }
+}
+
+/// Least privilege: every function's policies are this template's managed policies, SAM policy
+/// templates scoped to one resource (no CRUD bundle: it brings Scan, DeleteItem and
+/// BatchWriteItem), or statements with named actions and resources; and every resource a
+/// function's own policies name is one its configuration uses (its environment or its events).
+#[test]
+fn every_function_s_permissions_name_only_what_it_uses() {
+    let t = template();
+    const NARROW_TEMPLATES: [&str; 6] = [
+        "SQSSendMessagePolicy",
+        "SSMParameterReadPolicy",
+        "SNSPublishMessagePolicy",
+        "StepFunctionsExecutionPolicy",
+        "EventBridgePutEventsPolicy",
+        "DynamoDBReadPolicy",
+    ];
+    let managed: BTreeSet<&str> = t
+        .resources
+        .values()
+        .filter(|r| r.kind == "AWS::IAM::ManagedPolicy")
+        .map(|r| {
+            assert_narrow_statements(&r.logical_id, &r.properties["PolicyDocument"]["Statement"]);
+            r.logical_id.as_str()
+        })
+        .collect();
+    let mut global = BTreeSet::new();
+    referenced(&t.globals["Function"]["Environment"], &mut global);
+    let functions: Vec<_> = t.resources.values().filter(|r| r.kind == "AWS::Serverless::Function").collect();
+    for f in functions {
+        let owner = f.logical_id.as_str();
+        let mut used = global.clone();
+        referenced(&f.properties["Environment"], &mut used);
+        let mut sources = BTreeSet::new();
+        referenced(&f.properties["Events"], &mut sources);
+        used.extend(sources.iter().cloned());
+        let policies = f.properties["Policies"].as_array().unwrap_or_else(|| panic!("{owner}: Policies"));
+        for policy in policies {
+            let mut names = BTreeSet::new();
+            match policy.as_object().and_then(|p| p.iter().next()) {
+                Some((key, Value::String(id))) if key == "Ref" => {
+                    assert!(
+                        managed.contains(id.as_str()),
+                        "{owner}: Ref {id} is not a managed policy of this template"
+                    );
+                    continue;
+                }
+                Some((key, statements)) if key == "Statement" => {
+                    assert_narrow_statements(owner, statements);
+                    referenced(statements, &mut names);
+                }
+                Some((key, parameters)) => {
+                    assert!(
+                        NARROW_TEMPLATES.contains(&key.as_str()),
+                        "{owner}: policy template {key} is broader than needed"
+                    );
+                    referenced(parameters, &mut names);
+                    assert!(!names.is_empty(), "{owner}: {key} names no resource of this template");
+                }
+                None => panic!("{owner}: a policy that is neither a managed policy nor a statement: {policy}"),
+            }
+            for name in names.iter().filter(|n| t.resources.contains_key(n.as_str())) {
+                // Or a function whose failures this one is handed (its mapping's OnFailure
+                // destination is one of this function's sources): it acts on what they left.
+                let hands_failures_here = || {
+                    let mut theirs = BTreeSet::new();
+                    referenced(&t.resources[name.as_str()].properties["Events"], &mut theirs);
+                    theirs.iter().any(|r| sources.contains(r))
+                };
+                assert!(
+                    used.contains(name) || hands_failures_here(),
+                    "{owner}: its policy names {name}, which its environment and events do not"
+                );
+            }
+        }
+    }
+}
