@@ -188,6 +188,9 @@ impl ReadModel for OrderView {
             "PaymentCharged" | "PaymentDeclined" => {
                 if e.event_type == "PaymentCharged" {
                     self.payment_id = str_field(p, "paymentId");
+                } else {
+                    // A lost charge settled as never made (voided): no refund is waiting.
+                    self.refund_pending_until = None;
                 }
                 self.payment_pending_until = None;
                 if self.status == "PaymentPending" {

@@ -149,6 +149,35 @@ fn a_flagged_order_s_view_names_every_step_that_kept_failing_whatever_the_event_
     assert_eq!(old_view.failed_step.as_deref(), Some("RefundPayment"));
 }
 
+#[test]
+fn a_parked_refund_shows_until_when_it_waits_and_clears_once_settled() {
+    // Given an order whose refund is parked
+    let parked = |order: &str| {
+        let stream = format!("Payment-{order}");
+        vec![
+            event(&stream, 1, "PaymentRequested", json!({}), "2026-11-23T10:00:01.000Z"),
+            event(
+                &stream,
+                2,
+                "RefundPostponed",
+                json!({ "retryUntil": "2026-11-23T11:00:00Z" }),
+                "2026-11-23T10:00:02.000Z",
+            ),
+        ]
+    };
+    let mut view = OrderView::default();
+    parked("o1").iter().for_each(|e| view.apply(e));
+    // Then the view says until when it waits
+    assert_eq!(view.refund_pending_until.as_deref(), Some("2026-11-23T11:00:00Z"));
+    // When the refund is made, then nothing waits any more
+    let mut refunded = view.clone();
+    refunded.apply(&event("Payment-o1", 3, "PaymentRefunded", json!({ "refundId": "r1" }), "2026-11-23T10:00:03.000Z"));
+    assert_eq!((refunded.refund_pending_until, refunded.refund_id.as_deref()), (None, Some("r1")));
+    // And when the lost charge is settled as never made (voided), nothing waits either
+    view.apply(&event("Payment-o1", 3, "PaymentDeclined", json!({ "reason": "voided" }), "2026-11-23T10:00:03.000Z"));
+    assert_eq!(view.refund_pending_until, None);
+}
+
 /// Any event a projection may be handed (known types with damaged payloads, unknown types, odd
 /// stream ids), in any order: applied without a panic, and the view still serializes.
 mod properties {
