@@ -96,11 +96,7 @@ async fn a_burst_of_orders_during_a_payment_outage_completes_after_recovery_char
     // And the breaker opened during the outage and closed after it (its history)
     let table = env.stack.environment.get("COMMANDS_TABLE").expect("COMMANDS_TABLE").clone();
     let store = DynamoBreakerStore::new(env.aws.dynamodb(), table);
-    let history = store.history("payment-gateway", 50).await.expect("breaker history");
-    let moves: Vec<(State, State)> = history.iter().map(|t| (t.from, t.to)).collect();
-    assert!(moves.contains(&(State::Closed, State::Open)), "{history:?}");
-    assert_eq!(moves.last().map(|m| m.1), Some(State::Closed), "{history:?}");
-    assert_eq!(store.read("payment-gateway").await.expect("state").state, State::Closed);
+    let moves = assert_opened_and_closed_again(&store).await;
     println!(
         "outage 20 s, {orders} orders: all completed {:.1} s after recovery; {charge_calls} charge calls reached the \
          provider; breaker transitions {moves:?}",
@@ -199,6 +195,17 @@ async fn a_provider_api_key_rotated_in_ssm_and_at_the_provider_needs_no_redeploy
     env.stop().await;
 }
 
+/// The payment gateway's breaker went from closed to open (in its history) and is closed now;
+/// its transitions, oldest first.
+async fn assert_opened_and_closed_again(store: &DynamoBreakerStore) -> Vec<(State, State)> {
+    let history = store.history("payment-gateway", 50).await.expect("breaker history");
+    let moves: Vec<(State, State)> = history.iter().map(|t| (t.from, t.to)).collect();
+    assert!(moves.contains(&(State::Closed, State::Open)), "{history:?}");
+    assert_eq!(moves.last().map(|m| m.1), Some(State::Closed), "{history:?}");
+    assert_eq!(store.read("payment-gateway").await.expect("state").state, State::Closed);
+    moves
+}
+
 /// The charge calls the provider has received so far (this run of its process).
 async fn charge_calls(env: &SagaEnv) -> u64 {
     let providers = env.providers.as_ref().expect("simulator");
@@ -284,11 +291,7 @@ async fn orders_in_flight_when_the_provider_process_crashes_complete_after_its_r
     }
 
     // And the breaker went from closed to open, and is closed again
-    let history = store.history("payment-gateway", 50).await.expect("breaker history");
-    let moves: Vec<(State, State)> = history.iter().map(|t| (t.from, t.to)).collect();
-    assert!(moves.contains(&(State::Closed, State::Open)), "{history:?}");
-    assert_eq!(moves.last().map(|m| m.1), Some(State::Closed), "{history:?}");
-    assert_eq!(store.read("payment-gateway").await.expect("state").state, State::Closed);
+    let moves = assert_opened_and_closed_again(&store).await;
     println!(
         "provider killed with the burst's charges in flight, down 15 s: {} orders completed {:.1} s after its \
          restart, charged once each; breaker transitions {moves:?}; {:.1} s in all",
