@@ -38,7 +38,8 @@ fn get_missing_order() -> Value {
     let id = unique("ord-none-");
     json!({ "version": "2.0", "routeKey": "GET /orders/{id}", "rawPath": format!("/orders/{id}"),
             "rawQueryString": "", "pathParameters": { "id": id },
-            "requestContext": { "http": { "method": "GET", "path": format!("/orders/{id}") } } })
+            "requestContext": { "http": { "method": "GET", "path": format!("/orders/{id}") },
+                                "authorizer": { "jwt": { "claims": { "sub": "cust-1" }, "scopes": null } } } })
 }
 
 /// Every message of a function's log group in CloudWatch Logs.

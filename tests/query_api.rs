@@ -8,7 +8,7 @@ use shared::eventstore::{EventStore, InMemoryEventStore, NewEvent, RecordedEvent
 use shared::readmodel::{
     CustomerOrder, InventoryLevel, OrderView, TimelineEntry, customer_order_key, inventory_key, order_key,
 };
-use system_tests::http::{ApiEnv, HttpResponse, Json, QUERY_API, assert_clean_error, request};
+use system_tests::http::{ApiEnv, HttpResponse, Json, QUERY_API, assert_clean_error, issuer, request_as};
 use system_tests::{unique, workspace_root};
 
 fn order_view(order_id: &str, customer_id: &str, versions: &[(&str, u64)]) -> OrderView {
@@ -381,7 +381,7 @@ async fn requests_over_api_gateways_head_limit_are_refused_with_json() {
     let env = ApiEnv::start().await;
     // When a request line is 100 KB long (its query string)
     let long = format!("/customers/c-1/orders?status={}", "x".repeat(100 * 1024));
-    let answer = request(env.addr(), "GET", &long, None).await;
+    let answer = env.request("GET", &long, None).await;
     // Then it is a 414 with a JSON error naming the limit
     assert_clean_error(&answer, 414);
     assert!(answer.body.contains("10240 bytes"), "{}", answer.body);
@@ -395,17 +395,17 @@ async fn requests_over_api_gateways_head_limit_are_refused_with_json() {
     assert_clean_error(&answer, 431);
     // And a request within the limit reaches the function (its 400: no such status)
     let within = format!("/customers/c-1/orders?status={}", "x".repeat(8 * 1024));
-    assert_eq!(request(env.addr(), "GET", &within, None).await.status, 400);
+    assert_eq!(env.request("GET", &within, None).await.status, 400);
     env.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_methods_are_405_and_unknown_routes_404() {
     let env = ApiEnv::start().await;
-    let deleted = request(env.addr(), "DELETE", "/orders/ord-1", None).await;
+    let deleted = env.request("DELETE", "/orders/ord-1", None).await;
     assert_clean_error(&deleted, 405);
     assert_eq!(deleted.header("allow"), Some("GET"));
-    let posted = request(env.addr(), "POST", "/streams/Order-1/events", Some("{}")).await;
+    let posted = env.request("POST", "/streams/Order-1/events", Some("{}")).await;
     assert_clean_error(&posted, 405);
     // place-order's route is served by the same server: GET is not one of its methods.
     let listed = env.get("/orders").await;
@@ -441,7 +441,7 @@ async fn storage_failures_are_500_without_sdk_text() {
     let server =
         local_env::http::serve(&broken, broken_service.clone(), ([127, 0, 0, 1], 0).into()).await.expect("serve");
     for target in ["/orders/ord-1", "/customers/cust-1/orders", "/streams/Order-1/events", "/streams/Order-1/lag"] {
-        let response = request(server.addr(), "GET", target, None).await;
+        let response = request_as(server.addr(), "GET", target, Some(&issuer().operator_bearer()), None).await;
         assert_clean_error(&response, 500);
         assert_eq!(response.json(), json!({ "error": "internal error" }), "{target}");
     }

@@ -22,12 +22,16 @@ async fn a_customer_over_the_limit_gets_429_with_retry_after_and_nothing_is_writ
         order
     };
     let addr = api.addr();
-    let post = |order: Value, key: String| async move {
-        let headers = [("Idempotency-Key", key.as_str())];
-        let body = order.to_string();
-        local_env::http_client::request_with_headers(addr, "POST", "/orders", &headers, Some(&body))
-            .await
-            .expect("POST /orders")
+    // Each order sent by its customer's client, signed in as them.
+    let post = |order: Value, key: String| {
+        let bearer = env.customer_bearer(order["customerId"].as_str().unwrap_or_default());
+        async move {
+            let headers = [("Idempotency-Key", key.as_str()), ("Authorization", bearer.as_str())];
+            let body = order.to_string();
+            local_env::http_client::request_with_headers(addr, "POST", "/orders", &headers, Some(&body))
+                .await
+                .expect("POST /orders")
+        }
     };
 
     // When the customer places 3 orders

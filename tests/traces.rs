@@ -41,7 +41,12 @@ async fn an_order_placed_over_http_is_correlated_and_traced_through_its_saga() {
     let random = uuid::Uuid::new_v4().simple().to_string();
     let root = format!("1-{epoch:08x}-{}", &random[..24]);
     let trace = format!("Root={root};Parent={};Sampled=1", &random[16..]);
-    let headers = [("X-Correlation-Id", correlation_id.as_str()), ("X-Amzn-Trace-Id", trace.as_str())];
+    let bearer = env.customer_bearer(order["customerId"].as_str().expect("customerId"));
+    let headers = [
+        ("X-Correlation-Id", correlation_id.as_str()),
+        ("X-Amzn-Trace-Id", trace.as_str()),
+        ("Authorization", bearer.as_str()),
+    ];
     let body = order.to_string();
     let response = local_env::http_client::request_with_headers(api.addr(), "POST", "/orders", &headers, Some(&body))
         .await

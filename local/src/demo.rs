@@ -16,7 +16,8 @@ use shared::domain::order::{Order, OrderStatus};
 use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StreamId};
 
 use crate::Stack;
-use crate::http_client::request;
+use crate::http_client::request_with_headers;
+use crate::issuer::Issuer;
 use crate::lambda::{FunctionStats, LambdaService};
 use crate::observe::{self, history, quantile, saga_steps, wait_for_saga};
 
@@ -61,6 +62,20 @@ pub async fn restock(repo: &Repository<DynamoEventStore>, stock: &[(&str, u32)])
     Ok(())
 }
 
+/// The HTTP API the demo calls, and the issuer its tokens come from.
+#[derive(Clone, Copy)]
+pub struct Api<'a> {
+    pub addr: SocketAddr,
+    pub issuer: &'a Issuer,
+}
+
+impl Api<'_> {
+    /// `GET target` with `Authorization: bearer`.
+    async fn get(&self, target: &str, bearer: &str) -> anyhow::Result<crate::http_client::HttpResponse> {
+        request_with_headers(self.addr, "GET", target, &[("authorization", bearer)], None).await
+    }
+}
+
 struct Placed {
     sample: String,
     order_id: String,
@@ -86,7 +101,7 @@ pub async fn run(
     sfn: &aws_sdk_sfn::Client,
     samples: &Path,
     extra: usize,
-    api: Option<SocketAddr>,
+    api: Option<Api<'_>>,
 ) -> anyhow::Result<Outcome> {
     let env = stack.environment.clone();
     let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned())?;
@@ -119,10 +134,26 @@ pub async fn run(
         }
         let order_id = order["orderId"].as_str().unwrap_or_default().to_owned();
         let placed_at = now();
-        // A direct invocation of the place-order binary, as `aws lambda invoke` would make.
-        let answer = service.invoke_json(PLACE_ORDER, &order).await?;
-        if answer.get("error").is_some() {
-            bail!("placing {order_id} failed: {answer}");
+        match api {
+            // The happy path as a customer's client places it: POST /orders with their token.
+            Some(api) if sample == "happy-path" => {
+                let customer = order["customerId"].as_str().unwrap_or_default().to_owned();
+                let bearer = api.issuer.customer_bearer(&customer);
+                let headers = [("authorization", bearer.as_str())];
+                let body = order.to_string();
+                let answer = request_with_headers(api.addr, "POST", "/orders", &headers, Some(&body)).await?;
+                if answer.status != 201 {
+                    bail!("POST /orders as {customer} answered {}: {}", answer.status, answer.body);
+                }
+            }
+            // The rest by direct invocation of the place-order binary, as `aws lambda invoke`
+            // (IAM-authorised) would make.
+            _ => {
+                let answer = service.invoke_json(PLACE_ORDER, &order).await?;
+                if answer.get("error").is_some() {
+                    bail!("placing {order_id} failed: {answer}");
+                }
+            }
         }
         placed.push(Placed { sample, order_id, expected, placed_at });
     }
@@ -189,8 +220,9 @@ pub async fn run(
 
 /// The query side, read through the HTTP API: once the projections have caught up with the
 /// order's streams, its order view and its customer's latest orders.
-async fn show_read_side(api: SocketAddr, order_id: &str, all: &[&str]) -> anyhow::Result<bool> {
-    println!("\nRead side (through the query API at http://{api}):");
+async fn show_read_side(api: Api<'_>, order_id: &str, all: &[&str]) -> anyhow::Result<bool> {
+    println!("\nRead side (through the query API at http://{}, tokens from {}):", api.addr, api.issuer.url());
+    let operator = api.issuer.operator_bearer();
     // The projections trail the sagas by the outbox relay's backlog; a minute of no progress at
     // all means they are stuck.
     let began = std::time::Instant::now();
@@ -202,7 +234,7 @@ async fn show_read_side(api: SocketAddr, order_id: &str, all: &[&str]) -> anyhow
     for stream in streams {
         let mut least_behind = u64::MAX;
         loop {
-            let lag = request(api, "GET", &format!("/streams/{stream}/lag"), None).await?;
+            let lag = api.get(&format!("/streams/{stream}/lag"), &operator).await?;
             let body = lag.body_json()?;
             let behind: u64 = body["behind"].as_object().map_or(1, |b| b.values().filter_map(Value::as_u64).sum());
             if lag.status == 200 && behind == 0 {
@@ -220,9 +252,14 @@ async fn show_read_side(api: SocketAddr, order_id: &str, all: &[&str]) -> anyhow
         }
     }
     println!("(caught up with every order {:.1} s after the last saga ended)", began.elapsed().as_secs_f64());
-    let view = request(api, "GET", &format!("/orders/{order_id}"), None).await?;
+    let view = api.get(&format!("/orders/{order_id}"), &operator).await?;
     let v = view.body_json()?;
-    println!("GET /orders/{order_id} → {}", view.status);
+    let customer = v["customerId"].as_str().unwrap_or_default().to_owned();
+    // Read again as its customer would; another customer finds nothing there.
+    let bearer = api.issuer.customer_bearer(&customer);
+    let view = api.get(&format!("/orders/{order_id}"), &bearer).await?;
+    let v = view.body_json()?;
+    println!("GET /orders/{order_id} as {customer} → {}", view.status);
     println!(
         "    status {}, total {} {}, payment {}, shipment {}",
         v["status"], v["totalMinor"], v["currency"], v["paymentId"], v["shipmentId"]
@@ -230,10 +267,13 @@ async fn show_read_side(api: SocketAddr, order_id: &str, all: &[&str]) -> anyhow
     let timeline: Vec<&str> =
         v["timeline"].as_array().map(|t| t.iter().filter_map(|e| e["event"].as_str()).collect()).unwrap_or_default();
     println!("    timeline: {}", timeline.join(" → "));
-    let customer = v["customerId"].as_str().unwrap_or_default();
-    let listing = request(api, "GET", &format!("/customers/{customer}/orders?limit=5"), None).await?;
+    let stranger = api.get(&format!("/orders/{order_id}"), &api.issuer.customer_bearer("someone-else")).await?;
+    println!("GET /orders/{order_id} as someone-else → {} {}", stranger.status, stranger.body);
+    let anonymous = request_with_headers(api.addr, "GET", &format!("/orders/{order_id}"), &[], None).await?;
+    println!("GET /orders/{order_id} without a token → {} {}", anonymous.status, anonymous.body);
+    let listing = api.get(&format!("/customers/{customer}/orders?limit=5"), &bearer).await?;
     let items = listing.body_json()?;
-    println!("GET /customers/{customer}/orders?limit=5 → {}", listing.status);
+    println!("GET /customers/{customer}/orders?limit=5 as {customer} → {}", listing.status);
     for item in items["items"].as_array().into_iter().flatten() {
         let field = |k: &str| item[k].as_str().unwrap_or_default().to_owned();
         println!("    {} {:<18} {:>6} {}", field("placedAt"), field("status"), item["totalMinor"], field("orderId"));
@@ -241,7 +281,11 @@ async fn show_read_side(api: SocketAddr, order_id: &str, all: &[&str]) -> anyhow
     if let Some(link) = listing.header("link") {
         println!("    Link: {link}");
     }
-    Ok(view.status == 200 && v["status"] == "Completed" && listing.status == 200)
+    Ok(view.status == 200
+        && v["status"] == "Completed"
+        && listing.status == 200
+        && stranger.status == 404
+        && anonymous.status == 401)
 }
 
 /// Per function, from its invocations' REPORT figures: invocations, cold starts, init p50,

@@ -13,9 +13,13 @@
 //! function error (including Lambda's own timeout, the function's `Timeout`) is a `500`, and
 //! the integration gives up after 30 s with a `503`.
 //!
+//! Routes behind a JWT authorizer (the API's `Auth`, see [`crate::authorizer`]) are verified
+//! before anything is invoked, as API Gateway does: `401`/`403` `{"message": …}` with the reason
+//! in `www-authenticate`; the verified claims go in `requestContext.authorizer.jwt`.
+//!
 //! Differences from API Gateway, by design: a path that a route serves for other methods gets
 //! `405` with `Allow` (API Gateway answers 404), and errors of the server itself are JSON
-//! `{"error": …}`. No authorizers, CORS, throttling or stages.
+//! `{"error": …}`. No Lambda authorizers, CORS, throttling or stages.
 //!
 //! As on API Gateway, a request whose line and headers together exceed 10 KB is refused before
 //! anything is invoked: `414` when the request line alone is too long, else `431`, with a JSON
@@ -47,6 +51,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, error, info, warn};
 
 use crate::Stack;
+use crate::authorizer::{RouteAuth, api_authorizers};
 use crate::runner::Invoke;
 
 /// API Gateway's payload limit.
@@ -75,6 +80,12 @@ pub struct HttpRoute {
     /// `ApiId`, resolved (the API's name locally).
     pub api_id: Option<String>,
     segments: Vec<Segment>,
+    /// The event's `Auth.Authorizer` (`NONE`: none; unset: the API's default).
+    authorizer_name: Option<String>,
+    /// The event's `Auth.AuthorizationScopes`.
+    scopes: Vec<String>,
+    /// The authorizer in front of the route, once resolved against its API.
+    auth: Option<RouteAuth>,
 }
 
 impl HttpRoute {
@@ -185,6 +196,16 @@ pub fn routes(stack: &Stack) -> anyhow::Result<Vec<HttpRoute>> {
                 path,
                 api_id: p.get("ApiId").and_then(Value::as_str).map(str::to_owned),
                 segments,
+                authorizer_name: p.pointer("/Auth/Authorizer").and_then(Value::as_str).map(str::to_owned),
+                scopes: p
+                    .pointer("/Auth/AuthorizationScopes")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect(),
+                auth: None,
             };
             if let Some(other) =
                 routes.iter().find(|r| r.route_key() == route.route_key() && r.segments == route.segments)
@@ -249,7 +270,23 @@ impl HttpHandle {
 pub async fn serve(stack: &Stack, functions: Arc<dyn Invoke>, addr: SocketAddr) -> anyhow::Result<HttpHandle> {
     let mut served = Vec::new();
     let mut skipped = Vec::new();
-    for route in routes(stack)? {
+    // Each API's authorizers, made once and shared by its routes (one key cache per authorizer).
+    let mut apis = BTreeMap::new();
+    for (id, props) in &stack.apis {
+        apis.insert(id.clone(), api_authorizers(props).with_context(|| format!("the HTTP API {id}"))?);
+    }
+    for mut route in routes(stack)? {
+        let api = route.api_id.as_ref().and_then(|id| apis.get(id));
+        route.auth = match route.authorizer_name.as_ref().or(api.and_then(|a| a.default.as_ref())) {
+            None => None,
+            Some(name) if name == "NONE" => None,
+            Some(name) => {
+                let authorizer = api
+                    .and_then(|a| a.authorizers.get(name))
+                    .with_context(|| format!("{route}: no authorizer {name} on its API"))?;
+                Some(RouteAuth { authorizer: authorizer.clone(), scopes: route.scopes.clone() })
+            }
+        };
         if functions.serves(&route.function) {
             served.push(route);
         } else {
@@ -450,6 +487,18 @@ fn error_response(status: StatusCode, message: &str, extra: &[(&str, String)]) -
     response
 }
 
+/// API Gateway's answer to a request its authorizer refused.
+fn denied_response(denied: &crate::authorizer::Denied) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(denied.body().to_string())));
+    *response.status_mut() = StatusCode::from_u16(denied.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+    let headers = response.headers_mut();
+    headers.insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(challenge) = HeaderValue::try_from(denied.challenge()) {
+        headers.insert(hyper::header::WWW_AUTHENTICATE, challenge);
+    }
+    response
+}
+
 async fn respond(
     state: Arc<State>,
     request: Request<Incoming>,
@@ -475,6 +524,19 @@ async fn respond(
         return Ok(error_response(StatusCode::METHOD_NOT_ALLOWED, &message, &[("allow", allow.join(", "))]));
     };
     let (parts, body) = request.into_parts();
+    let jwt = match &route.auth {
+        None => None,
+        Some(auth) => {
+            let authorization = parts.headers.get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            match auth.authorizer.authorize(authorization, &auth.scopes).await {
+                Ok(jwt) => Some(jwt),
+                Err(denied) => {
+                    info!(%method, %path, route = %route.route_key(), status = denied.status(), reason = ?denied, "request refused by the authorizer");
+                    return Ok(denied_response(&denied));
+                }
+            }
+        }
+    };
     let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
@@ -485,7 +547,10 @@ async fn respond(
             return Ok(error_response(StatusCode::BAD_REQUEST, "the request body could not be read", &[]));
         }
     };
-    let event = api_event(route, &parts, &body, path_parameters, peer, state.port);
+    let mut event = api_event(route, &parts, &body, path_parameters, peer, state.port);
+    if let Some(jwt) = jwt {
+        event["requestContext"]["authorizer"] = json!({ "jwt": jwt });
+    }
     let started = std::time::Instant::now();
     // The function runs in the request's trace, as behind API Gateway.
     let trace = event.pointer("/headers/x-amzn-trace-id").and_then(Value::as_str).map(str::to_owned);
@@ -688,6 +753,9 @@ mod tests {
             path: path.map(str::to_owned),
             api_id: None,
             segments: path.map(|p| parse_path(p).unwrap()).unwrap_or_default(),
+            authorizer_name: None,
+            scopes: Vec::new(),
+            auth: None,
         }
     }
 

@@ -2,11 +2,13 @@
 //! infrastructure. `local-env provision` creates the template's resources on the emulators
 //! (DynamoDB Local, LocalStack) and writes what local processes need into `.local/`.
 
+pub mod authorizer;
 pub mod demo;
 pub mod envfile;
 pub mod filter;
 pub mod http;
 pub mod http_client;
+pub mod issuer;
 pub mod lambda;
 pub mod meter;
 pub mod observe;

@@ -8,8 +8,11 @@
 //! more), reports and exits. With `--scenario` (a demo too) it replays a payment provider fault
 //! instead (`local_env::scenario`): a burst of N happy-path orders (default 30 for an outage, 20
 //! otherwise) while the gateway is down for S seconds (default 30), slow, or flaky; prints the
-//! outcome table and fails if an order was lost, charged twice, cancelled or flagged. While it runs, the template's HTTP API
-//! routes are served on 127.0.0.1:`LOCAL_API_PORT` (default 3000) and Lambda's Invoke API on
+//! outcome table and fails if an order was lost, charged twice, cancelled or flagged.
+//!
+//! While it runs, the template's HTTP API routes are served on 127.0.0.1:`LOCAL_API_PORT`
+//! (default 3000), behind their JWT authorizer, which trusts the local OIDC issuer served on
+//! 127.0.0.1:`LOCAL_ISSUER_PORT` (default 9400, `local_env::issuer`); Lambda's Invoke API on
 //! 127.0.0.1:`LOCAL_LAMBDA_PORT` (default 9001). `LOCAL_FUNCTION_LOGS=stderr` also prints every
 //! function's log lines.
 //!
@@ -79,6 +82,8 @@ async fn provision(argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let mut overrides = args.overrides;
     let simulator_url = format!("http://127.0.0.1:{}", local_env::providers::port()?);
     local_env::providers::point_at(&template, &simulator_url, &mut overrides);
+    // The HTTP API trusts the issuer `local-env run` serves, unless the caller names another.
+    local_env::issuer::point_at(&template, &local_env::issuer::url(local_env::issuer::port()?), &mut overrides);
     let options = Options { stack_name: args.stack_name, region, account_id, parameter_overrides: overrides };
     let stack = local_env::provision(&template, &options, &Clients::new(&config)).await?;
     // The providers' API key: made once, kept in SSM as on AWS (where it is made by hand).
@@ -219,6 +224,20 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         println!("  skips {skipped}");
     }
     let running = runner.start();
+    // The issuer the HTTP API trusts, if it is the local one (its URL is fixed at provisioning).
+    let issuer_port = local_env::issuer::port()?;
+    let issuer = if local_env::issuer::trusted_by(&stack, &local_env::issuer::url(issuer_port)) {
+        let issuer = local_env::issuer::Issuer::start(([127, 0, 0, 1], issuer_port).into()).await?;
+        println!(
+            "OIDC issuer on {0} (a token: curl -s -X POST {0}/token -d '{{\"sub\":\"cust-42\"}}'; \
+             an operator's: add \"scope\":\"{1}\")",
+            issuer.url(),
+            local_env::issuer::DEFAULT_OPERATOR_SCOPE
+        );
+        Some(issuer)
+    } else {
+        None
+    };
     let api =
         match local_env::http::serve(&stack, service.clone(), ([127, 0, 0, 1], port("LOCAL_API_PORT", 3000)?).into())
             .await
@@ -260,8 +279,16 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         let sfn = aws_sdk_sfn::Client::new(&sdk);
         let samples = Path::new("events/place-order");
         Some(
-            local_env::demo::run(&stack, &service, &dynamodb, &sfn, samples, extra, api.as_ref().map(|a| a.addr()))
-                .await,
+            local_env::demo::run(
+                &stack,
+                &service,
+                &dynamodb,
+                &sfn,
+                samples,
+                extra,
+                api.as_ref().zip(issuer.as_ref()).map(|(a, issuer)| local_env::demo::Api { addr: a.addr(), issuer }),
+            )
+            .await,
         )
     } else {
         println!("Running; Ctrl-C stops.");

@@ -83,6 +83,10 @@ pub struct Stack {
     pub functions: BTreeMap<String, BTreeMap<String, String>>,
     /// Each function's properties, resolved (its `Events` drive the local runner).
     pub function_properties: BTreeMap<String, Value>,
+    /// Each HTTP API's properties, resolved, by what its `Ref` resolves to (a route's `ApiId`):
+    /// the local HTTP API reads its authorizers from them.
+    #[serde(default)]
+    pub apis: BTreeMap<String, Value>,
     pub outputs: BTreeMap<String, String>,
     /// Environment variables and outputs that could not be resolved (a resource failed).
     pub unresolved: Vec<String>,
@@ -127,6 +131,7 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
     )?;
     let mut outcomes = Vec::new();
     let mut function_properties = BTreeMap::new();
+    let mut apis = BTreeMap::new();
     for resource in template.creation_order()? {
         let id = &resource.logical_id;
         let ignored: Vec<String> = resource
@@ -153,7 +158,13 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
                     function_properties.insert(id.clone(), with_globals(&props, &template.globals, &resolver));
                 }
                 let ctx = Ctx { id, props: &props, options, clients, template };
-                create(&resource.kind, ctx).await
+                let created = create(&resource.kind, ctx).await;
+                if let Ok(Some((_, resolved))) = &created
+                    && resource.kind == "AWS::Serverless::HttpApi"
+                {
+                    apis.insert(resolved.reference.clone(), props.clone());
+                }
+                created
             }
         };
         let (status, physical_id) = match result {
@@ -206,6 +217,7 @@ pub async fn provision(template: &Template, options: &Options, clients: &Clients
         environment,
         functions,
         function_properties,
+        apis,
         outputs,
         unresolved,
     })

@@ -13,8 +13,10 @@
 //! - [`aws`]: the AWS SDK configuration, cheap at cold start (compiled-in TLS roots, lazy TLS).
 //! - [`deadline`]: the invocation's deadline, for handlers working through a batch.
 //! - [`text`]: percent-decoding for HTTP paths and query strings.
+//! - [`auth`]: the HTTP caller's identity, as the API's JWT authorizer verified it.
 
 pub mod aggregate;
+pub mod auth;
 pub mod aws;
 pub mod config;
 pub mod deadline;

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use local_env::http::HttpHandle;
+use local_env::issuer::Issuer;
 use local_env::lambda::LambdaService;
 use local_env::{Options, Stack, Template};
 use serde::Serialize;
@@ -31,11 +32,14 @@ fn provisioned() -> Stack {
                 runtime.block_on(async {
                     let aws = LocalAws::load().await;
                     let template = Template::load(&workspace_root().join("template.yaml")).expect("template");
+                    // The API trusts this binary's issuer.
+                    let parameter_overrides =
+                        HashMap::from([(local_env::issuer::ISSUER_PARAMETER.to_owned(), issuer().url().to_owned())]);
                     let options = Options {
                         stack_name: unique("q"),
                         region: aws.var("AWS_REGION"),
                         account_id: "000000000000".into(),
-                        parameter_overrides: HashMap::new(),
+                        parameter_overrides,
                     };
                     let stack = local_env::provision(&template, &options, &aws.provisioning_clients())
                         .await
@@ -48,6 +52,25 @@ fn provisioned() -> Stack {
             .expect("provisioning thread")
         })
         .clone()
+}
+
+/// One local OIDC issuer per test binary, serving its keys from a runtime of its own (each
+/// test has its own runtime, and the provisioned stack trusts this issuer's URL). Tokens are
+/// signed in process.
+pub fn issuer() -> &'static Issuer {
+    static ISSUER: OnceLock<Issuer> = OnceLock::new();
+    ISSUER.get_or_init(|| {
+        let (started, issuer) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let issuer = Issuer::start(([127, 0, 0, 1], 0).into()).await.expect("start the local issuer");
+                started.send(issuer).expect("hand the issuer over");
+                std::future::pending::<()>().await;
+            });
+        });
+        issuer.recv().expect("the local issuer starts")
+    })
 }
 
 pub struct ApiEnv {
@@ -79,8 +102,19 @@ impl ApiEnv {
         self.server.addr()
     }
 
+    /// `GET target` as an operator (who may read everything).
     pub async fn get(&self, target: &str) -> HttpResponse {
-        request(self.addr(), "GET", target, None).await
+        self.request("GET", target, None).await
+    }
+
+    /// `GET target` with `Authorization: bearer` (none: no header).
+    pub async fn get_as(&self, target: &str, bearer: Option<&str>) -> HttpResponse {
+        request_as(self.addr(), "GET", target, bearer, None).await
+    }
+
+    /// A request as an operator.
+    pub async fn request(&self, method: &str, target: &str, body: Option<&str>) -> HttpResponse {
+        request_as(self.addr(), method, target, Some(&issuer().operator_bearer()), body).await
     }
 
     /// Writes a read model item as the projections do: the model's attributes (serde_dynamo)
@@ -136,6 +170,24 @@ pub fn assert_clean_error(response: &HttpResponse, status: u16) {
 }
 
 pub use local_env::http_client::{HttpResponse, parse_links};
+
+/// One request with `Authorization: bearer` (a body is sent as JSON); panics (failing the test)
+/// when there is no HTTP answer.
+pub async fn request_as(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    bearer: Option<&str>,
+    body: Option<&str>,
+) -> HttpResponse {
+    let mut headers = Vec::new();
+    if let Some(bearer) = bearer {
+        headers.push(("authorization", bearer));
+    }
+    local_env::http_client::request_with_headers(addr, method, target, &headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
 
 /// One request; panics (failing the test) when there is no HTTP answer.
 pub async fn request(addr: SocketAddr, method: &str, target: &str, body: Option<&str>) -> HttpResponse {

@@ -37,6 +37,8 @@ pub struct SagaEnv {
     /// The providers the functions call: the simulator's own process (a test's own, so its
     /// faults touch no other test), which a test may kill and restart on its journal.
     pub providers: Option<SimulatorProcess>,
+    /// The OIDC issuer the stack's HTTP API trusts (a test's own stack).
+    pub issuer: Option<local_env::issuer::Issuer>,
 }
 
 /// The provider simulator's binary, built once per test binary.
@@ -143,6 +145,7 @@ impl SagaEnv {
             disposable: false,
             invoke_api: None,
             providers,
+            issuer: None,
         }
     }
 
@@ -161,6 +164,10 @@ impl SagaEnv {
         let mut parameter_overrides = overrides();
         local_env::providers::point_at(&template, &providers.url(), &mut parameter_overrides);
         parameter_overrides.insert("ProviderApiKeyParameter".to_owned(), key_parameter);
+        // Its HTTP API trusts its own issuer.
+        let issuer =
+            local_env::issuer::Issuer::start(([127, 0, 0, 1], 0).into()).await.expect("start the local issuer");
+        local_env::issuer::point_at(&template, issuer.url(), &mut parameter_overrides);
         parameter_overrides.extend(parameters.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let options = Options {
             stack_name,
@@ -192,7 +199,13 @@ impl SagaEnv {
             disposable: true,
             invoke_api: Some(invoke_api),
             providers: Some(providers),
+            issuer: Some(issuer),
         }
+    }
+
+    /// `Bearer <token>` of `customer`, from the issuer the stack's HTTP API trusts.
+    pub fn customer_bearer(&self, customer: &str) -> String {
+        self.issuer.as_ref().expect("a test's own stack has an issuer").customer_bearer(customer)
     }
 
     pub fn state_machine(&self) -> &str {

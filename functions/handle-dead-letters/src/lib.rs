@@ -604,7 +604,8 @@ pub fn classify(message: &SqsMessage, seen_at: String) -> Arrival {
         (Failure::ManualAction, case, None)
     } else if let Some(reason) = attributes.get("reason") {
         // A consumer parked it: it cannot read or accept it.
-        (Failure::Poison, reason.clone(), attributes.get("sourceArn").cloned())
+        let reason = if reason.trim().is_empty() { "its consumer parked it without a reason" } else { reason };
+        (Failure::Poison, reason.to_owned(), attributes.get("sourceArn").cloned())
     } else if let Some(code) = attributes.get("ERROR_CODE") {
         let detail = attributes.get("ERROR_MESSAGE").map(String::as_str).unwrap_or_default();
         (
@@ -622,7 +623,9 @@ pub fn classify(message: &SqsMessage, seen_at: String) -> Arrival {
         body,
         attributes,
         failure,
-        reason,
+        // (It may quote the message, its attributes or a consumer's reason whole: kept short; the
+        // body is kept whole.)
+        reason: shared::text::bounded(&reason, shared::text::MAX_REASON),
         receive_count,
         seen_at,
     }
@@ -1169,5 +1172,224 @@ mod tests {
         let again = h.handle_one(&message).await.expect("second");
         assert!(matches!(again, Outcome::AlreadyHandled { .. }), "{again:?}");
         assert_eq!(h.queues.0.lock().expect("sent").len(), 1);
+    }
+
+    /// Arbitrary DLQ messages (any body, any attributes): each is recorded as a dead letter with
+    /// a short reason, classified by what it says it is, and acted on; none panics, none is left
+    /// on the queue when nothing failed.
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::json;
+        use shared::text::MAX_REASON;
+
+        use super::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![4 => ".{0,30}", 1 => (".{1,4}", 1_000usize..6_000).prop_map(|(s, n)| s.repeat(n))]
+        }
+
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_map(|f| json!(f)),
+                text().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                let key = prop_oneof![
+                    prop::sample::select(vec![
+                        "taskToken",
+                        "orderId",
+                        "executionId",
+                        "failures",
+                        "failedStep",
+                        "error",
+                        "cause",
+                        "DDBStreamBatchInfo",
+                        "requestContext",
+                        "detail",
+                        "streamId",
+                        "correlationId",
+                    ])
+                    .prop_map(str::to_owned),
+                    "[a-zA-Z]{0,8}",
+                ];
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map(key, inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A sample body with one field (of its own, or of a nested object) replaced by anything.
+        fn damaged_sample() -> impl Strategy<Value = String> {
+            let samples = prop::sample::select(vec![
+                "receives-exhausted.json",
+                "unreadable.json",
+                "undeliverable.json",
+                "stream-batch-skipped.json",
+            ]);
+            let pointer = prop::sample::select(vec![
+                "/taskToken",
+                "/order",
+                "/detail",
+                "/detail/streamId",
+                "/DDBStreamBatchInfo",
+                "/DDBStreamBatchInfo/shardId",
+                "/DDBStreamBatchInfo/batchSize",
+                "/DDBStreamBatchInfo/streamArn",
+                "/requestContext",
+                "/requestContext/functionArn",
+            ]);
+            (samples, pointer, any_json()).prop_map(|(name, pointer, value)| {
+                let mut body: Value = serde_json::from_str(&sample(name).body.unwrap_or_default()).unwrap_or_default();
+                if let Some(slot) = body.pointer_mut(pointer) {
+                    *slot = value;
+                }
+                body.to_string()
+            })
+        }
+
+        /// A manual-action case with any order, execution and failures.
+        fn manual_action_body() -> impl Strategy<Value = String> {
+            (text(), text(), any_json()).prop_map(|(order, execution, failures)| {
+                json!({ "orderId": order, "executionId": execution, "failures": failures }).to_string()
+            })
+        }
+
+        fn body() -> impl Strategy<Value = Option<String>> {
+            proptest::option::weighted(
+                0.95,
+                prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..256).prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+                    text(),
+                    any_json().prop_map(|v| v.to_string()),
+                    damaged_sample(),
+                    manual_action_body(),
+                ],
+            )
+        }
+
+        fn attributes() -> impl Strategy<Value = BTreeMap<String, Option<String>>> {
+            let name = prop_oneof![
+                prop::sample::select(vec![
+                    "reason",
+                    "sourceArn",
+                    "sourceId",
+                    DEAD_LETTER_ID,
+                    "ERROR_CODE",
+                    "ERROR_MESSAGE",
+                    "RULE_ARN",
+                    "TARGET_ARN",
+                ])
+                .prop_map(str::to_owned),
+                "[a-zA-Z]{1,8}",
+            ];
+            prop::collection::btree_map(name, proptest::option::weighted(0.9, text()), 0..5)
+        }
+
+        fn message(i: usize) -> impl Strategy<Value = SqsMessage> {
+            let queue = prop_oneof![
+                Just(Some("arn:aws:sqs:us-east-1:123456789012:order-saga-ReserveInventoryDlq".to_owned())),
+                proptest::option::of(text()),
+            ];
+            (body(), attributes(), queue, proptest::option::of(".{0,12}")).prop_map(
+                move |(body, attributes, queue, receive_count)| {
+                    let mut message = sample("receives-exhausted.json");
+                    message.message_id = Some(format!("3f0c6a7e-2b1d-4c8e-9a55-00000000000{i}"));
+                    message.body = body;
+                    message.event_source_arn = queue;
+                    message.attributes = receive_count
+                        .map(|count| HashMap::from([("ApproximateReceiveCount".to_owned(), count)]))
+                        .unwrap_or_default();
+                    message.message_attributes = attributes
+                        .into_iter()
+                        .map(|(name, value)| {
+                            let mut attribute = aws_lambda_events::event::sqs::SqsMessageAttribute::default();
+                            attribute.data_type = Some(if value.is_some() { "String" } else { "Binary" }.into());
+                            attribute.string_value = value;
+                            (name, attribute)
+                        })
+                        .collect();
+                    message
+                },
+            )
+        }
+
+        fn block_on<F: std::future::Future>(future: F) -> F::Output {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_message_is_classified_with_a_short_reason(message in message(0)) {
+                let arrival = classify(&message, "2026-11-22T10:00:00.000000Z".into());
+                let reason = &arrival.reason;
+                prop_assert!(!reason.is_empty() && reason.len() <= MAX_REASON, "{} bytes", reason.len());
+                prop_assert_eq!(&arrival.body, message.body.as_deref().unwrap_or_default());
+                let body: Option<Value> = message.body.as_deref().and_then(|b| serde_json::from_str(b).ok());
+                let reason_attribute = message.message_attributes.get("reason").and_then(|a| a.string_value.as_ref());
+                let expected = match &body {
+                    Some(v) if v.get("DDBStreamBatchInfo").is_some() => Failure::StreamBatch,
+                    Some(v) if v.get("executionId").is_some() && v.get("orderId").is_some_and(Value::is_string) => {
+                        Failure::ManualAction
+                    }
+                    _ if reason_attribute.is_some() => Failure::Poison,
+                    _ => Failure::Transient,
+                };
+                prop_assert_eq!(arrival.failure, expected);
+            }
+
+            #[test]
+            fn any_message_becomes_a_dead_letter_with_a_reason_and_is_acted_on(
+                messages in (1usize..4).prop_flat_map(|n| (0..n).map(message).collect::<Vec<_>>()),
+                task_open in any::<bool>(),
+            ) {
+                let mut h = handler(task_open);
+                h.replayer = Replays(Mutex::new(vec![Ok(3)]));
+                let mut event = SqsEvent::default();
+                event.records = messages.clone();
+                // The batch as Lambda hands it over: nothing is left on the queue.
+                let response = block_on(h.handle(event));
+                prop_assert!(response.batch_item_failures.is_empty(), "{:?}", response.batch_item_failures);
+
+                // And each message, handled again by a fresh handler, says what was done.
+                let mut h = handler(task_open);
+                h.replayer = Replays(Mutex::new(vec![Ok(3)]));
+                let mut seen = Vec::new();
+                for message in &messages {
+                    let outcome = block_on(h.handle_one(message)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let id = match &outcome {
+                        Outcome::Parked { dead_letter_id, reason } => {
+                            prop_assert!(!reason.is_empty(), "no reason");
+                            prop_assert!(reason.len() <= MAX_REASON + 100, "{} bytes", reason.len());
+                            dead_letter_id
+                        }
+                        Outcome::AlreadyHandled { dead_letter_id } => {
+                            prop_assert!(seen.contains(dead_letter_id), "{outcome:?} on a first arrival");
+                            dead_letter_id
+                        }
+                        Outcome::Redriven { dead_letter_id, .. }
+                        | Outcome::Resolved { dead_letter_id, .. }
+                        | Outcome::Replayed { dead_letter_id, .. } => dead_letter_id,
+                    };
+                    let dead_letter = block_on(state(&h, id));
+                    prop_assert!(dead_letter.times_seen >= 1);
+                    prop_assert!(!dead_letter.last_reason.is_empty() && dead_letter.last_reason.len() <= MAX_REASON);
+                    let first = dead_letter.first.as_ref().expect("the first arrival");
+                    if !seen.contains(id) {
+                        prop_assert_eq!(&first.body, message.body.as_deref().unwrap_or_default());
+                    }
+                    if first.failure == Failure::Poison {
+                        let parked = matches!(outcome, Outcome::Parked { .. } | Outcome::AlreadyHandled { .. });
+                        prop_assert!(parked, "{outcome:?}");
+                    }
+                    seen.push(id.clone());
+                }
+            }
+        }
     }
 }

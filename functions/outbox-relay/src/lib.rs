@@ -206,6 +206,8 @@ pub async fn handle<B: Bus, D: DeadLetters>(
             Ok(event) => format!("not an event: stream id {:?}", event.stream_id),
             Err(e) => format!("not an event envelope: {e}"),
         };
+        // (The stream id, or a decoder's message, may quote a field whole: the reason is kept short.)
+        let reason = shared::text::bounded(&reason, shared::text::MAX_REASON);
         // Something other than the store wrote to its table. Retrying will not make it an event,
         // and failing here would hold back (and, once the retries run out, skip) every event
         // behind it: park it with the reason and go on.
@@ -425,5 +427,279 @@ mod tests {
         assert_eq!(reasons.len(), 2, "{reasons:?}");
         assert!(reasons[0].starts_with("not an event envelope"), "{reasons:?}");
         assert!(reasons[1].starts_with("not an event: stream id"), "{reasons:?}");
+    }
+
+    /// Arbitrary `NewImage`s on the store's stream: each record is published (a stored event,
+    /// with its `id`) or dead-lettered with a short reason; none panics, none holds back the stream.
+    mod properties {
+        use std::collections::HashMap;
+
+        use proptest::prelude::*;
+        use serde_dynamo::{AttributeValue, Item};
+        use shared::text::MAX_REASON;
+
+        use super::*;
+
+        /// Every entry put, accepted.
+        #[derive(Default)]
+        struct Published(Mutex<Vec<BusEntry>>);
+
+        impl Bus for Published {
+            async fn put(&self, entries: &[BusEntry]) -> Result<Vec<Option<String>>, String> {
+                self.0.lock().expect("lock").extend(entries.iter().cloned());
+                Ok(vec![None; entries.len()])
+            }
+        }
+
+        /// Dead letters with the sequence number of their record and their reason.
+        #[derive(Default)]
+        struct Parked(Mutex<Vec<(String, String)>>);
+
+        impl DeadLetters for Parked {
+            async fn dead_letter(&self, _body: &str, reason: &str, source: &Source<'_>) -> Result<(), String> {
+                let at = source.id.unwrap_or_default().to_owned();
+                self.0.lock().expect("lock").push((at, reason.to_owned()));
+                Ok(())
+            }
+        }
+
+        const NAMES: &[&str] = &[
+            "streamId",
+            "version",
+            "eventId",
+            "eventType",
+            "schemaVersion",
+            "payload",
+            "payloadJson",
+            "correlationId",
+            "causationId",
+            "idempotencyKey",
+            "traceHeader",
+            "recordedAt",
+        ];
+        const REQUIRED: &[&str] =
+            &["streamId", "version", "eventId", "eventType", "schemaVersion", "correlationId", "recordedAt"];
+
+        /// The sample's committed `OrderPlaced` (stream `Order-ord-happy`, version 1).
+        fn sample() -> Item {
+            let sample: Value = serde_json::from_str(include_str!("../../../events/outbox-relay/committed.json"))
+                .expect("the sample event");
+            let event: Event = serde_json::from_value(sample).expect("a stream event");
+            event.records.into_iter().next().expect("a record").change.new_image
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => ".{0,40}",
+                1 => (".{1,4}", 1_000usize..8_000).prop_map(|(s, n)| s.repeat(n)),
+            ]
+        }
+
+        fn number() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                bad_number(),
+                ".{0,12}",
+            ]
+        }
+
+        /// Not a `u32`.
+        fn bad_number() -> impl Strategy<Value = String> {
+            prop_oneof![Just("4294967296".to_owned()), bad_u64()]
+        }
+
+        /// Not a `u64`.
+        fn bad_u64() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("18446744073709551616".to_owned()),
+                Just("-1".to_owned()),
+                Just("1e999".to_owned()),
+                Just("1.5".to_owned()),
+                Just(String::new()),
+                "[0-9]{30,60}",
+                "[a-z]{1,12}",
+            ]
+        }
+
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![prop::sample::select(NAMES).prop_map(str::to_owned), "[a-zA-Z]{0,8}"]
+        }
+
+        fn attribute() -> impl Strategy<Value = AttributeValue> {
+            let leaf = prop_oneof![
+                text().prop_map(AttributeValue::S),
+                number().prop_map(AttributeValue::N),
+                any::<bool>().prop_map(AttributeValue::Bool),
+                any::<bool>().prop_map(AttributeValue::Null),
+                prop::collection::vec(any::<u8>(), 0..64).prop_map(AttributeValue::B),
+                prop::collection::vec(".{0,8}", 0..4).prop_map(AttributeValue::Ss),
+                prop::collection::vec(number(), 0..4).prop_map(AttributeValue::Ns),
+                prop::collection::vec(prop::collection::vec(any::<u8>(), 0..8), 0..3).prop_map(AttributeValue::Bs),
+            ];
+            leaf.prop_recursive(2, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(AttributeValue::L),
+                    prop::collection::hash_map(name(), inner, 0..4).prop_map(AttributeValue::M),
+                ]
+            })
+        }
+
+        /// What DynamoDB holds and JSON reads: text, numbers, booleans, null, lists, maps.
+        fn json_attribute() -> impl Strategy<Value = AttributeValue> {
+            let leaf = prop_oneof![
+                text().prop_map(AttributeValue::S),
+                any::<i64>().prop_map(|n| AttributeValue::N(n.to_string())),
+                any::<u64>().prop_map(|n| AttributeValue::N(n.to_string())),
+                any::<bool>().prop_map(AttributeValue::Bool),
+                Just(AttributeValue::Null(true)),
+            ];
+            leaf.prop_recursive(2, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(AttributeValue::L),
+                    prop::collection::hash_map(name(), inner, 0..4).prop_map(AttributeValue::M),
+                ]
+            })
+        }
+
+        fn with(mut item: Item, name: &str, value: AttributeValue) -> Item {
+            item.insert(name.to_owned(), value);
+            item
+        }
+
+        /// The sample damaged so that it is not a stored event.
+        fn broken() -> impl Strategy<Value = Item> {
+            let not_text = prop_oneof![
+                Just(AttributeValue::Bool(true)),
+                Just(AttributeValue::L(vec![])),
+                Just(AttributeValue::M(HashMap::new()))
+            ];
+            let text_fields =
+                prop::sample::select(vec!["streamId", "eventId", "eventType", "correlationId", "recordedAt"]);
+            let stream_id = prop_oneof![
+                "[A-Za-z0-9]{0,20}",
+                "[0-9_][A-Za-z0-9]{0,8}-[a-z0-9]{1,8}",
+                "Order-[a-z]{1,8}[/ #?][a-z]{0,8}",
+                (257usize..20_000).prop_map(|n| format!("Order-{}", "o".repeat(n))),
+            ];
+            prop_oneof![
+                prop::sample::select(REQUIRED).prop_map(|name| {
+                    let mut item = sample();
+                    item.remove(name);
+                    item
+                }),
+                (text_fields, not_text).prop_map(|(name, value)| with(sample(), name, value)),
+                bad_u64().prop_map(|n| with(sample(), "version", AttributeValue::N(n))),
+                bad_number().prop_map(|n| with(sample(), "schemaVersion", AttributeValue::N(n))),
+                stream_id.prop_map(|id| with(sample(), "streamId", AttributeValue::S(id))),
+                // A JSON payload that is not JSON, or not UTF-8.
+                "[^}]{0,40}".prop_map(|s| with(sample(), "payloadJson", AttributeValue::S(format!("{{{s}")))),
+                prop::collection::vec(any::<u8>(), 0..64).prop_map(|mut b| {
+                    b.insert(0, 0xff);
+                    with(sample(), "payloadJson", AttributeValue::B(b))
+                }),
+            ]
+        }
+
+        /// Anything: attributes of the sample replaced, or any map at all.
+        fn arbitrary() -> impl Strategy<Value = Item> {
+            prop_oneof![
+                prop::collection::vec((name(), attribute()), 1..4).prop_map(|changes| {
+                    changes.into_iter().fold(sample(), |item, (name, value)| with(item, &name, value))
+                }),
+                prop::collection::hash_map(name(), attribute(), 0..8).prop_map(Item::from),
+            ]
+        }
+
+        #[derive(Debug, Clone)]
+        enum Image {
+            /// The sample at its own stream position, maybe without its optional attributes, its
+            /// payload maybe anything: published.
+            Valid(Vec<&'static str>, Option<AttributeValue>),
+            /// Dead-lettered.
+            Broken(Item),
+            /// Either.
+            Any(Item),
+        }
+
+        fn image() -> impl Strategy<Value = Image> {
+            let optional = prop::sample::subsequence(vec!["causationId", "idempotencyKey", "traceHeader"], 0..=3);
+            prop_oneof![
+                (optional, proptest::option::of(json_attribute()))
+                    .prop_map(|(dropped, payload)| Image::Valid(dropped, payload)),
+                broken().prop_map(Image::Broken),
+                arbitrary().prop_map(Image::Any),
+            ]
+        }
+
+        fn record(i: usize, image: &Image) -> EventRecord {
+            let item = match image {
+                Image::Valid(dropped, payload) => {
+                    let mut item = sample();
+                    for name in dropped {
+                        item.remove(*name);
+                    }
+                    if let Some(payload) = payload {
+                        item.insert("payload".into(), payload.clone());
+                    }
+                    item.insert("streamId".into(), AttributeValue::S(format!("Order-o{i}")));
+                    with(item, "version", AttributeValue::N((i + 1).to_string()))
+                }
+                Image::Broken(item) | Image::Any(item) => item.clone(),
+            };
+            let mut record = EventRecord::default();
+            record.event_name = "INSERT".into();
+            record.change.sequence_number = Some(i.to_string());
+            record.change.new_image = item;
+            record
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_new_image_is_published_or_dead_lettered_with_a_short_reason(
+                images in prop::collection::vec(image(), 1..6),
+            ) {
+                let mut event = Event::default();
+                event.records = images.iter().enumerate().map(|(i, image)| record(i, image)).collect();
+                let (bus, dead_letters) = (Published::default(), Parked::default());
+                let relay = Relay { bus, retry: RetryPolicy::default(), dead_letters };
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let response = runtime.block_on(handle(&relay, event, Deadline::never()));
+
+                prop_assert!(response.batch_item_failures.is_empty(), "{:?}", failed_at(&response));
+                let published = relay.bus.0.lock().expect("lock").clone();
+                let parked = relay.dead_letters.0.lock().expect("lock").clone();
+                prop_assert_eq!(published.len() + parked.len(), images.len(), "each record published or parked");
+                for (_, reason) in &parked {
+                    prop_assert!(reason.starts_with("not an event"), "{}", reason);
+                    prop_assert!(reason.len() <= MAX_REASON, "{} bytes: {}", reason.len(), reason);
+                }
+                let details: Vec<Value> = published
+                    .iter()
+                    .map(|e| serde_json::from_str(&e.detail))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| TestCaseError::fail(format!("a detail is not JSON: {e}")))?;
+                for (i, image) in images.iter().enumerate() {
+                    let was_parked = parked.iter().any(|(at, _)| *at == i.to_string());
+                    match image {
+                        Image::Valid(..) => {
+                            prop_assert!(!was_parked, "record {} parked: {:?}", i, parked);
+                            let id = format!("Order-o{i}/{}", i + 1);
+                            let found = published.iter().zip(&details).find(|(_, d)| d["id"] == id.as_str());
+                            let Some((entry, detail)) = found else {
+                                return Err(TestCaseError::fail(format!("{id} not published")));
+                            };
+                            prop_assert_eq!(&entry.source, "order-saga.Order");
+                            prop_assert_eq!(&entry.detail_type, "OrderPlaced");
+                            prop_assert_eq!(&detail["streamId"], &Value::String(format!("Order-o{i}")));
+                        }
+                        Image::Broken(_) => prop_assert!(was_parked, "record {} not dead-lettered", i),
+                        Image::Any(_) => {}
+                    }
+                }
+            }
+        }
     }
 }

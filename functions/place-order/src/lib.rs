@@ -18,6 +18,12 @@
 //! ASCII characters (`400`: an empty key would be one key shared by every client). The order's
 //! own limits (lines, ids, amounts) are the domain's validation (`400`, per field).
 //!
+//! Over HTTP the order is placed as the caller the API's JWT authorizer verified
+//! ([`shared::auth`]): the customer is the token's subject. A body may leave `customerId` out
+//! or name that customer; naming another is `403`; a request with no verified caller is `401`.
+//! A direct invocation (IAM-authorised `lambda:InvokeFunction`, a trusted back end) names the
+//! customer in its payload.
+//!
 //! The order's flow is correlated from here: the caller's `X-Correlation-Id` (else the API's
 //! request id, else the invocation's) and the invocation's X-Ray trace go on `OrderPlaced`, and
 //! from there on every event and log line of the saga. The answer repeats the correlation id.
@@ -25,6 +31,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shared::aggregate::{CommandContext, ExecuteError, Executed, Repository};
+use shared::auth::{AuthError, Caller};
 use shared::domain::FieldError;
 use shared::domain::order::{Order, OrderCommand, OrderError, OrderRequest};
 use shared::eventstore::{AppendError, EventStore};
@@ -58,6 +65,12 @@ pub enum PlaceError {
     BadRequest(String),
     #[error("the order is invalid")]
     Invalid(Vec<FieldError>),
+    /// No verified caller: the route is not behind the HTTP API's authorizer.
+    #[error("{0}")]
+    Unauthenticated(#[from] AuthError),
+    /// The caller may not do this (place an order in another customer's name).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Conflict(String),
     #[error("too many orders from this customer: retry in {retry_after_seconds} s")]
@@ -72,6 +85,8 @@ impl PlaceError {
     pub fn status(&self) -> u16 {
         match self {
             Self::Malformed(_) | Self::Invalid(_) | Self::BadRequest(_) => 400,
+            Self::Unauthenticated(_) => 401,
+            Self::Forbidden(_) => 403,
             Self::Conflict(_) => 409,
             Self::RateLimited { .. } => 429,
             Self::Unavailable(_) => 503,
@@ -339,9 +354,9 @@ pub async fn handle<S: EventStore, C: WindowCounters>(
         Some(b) => b,
         None => return http_response(400, &json!({ "error": "the body is empty" }), &[correlated]),
     };
-    let order = match serde_json::from_str::<OrderRequest>(body) {
+    let order = match Caller::from_event(&event).map_err(PlaceError::from).and_then(|caller| as_caller(body, &caller)) {
         Ok(order) => order,
-        Err(e) => return http_response(400, &malformed(e).body(), &[correlated]),
+        Err(e) => return http_response(e.status(), &error_body(&e), &[correlated]),
     };
     match place(repo, limiter, &order, header(&event, "idempotency-key"), &flow).await {
         Ok(placed) => {
@@ -355,6 +370,26 @@ pub async fn handle<S: EventStore, C: WindowCounters>(
         }
         Err(e) => http_response(e.status(), &error_body(&e), &[correlated]),
     }
+}
+
+/// The order in the body, placed as the caller: a body without `customerId` is the caller's
+/// order; one naming another customer is refused (`403`), so nobody orders in someone else's name.
+fn as_caller(body: &str, caller: &Caller) -> Result<OrderRequest, PlaceError> {
+    let mut order: Value = serde_json::from_str(body).map_err(malformed)?;
+    if let Some(fields) = order.as_object_mut() {
+        match fields.get("customerId") {
+            None | Some(Value::Null) => {
+                fields.insert("customerId".into(), Value::String(caller.subject.clone()));
+            }
+            Some(Value::String(named)) if *named == caller.subject => {}
+            Some(_) => {
+                return Err(PlaceError::Forbidden(
+                    "customerId must be your own (the token's subject), or left out".into(),
+                ));
+            }
+        }
+    }
+    serde_json::from_value(order).map_err(malformed)
 }
 
 fn error_body(e: &PlaceError) -> Value {

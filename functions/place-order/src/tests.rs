@@ -27,7 +27,11 @@ fn http(order: &Value, idempotency_key: Option<&str>) -> Value {
     json!({
         "version": "2.0",
         "headers": headers,
-        "requestContext": { "requestId": "req-1", "http": { "method": "POST", "path": "/orders" } },
+        "requestContext": {
+            "requestId": "req-1",
+            "http": { "method": "POST", "path": "/orders" },
+            "authorizer": { "jwt": { "claims": { "sub": order["customerId"].as_str().unwrap_or("cust-1") }, "scopes": null } },
+        },
         "body": order.to_string(),
         "isBase64Encoded": false,
     })
@@ -213,6 +217,40 @@ async fn a_body_that_is_not_json_or_too_large_is_refused_before_it_is_read() {
     assert_eq!(fixture.events("ord-big").await, 0);
 }
 
+#[tokio::test]
+async fn an_order_is_placed_as_the_verified_caller_only() {
+    let fixture = Fixture::new();
+    // Given a request with no verified caller (not behind the authorizer)
+    let mut anonymous = http(&order("ord-anon", "cust-a"), None);
+    anonymous["requestContext"].as_object_mut().unwrap().remove("authorizer");
+    // Then it is a 401 and nothing is written
+    let answer = fixture.send(anonymous).await;
+    assert_eq!(answer["statusCode"], 401, "{answer}");
+    assert_eq!(fixture.events("ord-anon").await, 0);
+
+    // Given cust-a's token and a body naming cust-b
+    let mut impostor = http(&order("ord-impostor", "cust-b"), None);
+    impostor["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] = json!("cust-a");
+    // Then it is a 403 saying why, and nothing is written
+    let answer = fixture.send(impostor).await;
+    assert_eq!(answer["statusCode"], 403, "{answer}");
+    assert!(answer["body"].as_str().is_some_and(|b| b.contains("your own")), "{answer}");
+    assert_eq!(fixture.events("ord-impostor").await, 0);
+    assert_eq!(fixture.counted("cust-b"), 0, "a refused order does not count against anyone");
+
+    // Given a body without customerId: it is the caller's order
+    let mut unnamed = order("ord-unnamed", "cust-a");
+    unnamed.as_object_mut().unwrap().remove("customerId");
+    let mut request = http(&unnamed, None);
+    request["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] = json!("cust-a");
+    let answer = fixture.send(request).await;
+    assert_eq!(answer["statusCode"], 201, "{answer}");
+    assert_eq!(fixture.counted("cust-a"), 1, "counted against the caller");
+    let stream = StreamId::new("Order", "ord-unnamed").expect("stream id");
+    let placed = fixture.repo.store().load(&stream, 0).await.expect("load");
+    assert_eq!(placed[0].payload["customerId"], "cust-a", "{:?}", placed[0].payload);
+}
+
 /// Arbitrary input at both ways in: never a panic; always a JSON answer with a status the API
 /// documents, a short error naming what is wrong, and nothing written for a refusal.
 mod properties {
@@ -274,7 +312,7 @@ mod properties {
 
     fn check_http_answer(answer: &Value) -> Result<(), TestCaseError> {
         let status = answer["statusCode"].as_u64().unwrap_or_default();
-        prop_assert!([200, 201, 400, 405, 409, 413, 415].contains(&status), "status {status}: {answer}");
+        prop_assert!([200, 201, 400, 403, 405, 409, 413, 415].contains(&status), "status {status}: {answer}");
         prop_assert_eq!(&answer["headers"]["content-type"], "application/json");
         let body: Value = serde_json::from_str(answer["body"].as_str().unwrap_or_default())
             .map_err(|e| TestCaseError::fail(format!("not JSON ({e}): {answer}")))?;

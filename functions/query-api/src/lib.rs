@@ -7,6 +7,12 @@
 //! | `GET /streams/{stream}/events?after=&limit=` | a page of a stream's events, for clients that poll and catch up |
 //! | `GET /streams/{stream}/lag` | how far each read model of the stream is behind the event store |
 //!
+//! Every route answers only what the caller may see ([`shared::auth`]: the identity the API's
+//! JWT authorizer verified; none is `401`). A customer (the token's subject) sees their own
+//! orders: another customer's order, or listing, is a `404` like a missing one, so ids cannot be
+//! probed. The operator scope (`OPERATOR_SCOPE`) may read any order, and only it may read the
+//! event feed and lag (else `403`; the HTTP API requires the scope on those routes too).
+//!
 //! Read models come from the read model table (`READ_MODEL_TABLE`, see [`shared::readmodel`]);
 //! events and heads from the event store. Every error is JSON `{"error": …}`; a failure of
 //! the storage is logged and answered `500 {"error":"internal error"}`, never with its detail.
@@ -21,6 +27,7 @@ use base64::engine::general_purpose::{URL_SAFE_NO_PAD, URL_SAFE_NO_PAD_INDIFFERE
 use serde::Deserialize;
 use serde_dynamo::aws_sdk_dynamodb_1::from_item;
 use serde_json::{Value, json};
+use shared::auth::{AuthError, Caller};
 use shared::config::{ConfigError, Vars, process_env, required};
 use shared::domain::{CustomerId, OrderId};
 use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StoreError, StreamId};
@@ -49,14 +56,17 @@ pub const ROUTES: [&str; 4] =
 pub struct Config {
     pub event_store: EventStoreConfig,
     pub read_model_table: String,
+    /// The scope that makes a caller an operator.
+    pub operator_scope: String,
 }
 
 impl Config {
-    /// `EVENTS_TABLE`, `COMMANDS_TABLE`, `SNAPSHOTS_TABLE` and `READ_MODEL_TABLE`.
+    /// `EVENTS_TABLE`, `COMMANDS_TABLE`, `SNAPSHOTS_TABLE`, `READ_MODEL_TABLE` and `OPERATOR_SCOPE`.
     pub fn from_vars(vars: Vars<'_>) -> Result<Self, ConfigError> {
         Ok(Self {
             event_store: EventStoreConfig::from_vars(vars)?,
             read_model_table: required(vars, "READ_MODEL_TABLE")?,
+            operator_scope: required(vars, "OPERATOR_SCOPE")?,
         })
     }
 
@@ -71,6 +81,10 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    Unauthenticated(#[from] AuthError),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("method {0} is not allowed here; use GET")]
     MethodNotAllowed(String),
@@ -83,6 +97,8 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             Self::BadRequest(_) => 400,
+            Self::Unauthenticated(_) => 401,
+            Self::Forbidden(_) => 403,
             Self::NotFound(_) => 404,
             Self::MethodNotAllowed(_) => 405,
             Self::Internal(_) => 500,
@@ -258,6 +274,24 @@ fn decode_cursor(cursor: &str, gsi1pk: &str) -> Result<Item, ApiError> {
     Ok(key.into_iter().map(|(k, v)| (k, AttributeValue::S(v))).collect())
 }
 
+/// Whose data a request may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Viewer {
+    /// Their own orders only.
+    Customer(String),
+    /// Everything, and the operator routes.
+    Operator,
+}
+
+impl Viewer {
+    fn may_see(&self, customer_id: &str) -> bool {
+        match self {
+            Self::Customer(subject) => subject == customer_id,
+            Self::Operator => true,
+        }
+    }
+}
+
 /// The per-stream versions a read model item recorded.
 #[derive(Deserialize, Default)]
 struct Versions {
@@ -270,23 +304,28 @@ pub struct QueryApi<S> {
     store: S,
     dynamodb: Client,
     read_model_table: String,
+    operator_scope: String,
 }
 
 impl QueryApi<DynamoEventStore> {
     pub fn new(dynamodb: Client, config: Config) -> Self {
-        Self::with_store(DynamoEventStore::new(dynamodb.clone(), config.event_store), dynamodb, config.read_model_table)
+        let store = DynamoEventStore::new(dynamodb.clone(), config.event_store);
+        Self::with_store(store, dynamodb, config.read_model_table, config.operator_scope)
     }
 }
 
 impl<S: EventStore> QueryApi<S> {
-    pub fn with_store(store: S, dynamodb: Client, read_model_table: String) -> Self {
-        Self { store, dynamodb, read_model_table }
+    pub fn with_store(store: S, dynamodb: Client, read_model_table: String, operator_scope: String) -> Self {
+        Self { store, dynamodb, read_model_table, operator_scope }
     }
 
     /// Answers one HTTP API (payload 2.0) event with the HTTP response.
     pub async fn handle(&self, event: Value) -> Value {
         let result = match resolve(&event) {
-            Ok(route) => self.answer(&route, &event).await,
+            Ok(route) => match self.viewer(&event) {
+                Ok(viewer) => self.answer(&route, &viewer, &event).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match result {
@@ -309,13 +348,22 @@ impl<S: EventStore> QueryApi<S> {
         }
     }
 
-    async fn answer(&self, route: &Route, event: &Value) -> Result<Reply, ApiError> {
+    fn viewer(&self, event: &Value) -> Result<Viewer, ApiError> {
+        let caller = Caller::from_event(event)?;
+        Ok(if caller.has_scope(&self.operator_scope) { Viewer::Operator } else { Viewer::Customer(caller.subject) })
+    }
+
+    async fn answer(&self, route: &Route, viewer: &Viewer, event: &Value) -> Result<Reply, ApiError> {
         let params = query_params(event);
-        match route {
-            Route::Order(id) => self.order(id).await,
-            Route::CustomerOrders(id) => self.customer_orders(id, &params, event).await,
-            Route::StreamEvents(stream) => self.stream_events(stream, &params, event).await,
-            Route::StreamLag(stream) => self.lag(stream).await,
+        match (route, viewer) {
+            (Route::Order(id), _) => self.order(id, viewer).await,
+            (Route::CustomerOrders(id), _) => self.customer_orders(id, viewer, &params, event).await,
+            (Route::StreamEvents(_) | Route::StreamLag(_), Viewer::Customer(_)) => Err(ApiError::Forbidden(format!(
+                "this route is for operators: it needs the {} scope",
+                self.operator_scope
+            ))),
+            (Route::StreamEvents(stream), Viewer::Operator) => self.stream_events(stream, &params, event).await,
+            (Route::StreamLag(stream), Viewer::Operator) => self.lag(stream).await,
         }
     }
 
@@ -333,15 +381,19 @@ impl<S: EventStore> QueryApi<S> {
         Ok(found.item)
     }
 
-    /// `GET /orders/{id}`.
-    async fn order(&self, id: &str) -> Result<Reply, ApiError> {
+    /// `GET /orders/{id}`: another customer's order is not found, as a missing one.
+    async fn order(&self, id: &str, viewer: &Viewer) -> Result<Reply, ApiError> {
         let id = OrderId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let not_found = || ApiError::NotFound(format!("order {id} not found"));
         let Some(item) = self.get(order_key(id.as_str()), None).await? else {
-            return Err(ApiError::NotFound(format!("order {id} not found")));
+            return Err(not_found());
         };
         // The item's keys (pk, sk) and storage fields (revision) are not part of the view.
         let view: OrderView =
             from_item(item).map_err(|e| ApiError::Internal(format!("order view of {id} is malformed: {e}")))?;
+        if !viewer.may_see(&view.customer_id) {
+            return Err(not_found());
+        }
         Ok(Reply::json(json!(view)))
     }
 
@@ -349,10 +401,14 @@ impl<S: EventStore> QueryApi<S> {
     async fn customer_orders(
         &self,
         id: &str,
+        viewer: &Viewer,
         params: &BTreeMap<String, String>,
         event: &Value,
     ) -> Result<Reply, ApiError> {
         let customer = CustomerId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if !viewer.may_see(customer.as_str()) {
+            return Err(ApiError::NotFound(format!("customer {customer} not found")));
+        }
         let status = match params.get("status") {
             None => None,
             Some(s) => Some(

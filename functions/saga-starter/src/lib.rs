@@ -145,6 +145,8 @@ async fn start<E: Executions, D: DeadLetters>(
         Ok(Some(found)) => found,
         Ok(None) => return Ok(Outcome::Skipped),
         Err(reason) => {
+            // (A decoder's message may quote a field whole: the reason is kept short.)
+            let reason = shared::text::bounded(&reason, shared::text::MAX_REASON);
             // A record that will never decode must not block the stream: park it with the reason.
             let body = serde_json::to_string(&record.change.new_image).unwrap_or_default();
             let source =
@@ -309,5 +311,254 @@ mod tests {
         assert!(response.batch_item_failures.is_empty());
         assert_eq!(starter.dead_letters.reasons().len(), 1);
         assert_eq!(starter.executions.started.lock().expect("lock").len(), 2);
+    }
+
+    /// Arbitrary `NewImage`s on the store's stream: a valid `OrderPlaced` starts its saga, a
+    /// damaged one is dead-lettered with a short reason; none panics, none holds back the stream.
+    mod properties {
+        use std::collections::HashMap;
+
+        use proptest::prelude::*;
+        use serde_dynamo::{AttributeValue, Item};
+        use shared::saga::runtime::{DeadLetters, Source};
+        use shared::text::MAX_REASON;
+
+        use super::*;
+
+        /// Dead letters with the sequence number of their record and their reason.
+        #[derive(Default)]
+        struct Parked(Mutex<Vec<(String, String)>>);
+
+        impl DeadLetters for Parked {
+            async fn dead_letter(&self, _body: &str, reason: &str, source: &Source<'_>) -> Result<(), String> {
+                let at = source.id.unwrap_or_default().to_owned();
+                self.0.lock().expect("lock").push((at, reason.to_owned()));
+                Ok(())
+            }
+        }
+
+        const NAMES: &[&str] = &[
+            "streamId",
+            "version",
+            "eventId",
+            "eventType",
+            "schemaVersion",
+            "payload",
+            "payloadJson",
+            "correlationId",
+            "causationId",
+            "idempotencyKey",
+            "traceHeader",
+            "recordedAt",
+        ];
+        const REQUIRED: &[&str] =
+            &["streamId", "version", "eventId", "eventType", "schemaVersion", "correlationId", "recordedAt"];
+        const ORDER_FIELDS: &[&str] =
+            &["orderId", "customerId", "currency", "lines", "paymentToken", "shippingAddress", "total"];
+
+        /// The sample `OrderPlaced` image (order `o1`).
+        fn sample() -> Item {
+            batch(1).records.remove(0).change.new_image
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => ".{0,40}",
+                1 => (".{1,4}", 1_000usize..8_000).prop_map(|(s, n)| s.repeat(n)),
+            ]
+        }
+
+        /// Numbers DynamoDB would hold, and text that is not one, or not one that fits.
+        fn number() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                bad_number(),
+                ".{0,12}",
+            ]
+        }
+
+        /// Not a `u32`.
+        fn bad_number() -> impl Strategy<Value = String> {
+            prop_oneof![Just("4294967296".to_owned()), bad_u64()]
+        }
+
+        /// Not a `u64`.
+        fn bad_u64() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("18446744073709551616".to_owned()),
+                Just("-1".to_owned()),
+                Just("1e999".to_owned()),
+                Just("1.5".to_owned()),
+                Just(String::new()),
+                "[0-9]{30,60}",
+                "[a-z]{1,12}",
+            ]
+        }
+
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![prop::sample::select(NAMES).prop_map(str::to_owned), "[a-zA-Z]{0,8}"]
+        }
+
+        fn attribute() -> impl Strategy<Value = AttributeValue> {
+            let leaf = prop_oneof![
+                text().prop_map(AttributeValue::S),
+                number().prop_map(AttributeValue::N),
+                any::<bool>().prop_map(AttributeValue::Bool),
+                any::<bool>().prop_map(AttributeValue::Null),
+                prop::collection::vec(any::<u8>(), 0..64).prop_map(AttributeValue::B),
+                prop::collection::vec(".{0,8}", 0..4).prop_map(AttributeValue::Ss),
+                prop::collection::vec(number(), 0..4).prop_map(AttributeValue::Ns),
+                prop::collection::vec(prop::collection::vec(any::<u8>(), 0..8), 0..3).prop_map(AttributeValue::Bs),
+            ];
+            leaf.prop_recursive(2, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(AttributeValue::L),
+                    prop::collection::hash_map(name(), inner, 0..4).prop_map(AttributeValue::M),
+                ]
+            })
+        }
+
+        fn with(mut item: Item, name: &str, value: AttributeValue) -> Item {
+            item.insert(name.to_owned(), value);
+            item
+        }
+
+        /// The sample damaged so that no reader accepts it as an `OrderPlaced`.
+        fn broken() -> impl Strategy<Value = Item> {
+            let not_text = prop_oneof![
+                Just(AttributeValue::Bool(true)),
+                Just(AttributeValue::L(vec![])),
+                Just(AttributeValue::M(HashMap::new()))
+            ];
+            let text_fields =
+                prop::sample::select(vec!["streamId", "eventId", "eventType", "correlationId", "recordedAt"]);
+            prop_oneof![
+                prop::sample::select(REQUIRED).prop_map(|name| {
+                    let mut item = sample();
+                    item.remove(name);
+                    item
+                }),
+                (text_fields, not_text).prop_map(|(name, value)| with(sample(), name, value)),
+                bad_u64().prop_map(|n| with(sample(), "version", AttributeValue::N(n))),
+                bad_number().prop_map(|n| with(sample(), "schemaVersion", AttributeValue::N(n))),
+                // A schema version from the future.
+                (2u32..).prop_map(|n| with(sample(), "schemaVersion", AttributeValue::N(n.to_string()))),
+                // An event type no one knows, long.
+                ("[A-Za-z]{1,4}", 1usize..20_000).prop_map(|(s, n)| with(
+                    sample(),
+                    "eventType",
+                    AttributeValue::S(format!("X{}", s.repeat(n)))
+                )),
+                // A JSON payload that is not JSON, or not text.
+                "[^}]{0,40}".prop_map(|s| with(sample(), "payloadJson", AttributeValue::S(format!("{{{s}")))),
+                prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| with(
+                    sample(),
+                    "payloadJson",
+                    AttributeValue::B(b)
+                )),
+                // A payload that is not an order.
+                prop_oneof![
+                    text().prop_map(AttributeValue::S),
+                    number().prop_map(AttributeValue::N),
+                    Just(AttributeValue::Bool(false)),
+                    Just(AttributeValue::L(vec![])),
+                ]
+                .prop_map(|value| with(sample(), "payload", value)),
+            ]
+        }
+
+        /// Anything: attributes of the sample, or of its order, replaced; or any map at all.
+        fn arbitrary() -> impl Strategy<Value = Item> {
+            prop_oneof![
+                prop::collection::vec((name(), attribute()), 1..4).prop_map(|changes| {
+                    changes.into_iter().fold(sample(), |item, (name, value)| with(item, &name, value))
+                }),
+                (prop::sample::select(ORDER_FIELDS), attribute()).prop_map(|(field, value)| {
+                    let mut item = sample();
+                    if let Some(AttributeValue::M(order)) = item.get_mut("payload") {
+                        order.insert(field.to_owned(), value);
+                    }
+                    item
+                }),
+                prop::collection::hash_map(name(), attribute(), 0..8).prop_map(Item::from),
+            ]
+        }
+
+        #[derive(Debug, Clone)]
+        enum Image {
+            /// The sample, for its own order, maybe without its optional attributes: it starts.
+            Valid(Vec<&'static str>),
+            /// Dead-lettered.
+            Broken(Item),
+            /// Either.
+            Any(Item),
+        }
+
+        fn image() -> impl Strategy<Value = Image> {
+            let optional = prop::sample::subsequence(vec!["causationId", "idempotencyKey", "traceHeader"], 0..=3);
+            prop_oneof![
+                optional.prop_map(Image::Valid),
+                broken().prop_map(Image::Broken),
+                arbitrary().prop_map(Image::Any),
+            ]
+        }
+
+        fn record(i: usize, image: &Image) -> EventRecord {
+            let item = match image {
+                Image::Valid(dropped) => {
+                    let mut item = sample();
+                    for name in dropped {
+                        item.remove(*name);
+                    }
+                    item.insert("streamId".into(), AttributeValue::S(format!("Order-o{i}")));
+                    if let Some(AttributeValue::M(order)) = item.get_mut("payload") {
+                        order.insert("orderId".into(), AttributeValue::S(format!("o{i}")));
+                    }
+                    item
+                }
+                Image::Broken(item) | Image::Any(item) => item.clone(),
+            };
+            let mut record = EventRecord::default();
+            record.event_name = "INSERT".into();
+            record.change.sequence_number = Some(i.to_string());
+            record.change.new_image = item;
+            record
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_new_image_starts_its_saga_or_is_dead_lettered_with_a_short_reason(
+                images in prop::collection::vec(image(), 1..6),
+            ) {
+                let mut event = Event::default();
+                event.records = images.iter().enumerate().map(|(i, image)| record(i, image)).collect();
+                let starter = Starter { executions: Recording::default(), dead_letters: Parked::default() };
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let response = runtime.block_on(handle(&starter, event, Deadline::never()));
+
+                prop_assert!(response.batch_item_failures.is_empty(), "{:?}", failed_at(&response));
+                let started = starter.executions.started.lock().expect("lock").clone();
+                let parked = starter.dead_letters.0.lock().expect("lock").clone();
+                for (at, reason) in &parked {
+                    prop_assert!(!reason.is_empty() && reason.len() <= MAX_REASON, "{} bytes", reason.len());
+                    prop_assert_eq!(parked.iter().filter(|(other, _)| other == at).count(), 1);
+                }
+                for (i, image) in images.iter().enumerate() {
+                    let was_parked = parked.iter().any(|(at, _)| *at == i.to_string());
+                    match image {
+                        Image::Valid(_) => {
+                            prop_assert!(started.contains(&format!("o{i}")), "o{} not started: {:?}", i, started);
+                            prop_assert!(!was_parked);
+                        }
+                        Image::Broken(_) => prop_assert!(was_parked, "record {} not dead-lettered", i),
+                        Image::Any(_) => {}
+                    }
+                }
+                prop_assert!(started.len() + parked.len() <= images.len());
+            }
+        }
     }
 }

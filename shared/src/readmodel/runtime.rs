@@ -21,6 +21,16 @@ struct BusEvent {
     detail: RecordedEvent,
 }
 
+/// The stored event a message from the bus carries (the relay's envelope, as the EventBridge
+/// event's `detail`), or why it is not one: [`ProjectionError::Corrupt`] (never retried), with a
+/// short reason (a decoder's message may quote a field whole).
+pub fn decode_bus_event(body: &str) -> Result<RecordedEvent, ProjectionError> {
+    serde_json::from_str::<BusEvent>(body).map(|event| event.detail).map_err(|e| {
+        let reason = format!("not an event from the bus: {e}");
+        ProjectionError::Corrupt(crate::text::bounded(&reason, crate::text::MAX_REASON))
+    })
+}
+
 pub struct ProjectionLambda {
     /// The event store, read to fill gaps.
     pub events: DynamoEventStore,
@@ -60,9 +70,9 @@ impl ProjectionLambda {
             let source = Source { arn: message.event_source_arn.as_deref(), id: message.message_id.as_deref() };
             // The event's order, correlation and trace on every line about it.
             let mut span = tracing::Span::none();
-            let outcome = match serde_json::from_str::<BusEvent>(body) {
-                Err(e) => Err(ProjectionError::Corrupt(format!("not an event from the bus: {e}"))),
-                Ok(BusEvent { detail }) => {
+            let outcome = match decode_bus_event(body) {
+                Err(e) => Err(e),
+                Ok(detail) => {
                     span = crate::telemetry::event_span(&detail);
                     span.in_scope(
                         || tracing::debug!(stream = %detail.stream_id, version = detail.version, "projecting"),
@@ -100,5 +110,185 @@ impl ProjectionLambda {
             }
         }
         response
+    }
+}
+
+/// Arbitrary message bodies on a projection's queue: the event they carry, or a typed error that
+/// is never retried (the message is dead-lettered with it as the reason), short; never a panic.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// The dead-letter reason for `body`: it must be a short, non-retryable `Corrupt`.
+    fn refusal(body: &str) -> Result<String, TestCaseError> {
+        match decode_bus_event(body) {
+            Ok(event) => Err(TestCaseError::fail(format!("decoded {event:?}"))),
+            Err(e @ ProjectionError::Corrupt(_)) => {
+                prop_assert!(!e.is_retryable());
+                let reason = e.to_string();
+                prop_assert!(reason.contains("not an event from the bus"), "{reason}");
+                prop_assert!(reason.len() <= crate::text::MAX_REASON + 64, "{} bytes", reason.len());
+                Ok(reason)
+            }
+            Err(e) => Err(TestCaseError::fail(format!("not Corrupt: {e:?}"))),
+        }
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![4 => ".{0,30}", 1 => (".{1,4}", 1_000usize..8_000).prop_map(|(s, n)| s.repeat(n))]
+    }
+
+    /// Any JSON, with the envelope's field names among the keys so that decoding goes deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<u64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            text().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 32, 5, |inner| {
+            let key = prop_oneof![
+                prop::sample::select(vec![
+                    "detail",
+                    "streamId",
+                    "version",
+                    "eventId",
+                    "eventType",
+                    "schemaVersion",
+                    "payload",
+                    "payloadJson",
+                    "correlationId",
+                    "recordedAt",
+                    "traceHeader",
+                ])
+                .prop_map(str::to_owned),
+                "[a-zA-Z-]{0,10}",
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::btree_map(key, inner, 0..5).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// (Without fractions: serde_json reads a float back to within one ulp, not always exactly,
+    /// and events hold amounts in minor units.)
+    fn any_event() -> impl Strategy<Value = RecordedEvent> {
+        let optional = || proptest::option::of(text());
+        let payload = any_json().prop_map(without_floats);
+        (
+            (text(), any::<u64>(), text(), text(), any::<u32>()),
+            (payload, text(), optional(), optional(), optional(), text()),
+        )
+            .prop_map(|((stream_id, version, event_id, event_type, schema_version), rest)| {
+                let (payload, correlation_id, causation_id, idempotency_key, trace_header, recorded_at) = rest;
+                RecordedEvent {
+                    stream_id,
+                    version,
+                    event_id,
+                    event_type,
+                    schema_version,
+                    payload,
+                    correlation_id,
+                    causation_id,
+                    idempotency_key,
+                    trace_header,
+                    recorded_at,
+                }
+            })
+    }
+
+    fn without_floats(v: Value) -> Value {
+        match v {
+            Value::Number(n) if n.is_f64() => json!(n.as_f64().unwrap_or_default() as i64),
+            Value::Array(items) => Value::Array(items.into_iter().map(without_floats).collect()),
+            Value::Object(fields) => Value::Object(fields.into_iter().map(|(k, v)| (k, without_floats(v))).collect()),
+            other => other,
+        }
+    }
+
+    /// The EventBridge event the relay's entry for `event` becomes, as SQS delivers it.
+    fn bus_body(detail: Value) -> String {
+        json!({
+            "version": "0",
+            "id": "7e3a2c1b-0000-4000-8000-000000000001",
+            "detail-type": "OrderPlaced",
+            "source": "order-saga.Order",
+            "account": "123456789012",
+            "time": "2026-11-22T03:00:00Z",
+            "region": "us-east-1",
+            "resources": [],
+            "detail": detail,
+        })
+        .to_string()
+    }
+
+    fn detail_of(event: &RecordedEvent) -> Value {
+        let mut detail = serde_json::to_value(event).expect("an envelope serializes");
+        detail["id"] = json!(format!("{}/{}", event.stream_id, event.version));
+        detail
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_bytes_are_refused_with_a_short_reason(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            refusal(&String::from_utf8_lossy(&bytes))?;
+        }
+
+        #[test]
+        fn any_json_body_is_an_event_or_refused_with_a_short_reason(body in any_json()) {
+            match decode_bus_event(&body.to_string()) {
+                // Only an object with a `detail` that is an envelope decodes.
+                Ok(event) => {
+                    let detail = &body["detail"];
+                    prop_assert_eq!(detail["streamId"].as_str(), Some(event.stream_id.as_str()));
+                    prop_assert_eq!(detail["version"].as_u64(), Some(event.version));
+                }
+                Err(_) => {
+                    refusal(&body.to_string())?;
+                }
+            }
+        }
+
+        #[test]
+        fn a_published_event_decodes_as_it_was_stored(event in any_event(), as_text in any::<bool>()) {
+            let mut detail = detail_of(&event);
+            if as_text {
+                // The store's other payload encoding: JSON text.
+                detail["payloadJson"] = json!(event.payload.to_string());
+                detail.as_object_mut().expect("an object").remove("payload");
+            }
+            let decoded = decode_bus_event(&bus_body(detail));
+            prop_assert_eq!(decoded.ok(), Some(event));
+        }
+
+        #[test]
+        fn any_damaged_detail_is_an_event_or_refused_with_a_short_reason(
+            event in any_event(),
+            field in prop::sample::select(vec![
+                "streamId", "version", "eventId", "eventType", "schemaVersion", "payload", "payloadJson",
+                "correlationId", "causationId", "recordedAt", "traceHeader",
+            ]),
+            value in prop_oneof![any_json(), Just(json!("[".repeat(10_000))), Just(json!(-1)), Just(json!(1e300))],
+            nested in 0usize..2_000,
+        ) {
+            let mut detail = detail_of(&event);
+            detail[field] = value;
+            let mut body = bus_body(detail);
+            if nested > 1_000 {
+                // Deeper than any decoder should follow.
+                body = format!("{{\"detail\":{}{}}}", "[".repeat(nested), "]".repeat(nested));
+            }
+            if decode_bus_event(&body).is_err() {
+                refusal(&body)?;
+            }
+        }
     }
 }

@@ -230,6 +230,8 @@ where
     let command = match command {
         Ok(command) => command,
         Err(reason) => {
+            // (A decoder's message may quote a field whole: the reason is kept short.)
+            let reason = crate::text::bounded(&reason, crate::text::MAX_REASON);
             tracing::error!(message_id = ?message.message_id, %reason, "dead-lettering a step command");
             // If the token can be read, the saga learns at once instead of waiting for a timeout.
             if let Some(token) =
@@ -525,6 +527,32 @@ mod tests {
 
         proptest! {
             #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            #[test]
+            fn a_long_field_is_not_echoed_whole_in_the_reason(
+                field in prop::sample::select(vec!["step", "order", "taskToken", "correlationId"]),
+                text in (".{1,4}", 1_000usize..8_000).prop_map(|(s, n)| s.repeat(n)),
+            ) {
+                let sample: Value = serde_json::from_str(include_str!("../../../events/reserve-inventory/command.json"))
+                    .expect("sample");
+                let mut command: Value =
+                    serde_json::from_str(sample["Records"][0]["body"].as_str().expect("body")).expect("a command");
+                // A long text where the command has something else (or, for the token, a number).
+                let text = if field == "taskToken" || field == "correlationId" { json!([text]) } else { json!(text) };
+                command[field] = text;
+                let mut record = sample["Records"][0].clone();
+                record["body"] = json!(command.to_string());
+                let event: SqsEvent = serde_json::from_value(json!({ "Records": [record] })).expect("an SQS event");
+                let (answers, parked) = (Answers::default(), KeptDeadLetters::default());
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let step = |_command: StepMessage| async { Ok(Ok(json!({}))) };
+                let accepts = [Step::ReserveInventory];
+                runtime.block_on(process_batch(event, &Deadline::never(), &accepts, &answers, &parked, step));
+                let reasons = parked.reasons();
+                prop_assert_eq!(reasons.len(), 1);
+                prop_assert!(reasons[0].starts_with("malformed step command"), "{}", reasons[0]);
+                prop_assert!(reasons[0].len() <= crate::text::MAX_REASON, "{} bytes", reasons[0].len());
+            }
 
             #[test]
             fn every_message_is_answered_or_parked_with_a_reason(bodies in prop::collection::vec(body(), 1..5)) {
