@@ -451,3 +451,39 @@ async fn an_item_that_is_not_an_event_goes_to_the_relays_dlq_and_the_events_behi
     wait_for_projections(&env, std::slice::from_ref(&id)).await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_too_large_for_the_bus_reaches_the_read_models_through_its_claim_check() {
+    // Given the system without the saga starter, and an OrderPlaced whose envelope is over the
+    // bus's limit (an order with a 210 KB note: a real order's fields, copied from one placed)
+    let env =
+        SagaEnv::start_with(|_, service| Arc::new(Except { inner: service, function: "SagaStarterFunction" })).await;
+    let donor = order_history(&env.repo, 1, "cust-claim").await;
+    let placed = env.repo.store().load(&StreamId::new("Order", &donor).expect("id"), 0).await.expect("load");
+    let id = unique("ord-large-");
+    let mut payload = placed[0].payload.clone();
+    payload["orderId"] = json!(id);
+    payload["note"] = json!("n".repeat(210 * 1024));
+    let stream = StreamId::new("Order", &id).expect("id");
+    let large = NewEvent::new("OrderPlaced", placed[0].schema_version, payload);
+    env.repo.store().append(&stream, 0, vec![large], None).await.expect("append the large event");
+    let stored = env.repo.store().load(&stream, 0).await.expect("load");
+    let entry = outbox_relay::entry(&stored[0]);
+    assert!(entry.detail.contains("\"payloadOmitted\":true"), "the relay publishes a claim check");
+    assert!(entry.detail.len() < outbox_relay::MAX_DETAIL_BYTES, "{} bytes", entry.detail.len());
+
+    // When the relay publishes it and the projections consume it
+    wait_for_projections(&env, std::slice::from_ref(&id)).await;
+
+    // Then the order view and the customer's listing hold the order, read back from the store
+    let models = ReadModelStore::new(env.aws.dynamodb(), env.stack.environment["READ_MODEL_TABLE"].clone());
+    let (view, _) = models.get::<OrderView>(&shared::readmodel::order_key(&id)).await.expect("get").expect("view");
+    assert_eq!((view.status.as_str(), view.customer_id.as_str()), ("Placed", "cust-claim"));
+    assert!(view.total_minor > 0 && !view.lines.is_empty(), "the view is the order's: {view:?}");
+    let listed = models.get::<shared::readmodel::CustomerOrder>(&shared::readmodel::customer_order_key(&id)).await;
+    assert!(listed.expect("get").is_some(), "the customer's listing has it");
+    // And nothing was dead-lettered on the way
+    let dead = env.dead_letters("OrderViewProjectionDlq", 0, Status::Parked, 1).await;
+    assert!(dead.is_empty(), "{dead:?}");
+    env.stop().await;
+}

@@ -142,8 +142,12 @@ impl JwtAuthorizer {
     /// them; none: any valid token), and gives `requestContext.authorizer.jwt`.
     pub async fn authorize(&self, authorization: Option<&str>, scopes: &[String]) -> Result<Value, Denied> {
         let unauthorized = |why: &str| Denied::Unauthorized(why.to_owned());
-        let token = authorization.map(str::trim).unwrap_or_default();
-        let token = token.strip_prefix("Bearer ").or_else(|| token.strip_prefix("bearer ")).unwrap_or(token).trim();
+        let raw = authorization.map(str::trim).unwrap_or_default();
+        let token = match raw.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+            _ if raw.eq_ignore_ascii_case("bearer") => "",
+            _ => raw,
+        };
         if token.is_empty() {
             return Err(unauthorized("no token: send Authorization: Bearer <token>"));
         }
@@ -246,5 +250,128 @@ fn claim_text(value: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Array(items) => format!("[{}]", items.iter().map(claim_text).collect::<Vec<_>>().join(" ")),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(authorizer: Value) -> Value {
+        json!({ "Auth": { "DefaultAuthorizer": "Jwt", "Authorizers": { "Jwt": authorizer } } })
+    }
+
+    #[test]
+    fn an_api_s_authorizers_are_read_and_misconfiguration_refused() {
+        let good =
+            api(json!({ "JwtConfiguration": { "issuer": "http://127.0.0.1:9400/", "audience": ["orders-api"] } }));
+        let auth = api_authorizers(&good).expect("a JWT authorizer");
+        assert_eq!(auth.default.as_deref(), Some("Jwt"));
+        assert_eq!(auth.authorizers["Jwt"].issuer, "http://127.0.0.1:9400", "a trailing slash is not part of iss");
+        for (bad, why) in [
+            (api(json!({ "JwtConfiguration": { "issuer": "", "audience": ["a"] } })), "no issuer"),
+            (api(json!({ "JwtConfiguration": { "issuer": "http://i" } })), "no audience"),
+            (api(json!({ "FunctionArn": "arn:aws:lambda:…" })), "only JWT"),
+            (
+                api(
+                    json!({ "IdentitySource": "$request.querystring.t", "JwtConfiguration": { "issuer": "http://i", "audience": ["a"] } }),
+                ),
+                "Authorization header",
+            ),
+            (json!({ "Auth": { "DefaultAuthorizer": "Missing" } }), "not one of"),
+        ] {
+            let error = api_authorizers(&bad).expect_err(why).to_string();
+            assert!(error.contains(why), "{error}");
+        }
+        assert!(api_authorizers(&json!({})).expect("no Auth").authorizers.is_empty());
+    }
+
+    #[test]
+    fn refusals_are_api_gateway_s_bodies_with_the_reason_in_the_challenge() {
+        let expired = Denied::Unauthorized("the token has expired".into());
+        assert_eq!((expired.status(), expired.body()), (401, json!({ "message": "Unauthorized" })));
+        assert_eq!(expired.challenge(), r#"Bearer error="invalid_token", error_description="the token has expired""#);
+        let scope = Denied::Forbidden("this route needs the scope orders/operator".into());
+        assert_eq!((scope.status(), scope.body()), (403, json!({ "message": "Forbidden" })));
+        assert!(scope.challenge().starts_with(r#"Bearer error="insufficient_scope""#));
+    }
+
+    #[test]
+    fn claims_reach_the_function_as_strings() {
+        assert_eq!(claim_text(&json!("cust-1")), "cust-1");
+        assert_eq!(claim_text(&json!(1_795_143_600)), "1795143600");
+        assert_eq!(claim_text(&json!(["a", "b"])), "[a b]");
+        assert_eq!(claim_text(&json!(true)), "true");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_usable_token_is_refused_before_any_key_is_fetched() {
+        // An issuer nobody serves: a fetch would fail, so these refusals come before it.
+        let auth =
+            api_authorizers(&api(json!({ "JwtConfiguration": { "issuer": "http://127.0.0.1:9", "audience": ["a"] } })))
+                .expect("authorizer");
+        let authorizer = &auth.authorizers["Jwt"];
+        for (header, reason) in [
+            (None, "no token"),
+            (Some("Bearer "), "no token"),
+            (Some("Bearer not-a-jwt"), "malformed"),
+            // {"alg":"HS256","typ":"JWT"}: a shared-secret token is never accepted.
+            (Some("Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.e30.c2ln"), "RSA"),
+            // {"alg":"RS256"}: no key named.
+            (Some("eyJhbGciOiJSUzI1NiJ9.e30.c2ln"), "kid"),
+        ] {
+            match authorizer.authorize(header, &[]).await {
+                Err(Denied::Unauthorized(why)) => assert!(why.contains(reason), "{header:?}: {why}"),
+                other => panic!("{header:?}: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Arbitrary `Authorization` headers: always a 401 with a short reason, never a panic, never
+/// let through.
+#[cfg(test)]
+mod properties {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn segment(value: Value) -> String {
+        URL_SAFE_NO_PAD.encode(value.to_string())
+    }
+
+    /// Tokens shaped like JWTs: a header naming an algorithm and a key, any claims, any signature.
+    fn jwt_like() -> impl Strategy<Value = String> {
+        let alg = prop::sample::select(vec!["RS256", "RS512", "HS256", "none", "ES256", ""]);
+        let claims = prop::collection::btree_map("[a-z]{1,5}", ".{0,20}", 0..5);
+        (alg, proptest::option::of(".{0,20}"), claims, "[A-Za-z0-9_-]{0,60}").prop_map(
+            |(alg, kid, claims, signature)| {
+                let mut header = json!({ "alg": alg, "typ": "JWT" });
+                if let Some(kid) = kid {
+                    header["kid"] = json!(kid);
+                }
+                format!("Bearer {}.{}.{signature}", segment(header), segment(json!(claims)))
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_authorization_header_is_refused_with_a_short_reason(
+            header in prop_oneof![".{0,300}", "Bearer [A-Za-z0-9._-]{0,300}", jwt_like()],
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let issuer = json!({ "JwtConfiguration": { "issuer": "http://127.0.0.1:9", "audience": ["a"] } });
+            let auth = api_authorizers(&json!({ "Auth": { "Authorizers": { "Jwt": issuer } } })).expect("authorizer");
+            let refused = runtime.block_on(auth.authorizers["Jwt"].authorize(Some(&header), &["s".to_owned()]));
+            match refused {
+                Err(Denied::Unauthorized(why)) => prop_assert!(!why.is_empty() && why.len() <= 80, "{why}"),
+                other => prop_assert!(false, "{header:?} was {other:?}"),
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! | Route | Answer |
 //! | --- | --- |
 //! | `GET /orders/{id}` | the order's [`OrderView`] |
-//! | `GET /customers/{id}/orders?status=&cursor=&limit=` | the customer's orders, newest first ([`CustomerOrder`]) |
+//! | `GET /customers/{id}/orders?status=&cursor=&limit=` | the customer's orders, newest first ([`shared::readmodel::CustomerOrder`]) |
 //! | `GET /streams/{stream}/events?after=&limit=` | a page of a stream's events, for clients that poll and catch up |
 //! | `GET /streams/{stream}/lag` | how far each read model of the stream is behind the event store |
 //!
@@ -13,40 +13,30 @@
 //! probed. The operator scope (`OPERATOR_SCOPE`) may read any order, and only it may read the
 //! event feed and lag (else `403`; the HTTP API requires the scope on those routes too).
 //!
-//! Read models come from the read model table (`READ_MODEL_TABLE`, see [`shared::readmodel`]);
-//! events and heads from the event store. Every error is JSON `{"error": …}`; a failure of
+//! Read models come from the read model table (`READ_MODEL_TABLE`; the listing and lag queries
+//! live next to the models, in [`shared::readmodel::queries`]); events and heads from the event
+//! store. This crate maps requests and answers onto them. Every error is JSON `{"error": …}`; a failure of
 //! the storage is logged and answered `500 {"error":"internal error"}`, never with its detail.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::DisplayErrorContext;
-use aws_sdk_dynamodb::types::AttributeValue;
-use base64::Engine;
-use base64::engine::general_purpose::{URL_SAFE_NO_PAD, URL_SAFE_NO_PAD_INDIFFERENT};
-use serde::Deserialize;
-use serde_dynamo::aws_sdk_dynamodb_1::from_item;
 use serde_json::{Value, json};
 use shared::auth::{AuthError, Caller};
 use shared::config::{ConfigError, Vars, process_env, required};
 use shared::domain::{CustomerId, OrderId};
 use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StoreError, StreamId};
-use shared::readmodel::{CustomerOrder, InventoryLevel, OrderView, ReadModel, order_key};
+use shared::readmodel::queries::{QueryError, stream_lag};
+use shared::readmodel::store::{ProjectionError, ReadModelStore};
+use shared::readmodel::{OrderView, order_key};
 use shared::text::percent_decode;
 
-type Item = HashMap<String, AttributeValue>;
-
-/// The read model table's index for a customer's orders (`gsi1pk`, `gsi1sk`).
-pub const CUSTOMER_INDEX: &str = "byCustomer";
 /// The statuses a customer's orders can be filtered by.
 pub const STATUSES: [&str; 5] = ["Placed", "Completed", "Cancelled", "NeedsManualAction", "ManuallyResolved"];
 pub const DEFAULT_ORDERS_LIMIT: u32 = 20;
 pub const MAX_ORDERS_LIMIT: u32 = 100;
 pub const DEFAULT_EVENTS_LIMIT: u32 = 100;
 pub const MAX_EVENTS_LIMIT: u32 = 1000;
-/// A filtered listing keeps querying until its page is full; this bounds the reads one request
-/// may make (each reads up to 1 MB) when few orders match.
-const MAX_QUERY_ROUND_TRIPS: usize = 25;
 
 /// The routes, as declared in `template.yaml` (SAM path syntax).
 pub const ROUTES: [&str; 4] =
@@ -112,8 +102,19 @@ impl From<StoreError> for ApiError {
     }
 }
 
-fn sdk_error(operation: &str, e: impl std::error::Error + 'static) -> ApiError {
-    ApiError::Internal(format!("{operation}: {}", DisplayErrorContext(e)))
+impl From<ProjectionError> for ApiError {
+    fn from(e: ProjectionError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::InvalidCursor => Self::BadRequest(e.to_string()),
+            QueryError::Store(e) => e.into(),
+        }
+    }
 }
 
 /// A successful answer: the JSON body and, for a paged answer, its `Link` header.
@@ -246,34 +247,6 @@ fn http_response(status: u16, body: &Value, extra: &[(&str, String)]) -> Value {
     json!({ "statusCode": status, "headers": headers, "body": body.to_string(), "isBase64Encoded": false })
 }
 
-/// A cursor is the position after the last item returned: the listing's `LastEvaluatedKey`
-/// (table and index keys), as URL-safe base64 of its JSON.
-fn encode_cursor(key: &Item) -> Option<String> {
-    let mut json = serde_json::Map::new();
-    for name in ["pk", "sk", "gsi1pk", "gsi1sk"] {
-        json.insert(name.to_owned(), json!(key.get(name)?.as_s().ok()?));
-    }
-    Some(URL_SAFE_NO_PAD.encode(Value::Object(json).to_string()))
-}
-
-/// Reads a cursor back, refusing anything that is not a position in this customer's listing
-/// (so a forged cursor is a 400, not a failed query).
-fn decode_cursor(cursor: &str, gsi1pk: &str) -> Result<Item, ApiError> {
-    let invalid = || ApiError::BadRequest("invalid cursor".into());
-    let bytes = URL_SAFE_NO_PAD_INDIFFERENT.decode(cursor.trim()).map_err(|_| invalid())?;
-    let key: BTreeMap<String, String> = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
-    let valid = key.len() == 4
-        && key.get("gsi1pk").map(String::as_str) == Some(gsi1pk)
-        && key.get("sk").map(String::as_str) == Some("CUSTOMER")
-        && key.get("pk").is_some_and(|pk| pk.len() > 6 && pk.starts_with("ORDER#"))
-        && key.get("gsi1sk").is_some_and(|sk| !sk.is_empty())
-        && key.values().all(|v| v.len() <= 1024);
-    if !valid {
-        return Err(invalid());
-    }
-    Ok(key.into_iter().map(|(k, v)| (k, AttributeValue::S(v))).collect())
-}
-
 /// Whose data a request may see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Viewer {
@@ -292,31 +265,23 @@ impl Viewer {
     }
 }
 
-/// The per-stream versions a read model item recorded.
-#[derive(Deserialize, Default)]
-struct Versions {
-    #[serde(default)]
-    versions: BTreeMap<String, u64>,
-}
-
 /// The query API over an event store and the read model table.
 pub struct QueryApi<S> {
     store: S,
-    dynamodb: Client,
-    read_model_table: String,
+    models: ReadModelStore,
     operator_scope: String,
 }
 
 impl QueryApi<DynamoEventStore> {
     pub fn new(dynamodb: Client, config: Config) -> Self {
         let store = DynamoEventStore::new(dynamodb.clone(), config.event_store);
-        Self::with_store(store, dynamodb, config.read_model_table, config.operator_scope)
+        Self::with_store(store, ReadModelStore::new(dynamodb, config.read_model_table), config.operator_scope)
     }
 }
 
 impl<S: EventStore> QueryApi<S> {
-    pub fn with_store(store: S, dynamodb: Client, read_model_table: String, operator_scope: String) -> Self {
-        Self { store, dynamodb, read_model_table, operator_scope }
+    pub fn with_store(store: S, models: ReadModelStore, operator_scope: String) -> Self {
+        Self { store, models, operator_scope }
     }
 
     /// Answers one HTTP API (payload 2.0) event with the HTTP response.
@@ -367,30 +332,13 @@ impl<S: EventStore> QueryApi<S> {
         }
     }
 
-    async fn get(&self, (pk, sk): (String, String), projection: Option<&str>) -> Result<Option<Item>, ApiError> {
-        let mut request = self
-            .dynamodb
-            .get_item()
-            .table_name(&self.read_model_table)
-            .key("pk", AttributeValue::S(pk))
-            .key("sk", AttributeValue::S(sk));
-        if let Some(attribute) = projection {
-            request = request.projection_expression("#p").expression_attribute_names("#p", attribute);
-        }
-        let found = request.send().await.map_err(|e| sdk_error("GetItem", e))?;
-        Ok(found.item)
-    }
-
     /// `GET /orders/{id}`: another customer's order is not found, as a missing one.
     async fn order(&self, id: &str, viewer: &Viewer) -> Result<Reply, ApiError> {
         let id = OrderId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let not_found = || ApiError::NotFound(format!("order {id} not found"));
-        let Some(item) = self.get(order_key(id.as_str()), None).await? else {
+        let Some((view, _)) = self.models.get::<OrderView>(&order_key(id.as_str())).await? else {
             return Err(not_found());
         };
-        // The item's keys (pk, sk) and storage fields (revision) are not part of the view.
-        let view: OrderView =
-            from_item(item).map_err(|e| ApiError::Internal(format!("order view of {id} is malformed: {e}")))?;
         if !viewer.may_see(&view.customer_id) {
             return Err(not_found());
         }
@@ -419,79 +367,16 @@ impl<S: EventStore> QueryApi<S> {
             ),
         };
         let limit = whole_number(params, "limit", DEFAULT_ORDERS_LIMIT.into(), (1, MAX_ORDERS_LIMIT.into()))? as usize;
-        let gsi1pk = format!("CUSTOMER#{customer}");
-        let mut start = params.get("cursor").map(|c| decode_cursor(c, &gsi1pk)).transpose()?;
-
-        // One more than the page holds tells whether a next page exists, so a `next` link never
-        // leads to an empty page. A filter applies after DynamoDB's `Limit`: keep querying.
-        let wanted = limit + 1;
-        let mut rows: Vec<Item> = Vec::with_capacity(wanted);
-        let mut round_trips = 0;
-        let mut stopped_at = None;
-        loop {
-            round_trips += 1;
-            let remaining = wanted - rows.len();
-            let page_limit = if status.is_some() { (remaining * 4).clamp(25, 1000) } else { remaining };
-            let mut query = self
-                .dynamodb
-                .query()
-                .table_name(&self.read_model_table)
-                .index_name(CUSTOMER_INDEX)
-                .key_condition_expression("gsi1pk = :pk")
-                .expression_attribute_values(":pk", AttributeValue::S(gsi1pk.clone()))
-                .scan_index_forward(false)
-                .limit(i32::try_from(page_limit).unwrap_or(i32::MAX))
-                .set_exclusive_start_key(start.take());
-            if let Some(status) = status {
-                query = query
-                    .filter_expression("#status = :status")
-                    .expression_attribute_names("#status", "status")
-                    .expression_attribute_values(":status", AttributeValue::S(status.to_owned()));
-            }
-            let page = query.send().await.map_err(|e| sdk_error("Query byCustomer", e))?;
-            rows.extend(page.items.unwrap_or_default());
-            start = page.last_evaluated_key;
-            if rows.len() >= wanted || start.is_none() {
-                break;
-            }
-            if round_trips >= MAX_QUERY_ROUND_TRIPS {
-                // Few matches in a long history: answer what was found; the cursor goes on from
-                // where the reading stopped.
-                stopped_at = start.take();
-                break;
-            }
-        }
-        let cursor = if rows.len() > limit {
-            rows.truncate(limit);
-            let last = rows.last().ok_or_else(|| ApiError::Internal("empty page with more rows".into()))?;
-            Some(encode_cursor(last).ok_or_else(|| ApiError::Internal("a listed order has no index keys".into()))?)
-        } else {
-            match stopped_at {
-                Some(key) => {
-                    Some(encode_cursor(&key).ok_or_else(|| ApiError::Internal("unexpected LastEvaluatedKey".into()))?)
-                }
-                None => None,
-            }
-        };
-        let items = rows
-            .into_iter()
-            .map(|item| {
-                let mut order: CustomerOrder =
-                    from_item(item).map_err(|e| ApiError::Internal(format!("customer order is malformed: {e}")))?;
-                // Index keys are storage, not part of the answer.
-                order.gsi1pk = None;
-                order.gsi1sk = None;
-                Ok(json!(order))
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?;
-
+        let cursor = params.get("cursor").map(String::as_str);
+        let page = self.models.customer_orders(&customer, status, limit, cursor).await?;
+        let cursor = page.next_cursor;
         let mut links = Vec::new();
         if let Some(cursor) = &cursor {
             let base = base_path(event, &format!("/customers/{customer}/orders"));
             let filter = status.map(|s| format!("&status={s}")).unwrap_or_default();
             links.push((format!("{base}?limit={limit}{filter}&cursor={cursor}"), "next"));
         }
-        Ok(Reply { body: json!({ "items": items, "nextCursor": cursor }), links })
+        Ok(Reply { body: json!({ "items": page.items, "nextCursor": cursor }), links })
     }
 
     /// `GET /streams/{stream}/events`: a page after `after`, and where the stream's head is.
@@ -524,33 +409,15 @@ impl<S: EventStore> QueryApi<S> {
     /// `GET /streams/{stream}/lag`: the head against the version each read model applied.
     async fn lag(&self, stream: &str) -> Result<Reply, ApiError> {
         let stream = StreamId::parse(stream).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let models: Vec<(&str, (String, String))> = [
-            (OrderView::NAME, OrderView::key(&stream)),
-            (CustomerOrder::NAME, CustomerOrder::key(&stream)),
-            (InventoryLevel::NAME, InventoryLevel::key(&stream)),
-        ]
-        .into_iter()
-        .filter_map(|(name, key)| key.map(|k| (name, k)))
-        .collect();
-        if models.is_empty() {
+        let Some(lag) = stream_lag(&self.store, &self.models, &stream).await? else {
             return Err(ApiError::NotFound(format!("no read model follows {} streams", stream.category())));
-        }
-        // The models first, then the head: a model cannot be seen ahead of the head.
-        let mut applied = BTreeMap::new();
-        for (name, key) in models {
-            let versions = match self.get(key, Some("versions")).await? {
-                None => Versions::default(),
-                Some(item) => from_item(item)
-                    .map_err(|e| ApiError::Internal(format!("{name} versions for {stream} are malformed: {e}")))?,
-            };
-            applied.insert(name, versions.versions.get(stream.as_str()).copied().unwrap_or(0));
-        }
-        let head = self.store.head_version(&stream).await?;
-        if head == 0 {
+        };
+        if lag.head == 0 {
             return Err(ApiError::NotFound(format!("stream {stream} has no events")));
         }
-        let behind: BTreeMap<&str, u64> = applied.iter().map(|(name, v)| (*name, head.saturating_sub(*v))).collect();
-        Ok(Reply::json(json!({ "stream": stream.as_str(), "head": head, "applied": applied, "behind": behind })))
+        Ok(Reply::json(
+            json!({ "stream": stream.as_str(), "head": lag.head, "applied": lag.applied, "behind": lag.behind }),
+        ))
     }
 }
 
@@ -610,22 +477,6 @@ mod tests {
     }
 
     #[test]
-    fn cursors_round_trip_and_forgeries_are_refused() {
-        let key: Item = [("pk", "ORDER#o1"), ("sk", "CUSTOMER"), ("gsi1pk", "CUSTOMER#c1"), ("gsi1sk", "2026#o1")]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), AttributeValue::S(v.to_owned())))
-            .collect();
-        let cursor = encode_cursor(&key).unwrap();
-        assert!(cursor.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{cursor}");
-        assert_eq!(decode_cursor(&cursor, "CUSTOMER#c1").unwrap(), key);
-        assert!(decode_cursor(&cursor, "CUSTOMER#other").is_err(), "another customer's cursor");
-        assert!(decode_cursor("not base64!", "CUSTOMER#c1").is_err());
-        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("[1]"), "CUSTOMER#c1").is_err());
-        let forged = URL_SAFE_NO_PAD.encode(r#"{"pk":"x","sk":"CUSTOMER","gsi1pk":"CUSTOMER#c1","gsi1sk":"s"}"#);
-        assert!(decode_cursor(&forged, "CUSTOMER#c1").is_err());
-    }
-
-    #[test]
     fn links_keep_a_stage_prefix_but_echo_nothing_odd() {
         let event = json!({ "rawPath": "/prod/streams/Order-1/events" });
         assert_eq!(base_path(&event, "/streams/Order-1/events"), "/prod/streams/Order-1/events");
@@ -635,8 +486,8 @@ mod tests {
         assert_eq!(link_header(&links).unwrap(), r#"</x?after=3>; rel="next", </x?after=0>; rel="prev""#);
     }
 
-    /// Arbitrary requests through the pure half of the API (routing, query strings, numbers,
-    /// cursors): never a panic, and every refusal a 4xx with a short message.
+    /// Arbitrary requests through the pure half of the API (routing, query strings, numbers; the
+    /// cursors: `shared::readmodel::queries`): never a panic, and every refusal a 4xx with a short message.
     mod properties {
         use proptest::prelude::*;
 
@@ -678,16 +529,6 @@ mod tests {
                         Ok(n) => prop_assert!((1..=100).contains(&n)),
                         Err(e) => refusal(&e)?,
                     }
-                }
-            }
-
-            #[test]
-            fn any_cursor_is_a_position_in_the_listing_or_a_400(
-                cursor in prop_oneof![".{0,200}", "[A-Za-z0-9_-]{0,200}", any::<Vec<u8>>().prop_map(|b| URL_SAFE_NO_PAD.encode(b))],
-            ) {
-                match decode_cursor(&cursor, "CUSTOMER#c1") {
-                    Ok(key) => prop_assert_eq!(key.len(), 4),
-                    Err(e) => refusal(&e)?,
                 }
             }
         }

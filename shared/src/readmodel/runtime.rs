@@ -12,23 +12,69 @@ use tracing::Instrument;
 use super::store::{Projected, ProjectionError, ReadModelStore};
 use crate::aws::LazyClient;
 use crate::config::{ConfigError, Vars, process_env, required};
-use crate::eventstore::{DynamoEventStore, EventStoreConfig, RecordedEvent};
+use crate::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, RecordedEvent, StreamId};
 use crate::saga::runtime::{DeadLetters, Source, SqsDeadLetters};
 
 /// The part of an EventBridge event a projection reads: the envelope published by the relay.
 #[derive(Deserialize)]
 struct BusEvent {
-    detail: RecordedEvent,
+    detail: serde_json::Value,
 }
 
-/// The stored event a message from the bus carries (the relay's envelope, as the EventBridge
-/// event's `detail`), or why it is not one: [`ProjectionError::Corrupt`] (never retried), with a
+/// The envelope of an event too large for the bus: the relay published it without its payload
+/// (`payloadOmitted`), a claim check on the store.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimCheck {
+    pub stream_id: String,
+    pub version: u64,
+}
+
+/// What a message from the bus carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// The stored event, whole.
+    Event(Box<RecordedEvent>),
+    /// Where to read the event whose payload was left out.
+    Claim(ClaimCheck),
+}
+
+fn not_an_event(e: impl std::fmt::Display) -> ProjectionError {
+    let reason = format!("not an event from the bus: {e}");
+    ProjectionError::Corrupt(crate::text::bounded(&reason, crate::text::MAX_REASON))
+}
+
+/// What a message from the bus carries (the relay's envelope, as the EventBridge event's
+/// `detail`), or why it is not an event: [`ProjectionError::Corrupt`] (never retried), with a
 /// short reason (a decoder's message may quote a field whole).
+pub fn decode_bus_message(body: &str) -> Result<Delivery, ProjectionError> {
+    let detail = serde_json::from_str::<BusEvent>(body).map_err(not_an_event)?.detail;
+    if detail.get("payloadOmitted").and_then(serde_json::Value::as_bool) == Some(true) {
+        return serde_json::from_value(detail).map(Delivery::Claim).map_err(not_an_event);
+    }
+    serde_json::from_value(detail).map(|event| Delivery::Event(Box::new(event))).map_err(not_an_event)
+}
+
+/// The whole stored event a message from the bus carries; a claim check is refused (see
+/// [`decode_bus_message`] for consumers that read it from the store).
 pub fn decode_bus_event(body: &str) -> Result<RecordedEvent, ProjectionError> {
-    serde_json::from_str::<BusEvent>(body).map(|event| event.detail).map_err(|e| {
-        let reason = format!("not an event from the bus: {e}");
-        ProjectionError::Corrupt(crate::text::bounded(&reason, crate::text::MAX_REASON))
-    })
+    match decode_bus_message(body)? {
+        Delivery::Event(event) => Ok(*event),
+        Delivery::Claim(claim) => Err(not_an_event(format!(
+            "the payload of {}/{} was left out: read it from the store",
+            claim.stream_id, claim.version
+        ))),
+    }
+}
+
+/// The event a claim check names, read from the store. Not there (yet): retried.
+pub async fn redeem<S: EventStore>(store: &S, claim: &ClaimCheck) -> Result<RecordedEvent, ProjectionError> {
+    let stream = StreamId::parse(&claim.stream_id).map_err(not_an_event)?;
+    let missing =
+        || ProjectionError::Missing { stream: claim.stream_id.clone(), from: claim.version, to: claim.version };
+    let after = claim.version.checked_sub(1).ok_or_else(|| not_an_event("version 0 is no event"))?;
+    let page = store.read_page(&stream, after, 1).await?;
+    page.into_iter().find(|e| e.version == claim.version).ok_or_else(missing)
 }
 
 pub struct ProjectionLambda {
@@ -70,7 +116,13 @@ impl ProjectionLambda {
             let source = Source { arn: message.event_source_arn.as_deref(), id: message.message_id.as_deref() };
             // The event's order, correlation and trace on every line about it.
             let mut span = tracing::Span::none();
-            let outcome = match decode_bus_event(body) {
+            // An event too large for the bus comes as a claim check: read it from the store.
+            let decoded = match decode_bus_message(body) {
+                Ok(Delivery::Event(event)) => Ok(*event),
+                Ok(Delivery::Claim(claim)) => redeem(&self.events, &claim).await,
+                Err(e) => Err(e),
+            };
+            let outcome = match decoded {
                 Err(e) => Err(e),
                 Ok(detail) => {
                     span = crate::telemetry::event_span(&detail);
@@ -290,5 +342,40 @@ mod properties {
                 refusal(&body)?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod claim_checks {
+    use serde_json::json;
+
+    use super::*;
+    use crate::eventstore::{InMemoryEventStore, NewEvent};
+
+    fn bus_body(detail: serde_json::Value) -> String {
+        json!({ "detail-type": "OrderPlaced", "source": "order-saga.Order", "detail": detail }).to_string()
+    }
+
+    #[tokio::test]
+    async fn an_event_published_without_its_payload_is_read_back_from_the_store() {
+        // Given an event whose envelope is too large for the bus, in the store
+        let store = InMemoryEventStore::new();
+        let stream = StreamId::new("Order", "o-big").expect("stream id");
+        let payload = json!({ "orderId": "o-big", "note": "x".repeat(300 * 1024) });
+        let event = NewEvent::new("OrderPlaced", 1, payload.clone());
+        store.append(&stream, 0, vec![event], None).await.expect("append");
+        // When the relay's claim check for it arrives
+        let body =
+            bus_body(json!({ "streamId": "Order-o-big", "version": 1, "payload": null, "payloadOmitted": true }));
+        let Delivery::Claim(claim) = decode_bus_message(&body).expect("decodes") else { panic!("not a claim check") };
+        // Then the whole event is read back from the store
+        let redeemed = redeem(&store, &claim).await.expect("redeemed");
+        assert_eq!((redeemed.version, &redeemed.payload), (1, &payload));
+        // And a claim on a position not (yet) stored is retried, not dead-lettered
+        let ahead = ClaimCheck { stream_id: "Order-o-big".into(), version: 2 };
+        assert!(redeem(&store, &ahead).await.is_err_and(|e| e.is_retryable()));
+        // And the whole-event decoder refuses a claim check with the reason
+        let refused = decode_bus_event(&body).expect_err("a claim is not a whole event");
+        assert!(refused.to_string().contains("read it from the store"), "{refused}");
     }
 }

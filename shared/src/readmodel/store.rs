@@ -74,7 +74,7 @@ pub struct AlsoWrite<T> {
     pub then: T,
 }
 
-fn request_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+pub(super) fn request_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
     operation: &'static str,
     e: aws_sdk_dynamodb::error::SdkError<E, R>,
 ) -> StoreError {
@@ -97,8 +97,8 @@ const ATTEMPTS: u32 = RETRY.max_attempts;
 
 #[derive(Clone)]
 pub struct ReadModelStore {
-    client: Client,
-    table: String,
+    pub(super) client: Client,
+    pub(super) table: String,
 }
 
 impl ReadModelStore {
@@ -443,14 +443,22 @@ pub struct Lag {
     pub behind: u64,
 }
 
+impl Lag {
+    /// A model that applied up to `applied` of a stream whose head is `head`.
+    pub fn new(head: u64, applied: u64) -> Self {
+        Self { head, applied, behind: head.saturating_sub(applied) }
+    }
+}
+
+/// How far model `M` is behind for `stream` (every model following a stream at once:
+/// [`super::queries::stream_lag`]). The model is read first, then the head.
 pub async fn lag<M: ReadModel, S: EventStore>(
     events: &S,
     models: &ReadModelStore,
     stream: &StreamId,
 ) -> Result<Lag, ProjectionError> {
-    let head = events.head_version(stream).await?;
     let applied = models.applied_version::<M>(stream).await?;
-    Ok(Lag { head, applied, behind: head.saturating_sub(applied) })
+    Ok(Lag::new(events.head_version(stream).await?, applied))
 }
 
 /// Recomputes every read model from the event store (a full scan of the events table) into
