@@ -5,7 +5,8 @@
 //! `DefaultAuthorizer` otherwise, `NONE` for none). As API Gateway does:
 //! - the token comes from the `Authorization` header, with or without `Bearer `;
 //! - its key is found by `kid` in the issuer's JWKS (`{issuer}/.well-known/openid-configuration`
-//!   → `jwks_uri`, cached for two hours, fetched again for a key it does not know);
+//!   → `jwks_uri`, cached for two hours, fetched again for a key it does not know; at most one
+//!   fetch per 10 s, whether it worked or not);
 //! - RSA signatures only (RS256/384/512); `iss` must be the issuer; `aud` (or `client_id` when
 //!   there is no `aud`) one of the audiences; `exp` in the future; `nbf` and `iat`, if present,
 //!   not in the future;
@@ -71,7 +72,17 @@ pub struct JwtAuthorizer {
     issuer: String,
     audiences: Vec<String>,
     client: reqwest::Client,
-    keys: Mutex<Option<(Instant, JwkSet)>>,
+    keys: Mutex<KeyCache>,
+}
+
+/// The issuer's keys as last fetched.
+#[derive(Default)]
+struct KeyCache {
+    /// The key set, and when it was fetched.
+    keys: Option<(Instant, JwkSet)>,
+    /// When a fetch was last tried, whether it worked or not: a token naming an unknown key, or
+    /// an issuer that cannot be reached, makes at most one fetch per [`REFETCH_AT_MOST_EVERY`].
+    tried: Option<Instant>,
 }
 
 impl std::fmt::Debug for JwtAuthorizer {
@@ -125,7 +136,7 @@ pub fn api_authorizers(api: &Value) -> anyhow::Result<ApiAuth> {
         }
         let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().context("HTTP client")?;
         let authorizer =
-            JwtAuthorizer { name: name.clone(), issuer: issuer.to_owned(), audiences, client, keys: Mutex::new(None) };
+            JwtAuthorizer { name: name.clone(), issuer: issuer.to_owned(), audiences, client, keys: Mutex::default() };
         authorizers.insert(name.clone(), Arc::new(authorizer));
     }
     let default = auth.get("DefaultAuthorizer").and_then(Value::as_str).map(str::to_owned);
@@ -198,25 +209,30 @@ impl JwtAuthorizer {
 
     /// The issuer's key `kid`, from the cached key set or a fresh one.
     async fn key(&self, kid: &str) -> Result<DecodingKey, Denied> {
-        let mut cached = self.keys.lock().await;
-        let fresh_enough = |at: &Instant, ttl: Duration| at.elapsed() < ttl;
-        let known = cached
+        let unknown = || Denied::Unauthorized("the token's key (kid) is not the issuer's".into());
+        let mut cache = self.keys.lock().await;
+        let known = cache
+            .keys
             .as_ref()
-            .filter(|(at, _)| fresh_enough(at, KEYS_CACHED_FOR))
+            .filter(|(fetched, _)| fetched.elapsed() < KEYS_CACHED_FOR)
             .and_then(|(_, set)| set.find(kid).cloned());
         let jwk = match known {
             Some(jwk) => jwk,
+            None if cache.tried.is_some_and(|tried| tried.elapsed() < REFETCH_AT_MOST_EVERY) => {
+                return Err(match cache.keys {
+                    Some(_) => unknown(),
+                    None => Denied::Unauthorized("the issuer's keys could not be fetched".into()),
+                });
+            }
             None => {
-                if cached.as_ref().is_some_and(|(at, _)| fresh_enough(at, REFETCH_AT_MOST_EVERY)) {
-                    return Err(Denied::Unauthorized("the token's key (kid) is not the issuer's".into()));
-                }
+                cache.tried = Some(Instant::now());
                 let set = self.fetch_keys().await.map_err(|e| {
                     tracing::warn!(authorizer = %self.name, error = %format!("{e:#}"), "fetching the issuer's keys failed");
                     Denied::Unauthorized("the issuer's keys could not be fetched".into())
                 })?;
                 let found = set.find(kid).cloned();
-                *cached = Some((Instant::now(), set));
-                found.ok_or_else(|| Denied::Unauthorized("the token's key (kid) is not the issuer's".into()))?
+                cache.keys = Some((Instant::now(), set));
+                found.ok_or_else(unknown)?
             }
         };
         DecodingKey::from_jwk(&jwk).map_err(|_| Denied::Unauthorized("the issuer's key is not usable".into()))
@@ -302,6 +318,33 @@ mod tests {
         assert_eq!(claim_text(&json!(1_795_143_600)), "1795143600");
         assert_eq!(claim_text(&json!(["a", "b"])), "[a b]");
         assert_eq!(claim_text(&json!(true)), "true");
+    }
+
+    #[tokio::test]
+    async fn an_issuer_that_cannot_be_reached_is_tried_at_most_once_per_interval() {
+        // Given an issuer that accepts connections and hangs up on each (counting them)
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        let auth = api_authorizers(&api(json!({ "JwtConfiguration": { "issuer": url, "audience": ["a"] } })))
+            .expect("authorizer");
+        // {"alg":"RS256","kid":"k1"}: a token whose key must be fetched.
+        let token = "Bearer eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.e30.c2ln";
+        // When three requests come in a row
+        for _ in 0..3 {
+            let refused = auth.authorizers["Jwt"].authorize(Some(token), &[]).await;
+            // Then each is refused, saying why
+            assert_eq!(refused, Err(Denied::Unauthorized("the issuer's keys could not be fetched".into())));
+        }
+        // And the issuer was asked once
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
