@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use local_env::issuer::{Issuer, TokenRequest};
 use serde_json::{Value, json};
 use shared::eventstore::{EventStore, NewEvent, StreamId};
-use shared::readmodel::{CustomerOrder, OrderView, TimelineEntry, customer_order_key, order_key};
+use shared::readmodel::{CustomerOrder, OrderView, TimelineEntry, ViewStatus, customer_order_key, order_key};
 use system_tests::http::{ApiEnv, HttpResponse, Json, issuer, request_as};
 use system_tests::unique;
 
@@ -27,7 +27,7 @@ async fn seed(env: &ApiEnv) -> Seeded {
     let view = OrderView {
         order_id: order_id.clone(),
         customer_id: customer.clone(),
-        status: "Placed".into(),
+        status: ViewStatus::Placed,
         currency: "EUR".into(),
         lines: vec![json!({ "sku": "SKU-RED-MUG", "quantity": 1, "unitPriceMinor": 1250 })],
         total_minor: 1250,
@@ -54,7 +54,7 @@ async fn seed(env: &ApiEnv) -> Seeded {
     let listed = CustomerOrder {
         order_id: order_id.clone(),
         customer_id: customer.clone(),
-        status: "Placed".into(),
+        status: ViewStatus::Placed,
         total_minor: 1250,
         currency: "EUR".into(),
         placed_at: "2026-11-23T10:00:00Z".into(),

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::{Value, json};
 use shared::eventstore::{EventStore, InMemoryEventStore, NewEvent, RecordedEvent, StreamId};
 use shared::readmodel::{
-    CustomerOrder, InventoryLevel, OrderView, TimelineEntry, customer_order_key, inventory_key, order_key,
+    CustomerOrder, InventoryLevel, OrderView, TimelineEntry, ViewStatus, customer_order_key, inventory_key, order_key,
 };
 use system_tests::http::{ApiEnv, HttpResponse, Json, QUERY_API, assert_clean_error, issuer, request_as};
 use system_tests::{unique, workspace_root};
@@ -15,7 +15,7 @@ fn order_view(order_id: &str, customer_id: &str, versions: &[(&str, u64)]) -> Or
     OrderView {
         order_id: order_id.into(),
         customer_id: customer_id.into(),
-        status: "Completed".into(),
+        status: ViewStatus::Completed,
         currency: "EUR".into(),
         lines: vec![json!({ "sku": "SKU-RED-MUG", "quantity": 2, "unitPriceMinor": 1250 })],
         total_minor: 2500,
@@ -44,7 +44,7 @@ fn customer_order(order_id: &str, customer_id: &str, status: &str, placed_at: &s
     CustomerOrder {
         order_id: order_id.into(),
         customer_id: customer_id.into(),
-        status: status.into(),
+        status: ViewStatus::listed(status).expect("a listed status"),
         total_minor: 1000,
         currency: "EUR".into(),
         placed_at: placed_at.into(),

@@ -28,11 +28,9 @@ use shared::domain::{CustomerId, OrderId};
 use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StoreError, StreamId};
 use shared::readmodel::queries::{QueryError, stream_lag};
 use shared::readmodel::store::{ProjectionError, ReadModelStore};
-use shared::readmodel::{OrderView, order_key};
+use shared::readmodel::{OrderView, ViewStatus, order_key};
 use shared::text::percent_decode;
 
-/// The statuses a customer's orders can be filtered by.
-pub const STATUSES: [&str; 5] = ["Placed", "Completed", "Cancelled", "NeedsManualAction", "ManuallyResolved"];
 pub const DEFAULT_ORDERS_LIMIT: u32 = 20;
 pub const MAX_ORDERS_LIMIT: u32 = 100;
 pub const DEFAULT_EVENTS_LIMIT: u32 = 100;
@@ -359,12 +357,10 @@ impl<S: EventStore> QueryApi<S> {
         }
         let status = match params.get("status") {
             None => None,
-            Some(s) => Some(
-                *STATUSES
-                    .iter()
-                    .find(|known| **known == s.as_str())
-                    .ok_or_else(|| ApiError::BadRequest(format!("status must be one of {}", STATUSES.join(", "))))?,
-            ),
+            Some(s) => Some(ViewStatus::listed(s).ok_or_else(|| {
+                let known: Vec<&str> = ViewStatus::LISTED.iter().map(|s| s.as_str()).collect();
+                ApiError::BadRequest(format!("status must be one of {}", known.join(", ")))
+            })?),
         };
         let limit = whole_number(params, "limit", DEFAULT_ORDERS_LIMIT.into(), (1, MAX_ORDERS_LIMIT.into()))? as usize;
         let cursor = params.get("cursor").map(String::as_str);

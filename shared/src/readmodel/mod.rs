@@ -82,6 +82,56 @@ fn str_field(payload: &Value, name: &str) -> Option<String> {
     payload.get(name).and_then(Value::as_str).map(str::to_owned)
 }
 
+/// Where an order stands, as its views show it (stored and served by name, `"Placed"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ViewStatus {
+    /// Only payment or shipment events seen so far: across streams, they may arrive first.
+    #[default]
+    Pending,
+    Placed,
+    /// Parked, waiting for the payment gateway.
+    PaymentPending,
+    Completed,
+    Cancelled,
+    NeedsManualAction,
+    ManuallyResolved,
+}
+
+impl ViewStatus {
+    /// What a customer's listing can be filtered by: the statuses a placed order goes through.
+    pub const LISTED: [Self; 5] =
+        [Self::Placed, Self::Completed, Self::Cancelled, Self::NeedsManualAction, Self::ManuallyResolved];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Placed => "Placed",
+            Self::PaymentPending => "PaymentPending",
+            Self::Completed => "Completed",
+            Self::Cancelled => "Cancelled",
+            Self::NeedsManualAction => "NeedsManualAction",
+            Self::ManuallyResolved => "ManuallyResolved",
+        }
+    }
+
+    /// A listed status by name, as a query names it.
+    pub fn listed(name: &str) -> Option<Self> {
+        Self::LISTED.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for ViewStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for ViewStatus {
+    fn eq(&self, name: &&str) -> bool {
+        self.as_str() == *name
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TimelineEntry {
@@ -98,7 +148,8 @@ pub struct TimelineEntry {
 pub struct OrderView {
     pub order_id: String,
     pub customer_id: String,
-    pub status: String,
+    #[serde(default)]
+    pub status: ViewStatus,
     pub currency: String,
     pub lines: Vec<Value>,
     pub total_minor: i64,
@@ -153,21 +204,22 @@ impl ReadModel for OrderView {
                 self.lines = p.get("lines").and_then(Value::as_array).cloned().unwrap_or_default();
                 self.total_minor = p.pointer("/total/amountMinor").and_then(Value::as_i64).unwrap_or(0);
                 self.placed_at = e.recorded_at.clone();
-                // Payment or shipment events may have arrived first; placement does not undo them.
-                if self.status.is_empty() {
-                    self.status = "Placed".into();
+                // Payment or shipment events may have arrived first: placement does not undo what
+                // they said (a payment pending stays pending), but ends `Pending`.
+                if self.status == ViewStatus::Pending {
+                    self.status = ViewStatus::Placed;
                 }
             }
-            "OrderCompleted" => self.status = "Completed".into(),
+            "OrderCompleted" => self.status = ViewStatus::Completed,
             "OrderCancelled" => {
-                self.status = "Cancelled".into();
+                self.status = ViewStatus::Cancelled;
                 self.cancellation_reason = str_field(p, "reason");
                 self.failed_step = str_field(p, "failedStep");
                 // Flagged before, and its compensations then went through: nothing left to act on.
                 self.failed_actions.clear();
             }
             "OrderFlaggedForManualAction" => {
-                self.status = "NeedsManualAction".into();
+                self.status = ViewStatus::NeedsManualAction;
                 // Decoded through the domain, so an event stored in an older schema (one
                 // `failedStep`) is upcast to the list.
                 self.failed_actions = match decode_event::<OrderEvent>(e) {
@@ -179,11 +231,11 @@ impl ReadModel for OrderView {
                 };
                 self.failed_step = self.failed_actions.first().map(|f| f.step.clone());
             }
-            "OrderManualActionResolved" => self.status = "ManuallyResolved".into(),
+            "OrderManualActionResolved" => self.status = ViewStatus::ManuallyResolved,
             "PaymentPostponed" => {
                 self.payment_pending_until = str_field(p, "retryUntil");
-                if matches!(self.status.as_str(), "" | "Pending" | "Placed") {
-                    self.status = "PaymentPending".into();
+                if matches!(self.status, ViewStatus::Pending | ViewStatus::Placed) {
+                    self.status = ViewStatus::PaymentPending;
                 }
             }
             "PaymentCharged" | "PaymentDeclined" => {
@@ -194,8 +246,8 @@ impl ReadModel for OrderView {
                     self.refund_pending_until = None;
                 }
                 self.payment_pending_until = None;
-                if self.status == "PaymentPending" {
-                    self.status = "Placed".into();
+                if self.status == ViewStatus::PaymentPending {
+                    self.status = ViewStatus::Placed;
                 }
             }
             "RefundPostponed" => self.refund_pending_until = str_field(p, "retryUntil"),
@@ -208,9 +260,6 @@ impl ReadModel for OrderView {
                 self.carrier = str_field(p, "carrier");
             }
             _ => {}
-        }
-        if self.status.is_empty() {
-            self.status = "Pending".into();
         }
         self.updated_at = self.updated_at.clone().max(e.recorded_at.clone());
         self.timeline.push(TimelineEntry {
@@ -230,7 +279,8 @@ impl ReadModel for OrderView {
 pub struct CustomerOrder {
     pub order_id: String,
     pub customer_id: String,
-    pub status: String,
+    #[serde(default)]
+    pub status: ViewStatus,
     pub total_minor: i64,
     pub currency: String,
     pub placed_at: String,
@@ -267,14 +317,14 @@ impl ReadModel for CustomerOrder {
                 self.currency = str_field(p, "currency").unwrap_or_default();
                 self.total_minor = p.pointer("/total/amountMinor").and_then(Value::as_i64).unwrap_or(0);
                 self.placed_at = e.recorded_at.clone();
-                self.status = "Placed".into();
+                self.status = ViewStatus::Placed;
                 self.gsi1pk = Some(format!("CUSTOMER#{}", self.customer_id));
                 self.gsi1sk = Some(format!("{}#{}", self.placed_at, self.order_id));
             }
-            "OrderCompleted" => self.status = "Completed".into(),
-            "OrderCancelled" => self.status = "Cancelled".into(),
-            "OrderFlaggedForManualAction" => self.status = "NeedsManualAction".into(),
-            "OrderManualActionResolved" => self.status = "ManuallyResolved".into(),
+            "OrderCompleted" => self.status = ViewStatus::Completed,
+            "OrderCancelled" => self.status = ViewStatus::Cancelled,
+            "OrderFlaggedForManualAction" => self.status = ViewStatus::NeedsManualAction,
+            "OrderManualActionResolved" => self.status = ViewStatus::ManuallyResolved,
             _ => {}
         }
     }

@@ -14,7 +14,7 @@ use serde_dynamo::aws_sdk_dynamodb_1::from_item;
 use serde_json::{Value, json};
 
 use super::store::{Lag, ProjectionError, ReadModelStore, request_error};
-use super::{CustomerOrder, InventoryLevel, OrderView, ReadModel};
+use super::{CustomerOrder, InventoryLevel, OrderView, ReadModel, ViewStatus};
 use crate::domain::CustomerId;
 use crate::eventstore::{EventStore, StreamId};
 
@@ -50,7 +50,7 @@ impl ReadModelStore {
     pub async fn customer_orders(
         &self,
         customer: &CustomerId,
-        status: Option<&str>,
+        status: Option<ViewStatus>,
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<OrdersPage, QueryError> {
@@ -80,7 +80,7 @@ impl ReadModelStore {
                 query = query
                     .filter_expression("#status = :status")
                     .expression_attribute_names("#status", "status")
-                    .expression_attribute_values(":status", AttributeValue::S(status.to_owned()));
+                    .expression_attribute_values(":status", AttributeValue::S(status.as_str().to_owned()));
             }
             let page = query.send().await.map_err(|e| ProjectionError::from(request_error("Query byCustomer", e)))?;
             rows.extend(page.items.unwrap_or_default());

@@ -274,3 +274,30 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn an_order_whose_payment_events_arrive_before_it_is_placed_shows_placed() {
+    // Given the payment's and shipment's events delivered before the order's own (other streams)
+    let all = order_events();
+    let early: Vec<RecordedEvent> = all[1..4].iter().chain(&all[..1]).cloned().collect();
+    // When the view is projected in that order
+    let view = project(&early, &all);
+    // Then the order shows as placed, with what the other streams said kept
+    assert_eq!(view.status, ViewStatus::Placed, "not left Pending");
+    assert_eq!((view.payment_id.as_deref(), view.shipment_id.as_deref()), (Some("pay_1"), Some("shp_1")));
+    // And a payment parked before placement stays pending once placed
+    let parked = event(
+        "Payment-o1",
+        1,
+        "PaymentPostponed",
+        json!({ "retryUntil": "2026-11-22T11:00:00Z" }),
+        "2026-11-22T10:00:01.000Z",
+    );
+    let view = project(&[parked, all[0].clone()], &all);
+    assert_eq!(view.status, ViewStatus::PaymentPending);
+    assert_eq!(
+        serde_json::to_value(view.status).expect("serializes"),
+        json!("PaymentPending"),
+        "stored and served by name"
+    );
+}
