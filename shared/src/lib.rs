@@ -34,4 +34,6 @@ pub mod saga;
 #[cfg(feature = "streams")]
 pub mod streams;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod text;

@@ -320,108 +320,17 @@ mod tests {
 
         use proptest::prelude::*;
         use serde_dynamo::{AttributeValue, Item};
-        use shared::saga::runtime::{DeadLetters, Source};
+        use shared::testing::*;
         use shared::text::MAX_REASON;
 
         use super::*;
 
-        /// Dead letters with the sequence number of their record and their reason.
-        #[derive(Default)]
-        struct Parked(Mutex<Vec<(String, String)>>);
-
-        impl DeadLetters for Parked {
-            async fn dead_letter(&self, _body: &str, reason: &str, source: &Source<'_>) -> Result<(), String> {
-                let at = source.id.unwrap_or_default().to_owned();
-                self.0.lock().expect("lock").push((at, reason.to_owned()));
-                Ok(())
-            }
-        }
-
-        const NAMES: &[&str] = &[
-            "streamId",
-            "version",
-            "eventId",
-            "eventType",
-            "schemaVersion",
-            "payload",
-            "payloadJson",
-            "correlationId",
-            "causationId",
-            "idempotencyKey",
-            "traceHeader",
-            "recordedAt",
-        ];
-        const REQUIRED: &[&str] =
-            &["streamId", "version", "eventId", "eventType", "schemaVersion", "correlationId", "recordedAt"];
         const ORDER_FIELDS: &[&str] =
             &["orderId", "customerId", "currency", "lines", "paymentToken", "shippingAddress", "total"];
 
         /// The sample `OrderPlaced` image (order `o1`).
         fn sample() -> Item {
             batch(1).records.remove(0).change.new_image
-        }
-
-        fn text() -> impl Strategy<Value = String> {
-            prop_oneof![
-                4 => ".{0,40}",
-                1 => (".{1,4}", 1_000usize..8_000).prop_map(|(s, n)| s.repeat(n)),
-            ]
-        }
-
-        /// Numbers DynamoDB would hold, and text that is not one, or not one that fits.
-        fn number() -> impl Strategy<Value = String> {
-            prop_oneof![
-                any::<i64>().prop_map(|n| n.to_string()),
-                any::<u64>().prop_map(|n| n.to_string()),
-                bad_number(),
-                ".{0,12}",
-            ]
-        }
-
-        /// Not a `u32`.
-        fn bad_number() -> impl Strategy<Value = String> {
-            prop_oneof![Just("4294967296".to_owned()), bad_u64()]
-        }
-
-        /// Not a `u64`.
-        fn bad_u64() -> impl Strategy<Value = String> {
-            prop_oneof![
-                Just("18446744073709551616".to_owned()),
-                Just("-1".to_owned()),
-                Just("1e999".to_owned()),
-                Just("1.5".to_owned()),
-                Just(String::new()),
-                "[0-9]{30,60}",
-                "[a-z]{1,12}",
-            ]
-        }
-
-        fn name() -> impl Strategy<Value = String> {
-            prop_oneof![prop::sample::select(NAMES).prop_map(str::to_owned), "[a-zA-Z]{0,8}"]
-        }
-
-        fn attribute() -> impl Strategy<Value = AttributeValue> {
-            let leaf = prop_oneof![
-                text().prop_map(AttributeValue::S),
-                number().prop_map(AttributeValue::N),
-                any::<bool>().prop_map(AttributeValue::Bool),
-                any::<bool>().prop_map(AttributeValue::Null),
-                prop::collection::vec(any::<u8>(), 0..64).prop_map(AttributeValue::B),
-                prop::collection::vec(".{0,8}", 0..4).prop_map(AttributeValue::Ss),
-                prop::collection::vec(number(), 0..4).prop_map(AttributeValue::Ns),
-                prop::collection::vec(prop::collection::vec(any::<u8>(), 0..8), 0..3).prop_map(AttributeValue::Bs),
-            ];
-            leaf.prop_recursive(2, 16, 4, |inner| {
-                prop_oneof![
-                    prop::collection::vec(inner.clone(), 0..4).prop_map(AttributeValue::L),
-                    prop::collection::hash_map(name(), inner, 0..4).prop_map(AttributeValue::M),
-                ]
-            })
-        }
-
-        fn with(mut item: Item, name: &str, value: AttributeValue) -> Item {
-            item.insert(name.to_owned(), value);
-            item
         }
 
         /// The sample damaged so that no reader accepts it as an `OrderPlaced`.
@@ -519,11 +428,7 @@ mod tests {
                 }
                 Image::Broken(item) | Image::Any(item) => item.clone(),
             };
-            let mut record = EventRecord::default();
-            record.event_name = "INSERT".into();
-            record.change.sequence_number = Some(i.to_string());
-            record.change.new_image = item;
-            record
+            inserted(i, item)
         }
 
         proptest! {
