@@ -334,7 +334,7 @@ impl<S: EventStore> QueryApi<S> {
     async fn order(&self, id: &str, viewer: &Viewer) -> Result<Reply, ApiError> {
         let id = OrderId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let not_found = || ApiError::NotFound(format!("order {id} not found"));
-        let Some((view, _)) = self.models.get::<OrderView>(&order_key(id.as_str())).await? else {
+        let Some(view) = self.models.find::<OrderView>(&order_key(id.as_str())).await? else {
             return Err(not_found());
         };
         if !viewer.may_see(&view.customer_id) {

@@ -115,10 +115,12 @@ impl ReadModelStore {
         &self.table
     }
 
-    /// The item at `key`, read consistently.
+    /// The item at `key`, read consistently (projections read, then write conditionally) or not
+    /// (queries: half the read capacity).
     async fn read_item(
         &self,
         key: &(String, String),
+        consistent: bool,
     ) -> Result<Option<HashMap<String, AttributeValue>>, ProjectionError> {
         let found = self
             .client
@@ -126,7 +128,7 @@ impl ReadModelStore {
             .table_name(&self.table)
             .key("pk", AttributeValue::S(key.0.clone()))
             .key("sk", AttributeValue::S(key.1.clone()))
-            .consistent_read(true)
+            .consistent_read(consistent)
             .send()
             .await
             .map_err(|e| request_error("GetItem", e))?;
@@ -138,10 +140,20 @@ impl ReadModelStore {
         &self,
         key: &(String, String),
     ) -> Result<Option<(M, u64)>, ProjectionError> {
-        let Some(item) = self.read_item(key).await? else { return Ok(None) };
+        let Some(item) = self.read_item(key, true).await? else { return Ok(None) };
         let revision = item.get("revision").and_then(|r| r.as_n().ok()).and_then(|n| n.parse().ok()).unwrap_or(0);
         let model = from_item(item).map_err(|e| ProjectionError::Corrupt(format!("{key:?}: {e}")))?;
         Ok(Some((model, revision)))
+    }
+
+    /// A model as a query serves it: an eventually consistent read (what the projections wrote
+    /// a moment ago may not show yet, as with any read model).
+    pub async fn find<M: serde::de::DeserializeOwned>(
+        &self,
+        key: &(String, String),
+    ) -> Result<Option<M>, ProjectionError> {
+        let Some(item) = self.read_item(key, false).await? else { return Ok(None) };
+        from_item(item).map(Some).map_err(|e| ProjectionError::Corrupt(format!("{key:?}: {e}")))
     }
 
     /// Dead letters, newest first within each status; only those in `status` if given. Reads the
@@ -336,7 +348,7 @@ impl ReadModelStore {
     /// The number `attribute` of the item at `key` (consistent read), 0 when absent.
     pub async fn number(&self, key: &(String, String), attribute: &str) -> Result<i64, ProjectionError> {
         Ok(self
-            .read_item(key)
+            .read_item(key, true)
             .await?
             .and_then(|item| item.get(attribute).and_then(|v| v.as_n().ok()).and_then(|n| n.parse().ok()))
             .unwrap_or(0))
