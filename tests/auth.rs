@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use local_env::issuer::{Issuer, TokenRequest};
 use serde_json::{Value, json};
+use shared::domain::{Currency, Money};
 use shared::eventstore::{EventStore, NewEvent, StreamId};
 use shared::readmodel::{CustomerOrder, OrderView, TimelineEntry, ViewStatus, customer_order_key, order_key};
 use system_tests::http::{ApiEnv, HttpResponse, Json, issuer, request_as};
@@ -28,9 +29,9 @@ async fn seed(env: &ApiEnv) -> Seeded {
         order_id: order_id.clone(),
         customer_id: customer.clone(),
         status: ViewStatus::Placed,
-        currency: "EUR".into(),
-        lines: vec![json!({ "sku": "SKU-RED-MUG", "quantity": 1, "unitPriceMinor": 1250 })],
-        total_minor: 1250,
+        lines: serde_json::from_value(json!([{ "sku": "SKU-RED-MUG", "quantity": 1, "unitPriceMinor": 1250 }]))
+            .expect("lines"),
+        total: Some(Money::new(1250, Currency::EUR)),
         payment_id: None,
         refund_id: None,
         shipment_id: None,
@@ -55,8 +56,7 @@ async fn seed(env: &ApiEnv) -> Seeded {
         order_id: order_id.clone(),
         customer_id: customer.clone(),
         status: ViewStatus::Placed,
-        total_minor: 1250,
-        currency: "EUR".into(),
+        total: Some(Money::new(1250, Currency::EUR)),
         placed_at: "2026-11-23T10:00:00Z".into(),
         gsi1pk: Some(format!("CUSTOMER#{customer}")),
         gsi1sk: Some(format!("2026-11-23T10:00:00Z#{order_id}")),

@@ -12,25 +12,20 @@ async fn a_customer_over_the_limit_gets_429_with_retry_after_and_nothing_is_writ
     // Given the system running with a limit of 3 orders per customer a minute, its HTTP API
     // served as API Gateway would
     let env = SagaEnv::start_with_parameters(&[("OrdersPerCustomerPerMinute", "3")]).await;
-    let api = local_env::http::serve(&env.stack, env.service.clone(), ([127, 0, 0, 1], 0).into())
-        .await
-        .expect("serve the HTTP API");
     let customer = unique("cust-");
     let order_of = |customer: &str| {
         let mut order = env.sample("happy-path");
         order["customerId"] = Value::from(customer);
         order
     };
-    let addr = api.addr();
+    let addr = env.api();
     // Each order sent by its customer's client, signed in as them.
     let post = |order: Value, key: String| {
         let bearer = env.customer_bearer(order["customerId"].as_str().unwrap_or_default());
         async move {
             let headers = [("Idempotency-Key", key.as_str()), ("Authorization", bearer.as_str())];
             let body = order.to_string();
-            local_env::http_client::request_with_headers(addr, "POST", "/orders", &headers, Some(&body))
-                .await
-                .expect("POST /orders")
+            system_tests::http::request_with_headers(addr, "POST", "/orders", &headers, Some(&body)).await
         }
     };
 
@@ -70,6 +65,5 @@ async fn a_customer_over_the_limit_gets_429_with_retry_after_and_nothing_is_writ
     let response = post(order_of(&unique("cust-")), unique("key-")).await;
     assert_eq!(response.status, 201, "{}", response.body);
 
-    api.stop().await;
     env.stop().await;
 }

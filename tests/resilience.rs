@@ -77,9 +77,8 @@ async fn a_burst_of_orders_during_a_payment_outage_completes_after_recovery_char
         assert_eq!(ledger_operations(&entries, "refund"), 0, "{id}: {entries:?}");
     }
     let providers = env.providers.as_ref().expect("simulator");
-    let ledger = local_env::http_client::request(providers.addr(), "GET", "/control/ledger", None)
+    let ledger = system_tests::http::request(providers.addr(), "GET", "/control/ledger", None)
         .await
-        .expect("ledger")
         .body_json()
         .expect("ledger JSON");
     charge_calls += ledger["calls"]["charge"].as_u64().unwrap_or(0);
@@ -176,9 +175,7 @@ async fn a_provider_api_key_rotated_in_ssm_and_at_the_provider_needs_no_redeploy
     local_env::providers::put_api_key(&env.aws.ssm(), &parameter, &key).await.expect("the new key in SSM");
     let providers = env.providers.as_ref().expect("simulator");
     let body = json!({ "apiKey": key }).to_string();
-    let answer = local_env::http_client::request(providers.addr(), "PUT", "/control/api-key", Some(&body))
-        .await
-        .expect("PUT /control/api-key");
+    let answer = system_tests::http::request(providers.addr(), "PUT", "/control/api-key", Some(&body)).await;
     assert_eq!(answer.status, 204, "{}", answer.body);
 
     // Then the next order completes through every provider, each charged once: the warm
@@ -209,7 +206,8 @@ async fn assert_opened_and_closed_again(store: &DynamoBreakerStore) -> Vec<(Stat
 /// The charge calls the provider has received so far (this run of its process).
 async fn charge_calls(env: &SagaEnv) -> u64 {
     let providers = env.providers.as_ref().expect("simulator");
-    match local_env::http_client::request(providers.addr(), "GET", "/control/ledger", None).await {
+    let ledger = system_tests::http::build(providers.addr(), "GET", "/control/ledger", &[], None);
+    match system_tests::http::HttpResponse::of(ledger).await {
         Ok(answer) => answer.body_json().map(|l| l["calls"]["charge"].as_u64().unwrap_or(0)).unwrap_or(0),
         Err(_) => 0,
     }

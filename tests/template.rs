@@ -1,6 +1,6 @@
-//! Cheap invariants of `template.yaml`, checked on every test run (no emulator needed): every
-//! function resource builds from an existing crate with a binary, the way `sam build` will, and
-//! every crate under `functions/` is deployed by a resource.
+//! Cheap invariants of `template.yaml` and the state machine, checked on every test run (no
+//! emulator needed). They are the checklist for a change: a new function crate, saga step, queue
+//! or alarm that misses one of its places fails here, naming what is missing (docs/extending.md).
 
 use std::collections::BTreeSet;
 
@@ -170,6 +170,126 @@ fn a_failed_compensation_is_recorded_and_the_next_one_still_runs() {
     // The flag step and the manual-action case get every failure
     for name in ["FlagForManualAction", "ReportManualAction"] {
         assert_eq!(states[name]["Parameters"]["MessageBody"]["failures.$"], failures, "{name}");
+    }
+}
+
+fn saga_definition() -> Value {
+    let text = std::fs::read_to_string(workspace_root().join("statemachine/order-saga.asl.json")).expect("asl");
+    serde_json::from_str(&text).expect("json")
+}
+
+/// Where a state goes next: `Next`, a Choice's branches and `Default`, and its Catch handlers.
+fn transitions(state: &Value) -> Vec<&str> {
+    let choices = state["Choices"].as_array().into_iter().flatten().map(|c| &c["Next"]);
+    let catches = state["Catch"].as_array().into_iter().flatten().map(|c| &c["Next"]);
+    [&state["Next"], &state["Default"]].into_iter().chain(choices).chain(catches).filter_map(Value::as_str).collect()
+}
+
+/// A new step needs a task state that names it, a queue for its commands and a function that
+/// consumes that queue: this fails, naming the step or task, until all are there.
+#[test]
+fn every_saga_step_has_a_task_state_whose_queue_a_function_consumes() {
+    let t = template();
+    let asl = saga_definition();
+    let machine = t.resources.values().find(|r| r.kind == "AWS::Serverless::StateMachine").expect("state machine");
+    let consumed: BTreeSet<&str> = t
+        .resources
+        .values()
+        .flat_map(|f| f.properties["Events"].as_object().into_iter().flatten())
+        .filter(|(_, e)| e["Type"] == "SQS")
+        .filter_map(|(_, e)| e["Properties"]["Queue"]["Fn::GetAtt"][0].as_str())
+        .collect();
+    let mut tasked = BTreeSet::new();
+    for (name, task) in asl["States"].as_object().expect("states").iter().filter(|(_, s)| s["Type"] == "Task") {
+        let body = &task["Parameters"]["MessageBody"];
+        let placeholder = task["Parameters"]["QueueUrl"].as_str().unwrap_or_default();
+        let substitution = placeholder.trim_start_matches("${").trim_end_matches('}');
+        let queue = machine.properties["DefinitionSubstitutions"][substitution]["Ref"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: {placeholder} is not a DefinitionSubstitution naming a queue"));
+        assert_eq!(t.resources[queue].kind, "AWS::SQS::Queue", "{name}: {queue}");
+        let sends =
+            serde_json::json!({ "SQSSendMessagePolicy": { "QueueName": { "Fn::GetAtt": [queue, "QueueName"] } } });
+        let policies = machine.properties["Policies"].as_array().expect("Policies");
+        assert!(policies.contains(&sends), "{name}: the state machine may not send to {queue}");
+        assert!(consumed.contains(queue), "{name}: no function consumes {queue}");
+        let Some(step) = body["step"].as_str() else {
+            // Not a step: a notice for people (the manual-action report), still consumed.
+            assert!(task["Resource"].as_str().is_some_and(|r| !r.ends_with(".waitForTaskToken")), "{name}: no step");
+            continue;
+        };
+        let step: shared::saga::Step =
+            serde_json::from_value(Value::from(step)).unwrap_or_else(|e| panic!("{name}: step {step}: {e}"));
+        assert_eq!(body["taskToken.$"], "$$.Task.Token", "{name}");
+        tasked.insert(step.position());
+    }
+    for step in shared::saga::Step::ALL {
+        assert!(tasked.contains(&step.position()), "{step:?} has no task state in the saga");
+    }
+}
+
+/// Every transition lands on a state, every state is reached from `StartAt`, and every path
+/// ends in a terminal state.
+#[test]
+fn every_transition_of_the_saga_lands_on_a_state_and_every_state_is_reached() {
+    let asl = saga_definition();
+    let states = asl["States"].as_object().expect("states");
+    let mut reached = BTreeSet::new();
+    let mut next = vec![asl["StartAt"].as_str().expect("StartAt")];
+    while let Some(name) = next.pop() {
+        let state = states.get(name).unwrap_or_else(|| panic!("a transition to {name}, which is no state"));
+        if reached.insert(name) {
+            let onward = transitions(state);
+            let terminal = matches!(state["Type"].as_str(), Some("Succeed" | "Fail")) || state["End"] == true;
+            assert!(terminal || !onward.is_empty(), "{name} goes nowhere and does not end");
+            next.extend(onward);
+        }
+    }
+    let unreached: Vec<_> = states.keys().filter(|k| !reached.contains(k.as_str())).collect();
+    assert!(unreached.is_empty(), "states never reached: {unreached:?}");
+}
+
+/// The saga retries and catches only errors the steps raise (`shared::saga::errors`) or Step
+/// Functions' own (`States.*`): a misspelt name would never match, silently.
+#[test]
+fn the_saga_retries_and_catches_only_errors_the_steps_raise() {
+    let asl = saga_definition();
+    for (name, state) in asl["States"].as_object().expect("states") {
+        let handlers = ["Retry", "Catch"].into_iter().flat_map(|k| state[k].as_array().into_iter().flatten());
+        for error in handlers.flat_map(|h| h["ErrorEquals"].as_array().expect("ErrorEquals")) {
+            let error = error.as_str().unwrap_or_default();
+            assert!(
+                error.starts_with("States.") || shared::saga::errors::ALL.contains(&error),
+                "{name}: {error} is raised by no step"
+            );
+        }
+    }
+}
+
+/// Every queue has exactly one consumer; a work queue hands what keeps failing to a dead-letter
+/// queue, and every queue without one is a last stop that the dead-letter handler reads.
+#[test]
+fn every_queue_is_consumed_once_and_failures_end_with_the_dead_letter_handler() {
+    let t = template();
+    let mut consumers: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for f in t.resources.values() {
+        for (_, event) in f.properties["Events"].as_object().into_iter().flatten().filter(|(_, e)| e["Type"] == "SQS") {
+            let queue = event["Properties"]["Queue"]["Fn::GetAtt"][0].as_str().expect("Queue");
+            consumers.entry(queue).or_default().push(&f.logical_id);
+        }
+    }
+    let handler = "DeadLetterHandlerFunction";
+    for queue in t.resources.values().filter(|r| r.kind == "AWS::SQS::Queue") {
+        let id = queue.logical_id.as_str();
+        let read_by = consumers.get(id).cloned().unwrap_or_default();
+        assert_eq!(read_by.len(), 1, "{id} is consumed by {read_by:?}");
+        match queue.properties["RedrivePolicy"]["deadLetterTargetArn"]["Fn::GetAtt"][0].as_str() {
+            Some(dlq) => {
+                assert_eq!(t.resources[dlq].kind, "AWS::SQS::Queue", "{id}: {dlq}");
+                assert_eq!(consumers.get(dlq).map(Vec::as_slice), Some(&[handler][..]), "{id}: its DLQ {dlq}");
+            }
+            None => assert_eq!(read_by, [handler], "{id} has no DLQ, so it must be a last stop"),
+        }
     }
 }
 

@@ -29,9 +29,6 @@ async fn an_order_placed_over_http_is_correlated_and_traced_through_its_saga() {
     // Given the system running, with a line for every record a step or projection works on,
     // and its HTTP API served as API Gateway would
     let env = SagaEnv::start_with_parameters(&[("LogLevel", "info,shared=debug")]).await;
-    let api = local_env::http::serve(&env.stack, env.service.clone(), ([127, 0, 0, 1], 0).into())
-        .await
-        .expect("serve the HTTP API");
 
     // When a client places an order with its own correlation id, inside an X-Ray trace
     let order = env.sample("happy-path");
@@ -48,9 +45,7 @@ async fn an_order_placed_over_http_is_correlated_and_traced_through_its_saga() {
         ("Authorization", bearer.as_str()),
     ];
     let body = order.to_string();
-    let response = local_env::http_client::request_with_headers(api.addr(), "POST", "/orders", &headers, Some(&body))
-        .await
-        .expect("POST /orders");
+    let response = system_tests::http::request_with_headers(env.api(), "POST", "/orders", &headers, Some(&body)).await;
 
     // Then the answer repeats the correlation id, and the saga completes
     assert_eq!(response.status, 201, "{}", response.body);
@@ -113,6 +108,5 @@ async fn an_order_placed_over_http_is_correlated_and_traced_through_its_saga() {
             assert!(in_flow(line, &id, &correlation_id, &root), "{function}: {line}");
         }
     }
-    api.stop().await;
     env.stop().await;
 }

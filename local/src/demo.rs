@@ -15,14 +15,10 @@ use shared::domain::inventory::{Inventory, InventoryCommand};
 use shared::domain::order::{Order, OrderStatus};
 use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StreamId};
 
-use crate::Stack;
-use crate::http_client::request_with_headers;
 use crate::issuer::Issuer;
-use crate::lambda::{FunctionStats, LambdaService};
+use crate::lambda::FunctionStats;
 use crate::observe::{self, history, quantile, saga_steps, wait_for_saga};
-
-/// The function that places orders (by crate name: the service finds it by its binary).
-pub const PLACE_ORDER: &str = "place-order";
+use crate::{Stack, http_client};
 
 /// Each sample and the outcome it must reach: the demo fails loudly when the system drifts.
 pub const SAMPLES: &[(&str, OrderStatus)] = &[
@@ -70,9 +66,25 @@ pub struct Api<'a> {
 }
 
 impl Api<'_> {
-    /// `GET target` with `Authorization: bearer`.
-    async fn get(&self, target: &str, bearer: &str) -> anyhow::Result<crate::http_client::HttpResponse> {
-        request_with_headers(self.addr, "GET", target, &[("authorization", bearer)], None).await
+    /// `GET target` with `Authorization: bearer` (none: no header); the status and the JSON body.
+    async fn get(&self, target: &str, bearer: Option<&str>) -> anyhow::Result<(u16, Option<String>, Value)> {
+        let request = http_client().get(format!("http://{}{target}", self.addr));
+        let answer = bearer.into_iter().fold(request, |r, bearer| r.header("authorization", bearer)).send().await?;
+        let link = answer.headers().get("link").and_then(|l| l.to_str().ok()).map(str::to_owned);
+        Ok((answer.status().as_u16(), link, answer.json().await?))
+    }
+
+    /// Places `order` as a client does: `POST /orders` with its customer's token.
+    pub async fn place(&self, order: &Value) -> anyhow::Result<()> {
+        let customer = order["customerId"].as_str().unwrap_or_default();
+        let request = http_client().post(format!("http://{}/orders", self.addr)).json(order);
+        let answer = request.header("authorization", self.issuer.customer_bearer(customer)).send().await?;
+        let status = answer.status();
+        let body = answer.text().await?;
+        if !status.is_success() {
+            bail!("POST /orders of {} as {customer} answered {status}: {body}", order["orderId"]);
+        }
+        Ok(())
     }
 }
 
@@ -93,16 +105,17 @@ pub struct Outcome {
     pub transitions: u64,
 }
 
-/// Places the samples plus `extra` happy-path orders, waits for every saga, prints the report.
+/// Places the samples plus `extra` happy-path orders through the HTTP API (`POST /orders`, each as
+/// its customer), waits for every saga, prints the report.
 pub async fn run(
     stack: &Stack,
-    service: &LambdaService,
     dynamodb: &aws_sdk_dynamodb::Client,
     sfn: &aws_sdk_sfn::Client,
     samples: &Path,
     extra: usize,
     api: Option<Api<'_>>,
 ) -> anyhow::Result<Outcome> {
+    let api = api.context("the demo places its orders through the local HTTP API, with tokens of the local issuer")?;
     let env = stack.environment.clone();
     let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned())?;
     let store = DynamoEventStore::new(dynamodb.clone(), config);
@@ -134,27 +147,8 @@ pub async fn run(
         }
         let order_id = order["orderId"].as_str().unwrap_or_default().to_owned();
         let placed_at = now();
-        match api {
-            // The happy path as a customer's client places it: POST /orders with their token.
-            Some(api) if sample == "happy-path" => {
-                let customer = order["customerId"].as_str().unwrap_or_default().to_owned();
-                let bearer = api.issuer.customer_bearer(&customer);
-                let headers = [("authorization", bearer.as_str())];
-                let body = order.to_string();
-                let answer = request_with_headers(api.addr, "POST", "/orders", &headers, Some(&body)).await?;
-                if answer.status != 201 {
-                    bail!("POST /orders as {customer} answered {}: {}", answer.status, answer.body);
-                }
-            }
-            // The rest by direct invocation of the place-order binary, as `aws lambda invoke`
-            // (IAM-authorised) would make.
-            _ => {
-                let answer = service.invoke_json(PLACE_ORDER, &order).await?;
-                if answer.get("error").is_some() {
-                    bail!("placing {order_id} failed: {answer}");
-                }
-            }
-        }
+        // Each as its customer's client places it: POST /orders with their token.
+        api.place(&order).await?;
         placed.push(Placed { sample, order_id, expected, placed_at });
     }
     println!("Placed {} orders (run {run_id}); waiting for their sagas…\n", placed.len());
@@ -211,7 +205,7 @@ pub async fn run(
             "SOME ORDERS DID NOT REACH THEIR EXPECTED OUTCOME."
         }
     );
-    if let (Some(api), Some(happy)) = (api, placed.iter().find(|p| p.sample == "happy-path")) {
+    if let Some(happy) = placed.iter().find(|p| p.sample == "happy-path") {
         let ids: Vec<&str> = placed.iter().map(|p| p.order_id.as_str()).collect();
         all_ok &= show_read_side(api, &happy.order_id, &ids).await?;
     }
@@ -234,10 +228,9 @@ async fn show_read_side(api: Api<'_>, order_id: &str, all: &[&str]) -> anyhow::R
     for stream in streams {
         let mut least_behind = u64::MAX;
         loop {
-            let lag = api.get(&format!("/streams/{stream}/lag"), &operator).await?;
-            let body = lag.body_json()?;
+            let (status, _, body) = api.get(&format!("/streams/{stream}/lag"), Some(&operator)).await?;
             let behind: u64 = body["behind"].as_object().map_or(1, |b| b.values().filter_map(Value::as_u64).sum());
-            if lag.status == 200 && behind == 0 {
+            if status == 200 && behind == 0 {
                 break;
             }
             if behind < least_behind {
@@ -252,14 +245,12 @@ async fn show_read_side(api: Api<'_>, order_id: &str, all: &[&str]) -> anyhow::R
         }
     }
     println!("(caught up with every order {:.1} s after the last saga ended)", began.elapsed().as_secs_f64());
-    let view = api.get(&format!("/orders/{order_id}"), &operator).await?;
-    let v = view.body_json()?;
+    let (_, _, v) = api.get(&format!("/orders/{order_id}"), Some(&operator)).await?;
     let customer = v["customerId"].as_str().unwrap_or_default().to_owned();
     // Read again as its customer would; another customer finds nothing there.
     let bearer = api.issuer.customer_bearer(&customer);
-    let view = api.get(&format!("/orders/{order_id}"), &bearer).await?;
-    let v = view.body_json()?;
-    println!("GET /orders/{order_id} as {customer} → {}", view.status);
+    let (view, _, v) = api.get(&format!("/orders/{order_id}"), Some(&bearer)).await?;
+    println!("GET /orders/{order_id} as {customer} → {view}");
     println!(
         "    status {}, total {} {}, payment {}, shipment {}",
         v["status"], v["totalMinor"], v["currency"], v["paymentId"], v["shipmentId"]
@@ -267,25 +258,21 @@ async fn show_read_side(api: Api<'_>, order_id: &str, all: &[&str]) -> anyhow::R
     let timeline: Vec<&str> =
         v["timeline"].as_array().map(|t| t.iter().filter_map(|e| e["event"].as_str()).collect()).unwrap_or_default();
     println!("    timeline: {}", timeline.join(" → "));
-    let stranger = api.get(&format!("/orders/{order_id}"), &api.issuer.customer_bearer("someone-else")).await?;
-    println!("GET /orders/{order_id} as someone-else → {} {}", stranger.status, stranger.body);
-    let anonymous = request_with_headers(api.addr, "GET", &format!("/orders/{order_id}"), &[], None).await?;
-    println!("GET /orders/{order_id} without a token → {} {}", anonymous.status, anonymous.body);
-    let listing = api.get(&format!("/customers/{customer}/orders?limit=5"), &bearer).await?;
-    let items = listing.body_json()?;
-    println!("GET /customers/{customer}/orders?limit=5 as {customer} → {}", listing.status);
+    let someone_else = api.issuer.customer_bearer("someone-else");
+    let (stranger, _, body) = api.get(&format!("/orders/{order_id}"), Some(&someone_else)).await?;
+    println!("GET /orders/{order_id} as someone-else → {stranger} {body}");
+    let (anonymous, _, body) = api.get(&format!("/orders/{order_id}"), None).await?;
+    println!("GET /orders/{order_id} without a token → {anonymous} {body}");
+    let (listing, link, items) = api.get(&format!("/customers/{customer}/orders?limit=5"), Some(&bearer)).await?;
+    println!("GET /customers/{customer}/orders?limit=5 as {customer} → {listing}");
     for item in items["items"].as_array().into_iter().flatten() {
         let field = |k: &str| item[k].as_str().unwrap_or_default().to_owned();
         println!("    {} {:<18} {:>6} {}", field("placedAt"), field("status"), item["totalMinor"], field("orderId"));
     }
-    if let Some(link) = listing.header("link") {
+    if let Some(link) = link {
         println!("    Link: {link}");
     }
-    Ok(view.status == 200
-        && v["status"] == "Completed"
-        && listing.status == 200
-        && stranger.status == 404
-        && anonymous.status == 401)
+    Ok(view == 200 && v["status"] == "Completed" && listing == 200 && stranger == 404 && anonymous == 401)
 }
 
 /// Per function, from its invocations' REPORT figures: invocations, cold starts, init p50,

@@ -4,9 +4,10 @@
 //! Every `HttpApi` entry of a function's `Events` (resolved by the provisioner) becomes a route:
 //! `Method` (`ANY` matches every method) and `Path` in SAM syntax, where `{name}` matches one
 //! segment and `{name+}` the rest of the path; an event with neither is the `$default` route.
-//! A request is turned into an API Gateway HTTP API payload 2.0 event (`routeKey`, `rawPath`,
-//! `rawQueryString`, lower-cased `headers`, `cookies`, `queryStringParameters`,
-//! `pathParameters`, `requestContext`, `body`), the function is invoked through the local Lambda
+//! A request is turned into an API Gateway HTTP API payload 2.0 event
+//! (`aws_lambda_events`' `ApiGatewayV2httpRequest`: `routeKey`, `rawPath`, `rawQueryString`,
+//! lower-cased `headers`, `cookies`, `queryStringParameters`, `pathParameters`,
+//! `requestContext`, `body`), the function is invoked through the local Lambda
 //! service (its real binary, see [`crate::lambda`]) and its
 //! response (`statusCode`, `headers`, `cookies`, `body`, `isBase64Encoded`; or any other JSON,
 //! which means 200 with that JSON) is written back. As on AWS, the most specific route wins, a
@@ -34,11 +35,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use aws_lambda_events::apigw::{
+    ApiGatewayRequestAuthorizer, ApiGatewayRequestAuthorizerJwtDescription, ApiGatewayV2httpRequest,
+    ApiGatewayV2httpRequestContext, ApiGatewayV2httpRequestContextHttpDescription,
+};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -529,7 +534,8 @@ async fn respond(
         Some(auth) => {
             let authorization = parts.headers.get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
             match auth.authorizer.authorize(authorization, &auth.scopes).await {
-                Ok(jwt) => Some(jwt),
+                // Its claims are strings, as API Gateway passes them.
+                Ok(jwt) => serde_json::from_value(jwt).ok(),
                 Err(denied) => {
                     info!(%method, %path, route = %route.route_key(), status = denied.status(), reason = ?denied, "request refused by the authorizer");
                     return Ok(denied_response(&denied));
@@ -547,14 +553,14 @@ async fn respond(
             return Ok(error_response(StatusCode::BAD_REQUEST, "the request body could not be read", &[]));
         }
     };
-    let mut event = api_event(route, &parts, &body, path_parameters, peer, state.port);
-    if let Some(jwt) = jwt {
-        event["requestContext"]["authorizer"] = json!({ "jwt": jwt });
-    }
+    let event = api_event(route, &parts, &body, path_parameters, jwt, peer, state.port);
     let started = std::time::Instant::now();
     // The function runs in the request's trace, as behind API Gateway.
-    let trace = event.pointer("/headers/x-amzn-trace-id").and_then(Value::as_str).map(str::to_owned);
-    let invocation = state.functions.invoke_traced(&route.function, event.to_string().into_bytes(), trace);
+    let trace = event.headers.get("x-amzn-trace-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let Ok(event) = serde_json::to_vec(&event) else {
+        return Ok(error_response(StatusCode::BAD_REQUEST, "the request cannot be passed on as an event", &[]));
+    };
+    let invocation = state.functions.invoke_traced(&route.function, event, trace);
     let response = match tokio::time::timeout(MAX_TIMEOUT, invocation).await {
         Err(_) => {
             warn!(route = %route, "the integration timed out after 30 s");
@@ -576,104 +582,88 @@ async fn respond(
     Ok(response)
 }
 
-/// The payload 2.0 event API Gateway would send for this request and route.
+/// The payload 2.0 event API Gateway would send for this request and route, with the claims its
+/// JWT authorizer verified.
 fn api_event(
     route: &HttpRoute,
     parts: &hyper::http::request::Parts,
     body: &Bytes,
     path_parameters: BTreeMap<String, String>,
+    jwt: Option<ApiGatewayRequestAuthorizerJwtDescription>,
     peer: SocketAddr,
     port: u16,
-) -> Value {
-    let mut headers = serde_json::Map::new();
+) -> ApiGatewayV2httpRequest {
+    let mut headers = HeaderMap::new();
     let mut cookies = Vec::new();
     for (name, value) in &parts.headers {
-        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
         if name == hyper::header::COOKIE {
+            let value = String::from_utf8_lossy(value.as_bytes());
             cookies.extend(value.split(';').map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned));
             continue;
         }
         // Header names arrive lower-cased; repeated headers are joined with commas.
-        match headers.get_mut(name.as_str()) {
-            Some(Value::String(existing)) => {
-                existing.push(',');
-                existing.push_str(&value);
-            }
-            _ => {
-                headers.insert(name.as_str().to_owned(), json!(value));
-            }
-        }
+        let joined = match headers.get(name) {
+            Some(existing) => HeaderValue::from_bytes(&[existing.as_bytes(), b",", value.as_bytes()].concat()),
+            None => Ok(value.clone()),
+        };
+        headers.insert(name.clone(), joined.unwrap_or_else(|_| value.clone()));
     }
-    headers.entry("x-forwarded-for").or_insert_with(|| json!(peer.ip().to_string()));
-    headers.entry("x-forwarded-port").or_insert_with(|| json!(port.to_string()));
-    headers.entry("x-forwarded-proto").or_insert_with(|| json!("http"));
+    let forwarded = [("x-forwarded-for", peer.ip().to_string()), ("x-forwarded-port", port.to_string())];
     // API Gateway starts a trace for a request that comes without one.
-    headers.entry("x-amzn-trace-id").or_insert_with(|| json!(crate::lambda::trace_id()));
-    let host = headers.get("host").and_then(Value::as_str).map_or_else(|| format!("127.0.0.1:{port}"), str::to_owned);
-    let user_agent = headers.get("user-agent").and_then(Value::as_str).unwrap_or_default().to_owned();
-
-    let raw_query = parts.uri.query().unwrap_or_default().to_owned();
-    let mut query = serde_json::Map::new();
-    for pair in raw_query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (shared::text::percent_decode(k, true), shared::text::percent_decode(v, true));
-        match query.get_mut(&k) {
-            Some(Value::String(existing)) => {
-                existing.push(',');
-                existing.push_str(&v);
-            }
-            _ => {
-                query.insert(k, json!(v));
-            }
+    let added = [("x-forwarded-proto", "http".into()), ("x-amzn-trace-id", crate::lambda::trace_id())];
+    for (name, value) in forwarded.into_iter().chain(added) {
+        if let (false, Ok(value)) = (headers.contains_key(name), HeaderValue::try_from(value)) {
+            headers.insert(name, value);
         }
     }
+    let text = |name: HeaderName| headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let host = text(hyper::header::HOST).unwrap_or_else(|| format!("127.0.0.1:{port}"));
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let path = parts.uri.path();
-    let mut event = json!({
-        "version": "2.0",
-        "routeKey": route.route_key(),
-        "rawPath": path,
-        "rawQueryString": raw_query,
-        "headers": headers,
-        "requestContext": {
-            "accountId": "000000000000",
-            "apiId": route.api_id.clone().unwrap_or_else(|| "local".into()),
-            "domainName": host,
-            "domainPrefix": host.split(['.', ':']).next().unwrap_or_default(),
-            "http": {
-                "method": parts.method.as_str(),
-                "path": path,
-                "protocol": format!("{:?}", parts.version),
-                "sourceIp": peer.ip().to_string(),
-                "userAgent": user_agent,
-            },
-            "requestId": format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
-            "routeKey": route.route_key(),
-            "stage": "$default",
-            "time": clf_time(now.as_secs() as i64),
-            "timeEpoch": now.as_millis() as u64,
-        },
-        "isBase64Encoded": false,
+    let mut http = ApiGatewayV2httpRequestContextHttpDescription::default();
+    http.method = parts.method.clone();
+    http.path = Some(parts.uri.path().to_owned());
+    http.protocol = Some(format!("{:?}", parts.version));
+    http.source_ip = Some(peer.ip().to_string());
+    http.user_agent = Some(text(hyper::header::USER_AGENT).unwrap_or_default());
+    let mut context = ApiGatewayV2httpRequestContext::default();
+    context.account_id = Some("000000000000".into());
+    context.apiid = Some(route.api_id.clone().unwrap_or_else(|| "local".into()));
+    context.domain_prefix = host.split(['.', ':']).next().map(str::to_owned);
+    context.domain_name = Some(host);
+    context.http = http;
+    context.request_id = Some(format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)));
+    context.route_key = Some(route.route_key());
+    context.stage = Some("$default".into());
+    context.time = Some(clf_time(now.as_secs() as i64));
+    context.time_epoch = now.as_millis() as i64;
+    context.authorizer = jwt.map(|jwt| {
+        let mut authorizer = ApiGatewayRequestAuthorizer::default();
+        authorizer.jwt = Some(jwt);
+        authorizer
     });
-    if !cookies.is_empty() {
-        event["cookies"] = json!(cookies);
-    }
-    if !query.is_empty() {
-        event["queryStringParameters"] = Value::Object(query);
-    }
-    if !path_parameters.is_empty() {
-        event["pathParameters"] = json!(path_parameters);
-    }
+
+    let mut event = ApiGatewayV2httpRequest::default();
+    event.version = Some("2.0".into());
+    event.route_key = context.route_key.clone();
+    event.raw_path = Some(parts.uri.path().to_owned());
+    let raw_query = parts.uri.query().unwrap_or_default();
+    // Decoded, repeated parameters joined with commas (when the event is written).
+    event.query_string_parameters = raw_query.parse().unwrap_or_default();
+    event.raw_query_string = Some(raw_query.to_owned());
+    event.headers = headers;
+    event.cookies = (!cookies.is_empty()).then_some(cookies);
+    event.path_parameters = path_parameters.into_iter().collect();
+    event.request_context = context;
     if !body.is_empty() {
-        match std::str::from_utf8(body) {
-            Ok(text) => event["body"] = json!(text),
-            // API Gateway sends bodies that are not text as base64.
+        // API Gateway sends bodies that are not text as base64.
+        event.body = Some(match std::str::from_utf8(body) {
+            Ok(text) => text.to_owned(),
             Err(_) => {
-                event["body"] = json!(STANDARD.encode(body));
-                event["isBase64Encoded"] = json!(true);
+                event.is_base64_encoded = true;
+                STANDARD.encode(body)
             }
-        }
+        });
     }
     event
 }

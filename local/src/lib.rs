@@ -7,7 +7,6 @@ pub mod demo;
 pub mod envfile;
 pub mod filter;
 pub mod http;
-pub mod http_client;
 pub mod issuer;
 pub mod lambda;
 pub mod meter;
@@ -21,9 +20,22 @@ pub mod template;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 pub use provision::{Clients, Options, Stack, Status, provision};
 pub use template::Template;
+
+/// The HTTP client of the local tools (the demo, the scenarios, the provider simulator's health;
+/// the tests): plain HTTP on the loopback, 30 s per request, no connection kept for another
+/// request, since callers may each run on a runtime of their own.
+pub fn http_client() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(30));
+        client.build().expect("an HTTP client")
+    })
+}
 
 /// Variables passed through from the provisioning environment: credentials, region, endpoints.
 pub fn passthrough_env() -> BTreeMap<String, String> {

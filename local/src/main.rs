@@ -1,75 +1,139 @@
-//! `local-env provision [--template template.yaml] [--out .local] [--stack-name NAME]
-//!  [--parameter-overrides K=V ...] [--strict]`: creates the template's resources on the emulators.
+//! `local-env`: the local AWS environment's command line (`--help` for each subcommand).
 //!
-//! `local-env run [--stack .local/stack.json] [--demo] [--orders N] [--release]
-//!  [--scenario outage|slow|flaky [--outage-seconds S]]`: builds every function's binary and runs
-//! it in the local Lambda service (the Runtime API, as Lambda runs it), fed from its event sources
-//! as Lambda would; with `--demo`, places the sample orders of `events/place-order/` (plus N
-//! more), reports and exits. With `--scenario` (a demo too) it replays a payment provider fault
-//! instead (`local_env::scenario`): a burst of N happy-path orders (default 30 for an outage, 20
-//! otherwise) while the gateway is down for S seconds (default 30), slow, or flaky; prints the
-//! outcome table and fails if an order was lost, charged twice, cancelled or flagged.
-//!
-//! While it runs, the template's HTTP API routes are served on 127.0.0.1:`LOCAL_API_PORT`
-//! (default 3000), behind their JWT authorizer, which trusts the local OIDC issuer served on
-//! 127.0.0.1:`LOCAL_ISSUER_PORT` (default 9400, `local_env::issuer`); Lambda's Invoke API on
-//! 127.0.0.1:`LOCAL_LAMBDA_PORT` (default 9001). `LOCAL_FUNCTION_LOGS=stderr` also prints every
-//! function's log lines.
+//! - `provision` creates the template's resources on the emulators and writes `.local/`;
+//! - `run` builds every function's binary and runs it in the local Lambda service, fed from its
+//!   event sources as Lambda would, with the HTTP API, the Invoke API, the OIDC issuer and the
+//!   provider simulator; `--demo` places the sample orders and reports, `--scenario` replays a
+//!   payment provider fault (`local_env::scenario`);
+//! - `rebuild` recomputes every read model from the event store.
 //!
 //! Endpoints and credentials come from the standard AWS variables (`AWS_ENDPOINT_URL*`).
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use std::path::Path;
-
 use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
 use local_env::lambda::{LambdaService, binaries, intercept, invoke_api};
 use local_env::meter::{Bill, Meter};
 use local_env::runner::{Runner, RunnerClients};
+use local_env::scenario::Scenario;
 use local_env::{Clients, Options, Template};
 
-struct Args {
+#[derive(Parser)]
+#[command(
+    name = "local-env",
+    about = "The local AWS environment, derived from template.yaml: provisions the emulators and runs the functions.",
+    after_help = "Endpoints and credentials come from the standard AWS variables (AWS_ENDPOINT_URL*, AWS_REGION…): \
+                  `scripts/env.sh env` prints them, `.local/aws.env` holds them once provisioned.",
+    subcommand_required = true,
+    arg_required_else_help = true,
+    args_override_self = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Creates the template's resources on the emulators and writes `<out>/stack.json` and
+    /// `<out>/aws.env`.
+    ///
+    /// Fails if a resource failed or a value could not be resolved (and, with --strict, if a
+    /// resource type is not supported locally).
+    Provision(ProvisionArgs),
+    /// Builds every function's binary and runs it in the local Lambda service, fed from its
+    /// event sources as Lambda would.
+    ///
+    /// With --demo, places the sample orders of events/place-order/ (plus --orders more),
+    /// reports and exits. With --scenario (a demo too) it replays a payment provider fault
+    /// instead: a burst of --orders happy-path orders (30 for an outage, 20 otherwise) while the
+    /// gateway is down for --outage-seconds (30), slow, or flaky; it prints the outcome table and
+    /// fails if an order was lost, charged twice, cancelled or flagged.
+    #[command(after_help = RUN_ENVIRONMENT)]
+    Run(RunArgs),
+    /// Recomputes every read model from the event store into the read model table (or another
+    /// one, to compare).
+    Rebuild(RebuildArgs),
+}
+
+const RUN_ENVIRONMENT: &str = "Environment:
+  LOCAL_API_PORT           the HTTP API, behind its JWT authorizer (default 3000)
+  LOCAL_ISSUER_PORT        the local OIDC issuer the authorizer trusts (default 9400)
+  LOCAL_LAMBDA_PORT        Lambda's Invoke API (default 9001)
+  PROVIDER_SIMULATOR_PORT  the provider simulator (default 4700)
+  LOCAL_LAMBDA_BINARIES    a directory of prebuilt function binaries (e.g. target/lambda)
+  LOCAL_FUNCTION_LOGS      `stderr` prints every function's log lines too
+  RUST_LOG                 local-env's own log level (default warn)";
+
+#[derive(Args)]
+struct ProvisionArgs {
+    /// The SAM template.
+    #[arg(long, value_name = "FILE", default_value = "template.yaml")]
     template: PathBuf,
+    /// Where stack.json and aws.env are written.
+    #[arg(long, value_name = "DIR", default_value = ".local")]
     out: PathBuf,
+    /// The stack's name.
+    #[arg(long, value_name = "NAME", env = "STACK_NAME", default_value = "order-saga")]
     stack_name: String,
-    overrides: HashMap<String, String>,
+    /// Template parameters.
+    #[arg(long, value_name = "K=V", num_args = 0.., value_parser = key_value)]
+    parameter_overrides: Vec<(String, String)>,
+    /// Fails if a resource type is not supported locally.
+    #[arg(long)]
     strict: bool,
 }
 
-const USAGE: &str = "usage: local-env provision [--template F] [--out DIR] [--stack-name N] [--parameter-overrides K=V ...] [--strict]\n       local-env run [--stack .local/stack.json] [--demo] [--orders N] [--release] [--scenario outage|slow|flaky [--outage-seconds S]]\n       local-env rebuild [--stack .local/stack.json] [--target-table NAME]";
-
-fn parse_args(mut argv: impl Iterator<Item = String>) -> anyhow::Result<Args> {
-    let mut args = Args {
-        template: "template.yaml".into(),
-        out: ".local".into(),
-        stack_name: std::env::var("STACK_NAME").unwrap_or_else(|_| "order-saga".into()),
-        overrides: HashMap::new(),
-        strict: false,
-    };
-    let mut overriding = false;
-    while let Some(arg) = argv.next() {
-        let mut value = || argv.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--template" => args.template = value()?.into(),
-            "--out" => args.out = value()?.into(),
-            "--stack-name" => args.stack_name = value()?,
-            "--strict" => args.strict = true,
-            "--parameter-overrides" => overriding = true,
-            kv if overriding && kv.contains('=') => {
-                let (k, v) = kv.split_once('=').context("K=V")?;
-                args.overrides.insert(k.to_owned(), v.to_owned());
-            }
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    Ok(args)
+/// `K=V`, split at the first `=`.
+fn key_value(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or_else(|| format!("{text} is not K=V"))?;
+    Ok((k.to_owned(), v.to_owned()))
 }
 
-async fn provision(argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
-    let args = parse_args(argv)?;
+#[derive(Args)]
+struct RunArgs {
+    /// The provisioned stack (what `provision` wrote).
+    #[arg(long, value_name = "FILE", default_value = ".local/stack.json")]
+    stack: PathBuf,
+    /// Places the sample orders (and --orders more), reports and exits.
+    #[arg(long)]
+    demo: bool,
+    /// Happy-path orders placed besides the samples (default 20), or the scenario's burst.
+    #[arg(long, value_name = "N")]
+    orders: Option<usize>,
+    /// Builds the functions' binaries with the release profile.
+    #[arg(long)]
+    release: bool,
+    /// Replays a payment provider fault instead of the samples.
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(Scenario::NAMES))]
+    scenario: Option<String>,
+    /// How long the outage scenario's gateway is down (default 30).
+    #[arg(long, value_name = "S")]
+    outage_seconds: Option<f64>,
+}
+
+#[derive(Args)]
+struct RebuildArgs {
+    /// The provisioned stack (what `provision` wrote).
+    #[arg(long, value_name = "FILE", default_value = ".local/stack.json")]
+    stack: PathBuf,
+    /// The table to write the read models to (default: the stack's READ_MODEL_TABLE).
+    #[arg(long, value_name = "NAME")]
+    target_table: Option<String>,
+}
+
+/// The stack `provision` wrote.
+fn load_stack(path: &Path) -> anyhow::Result<local_env::Stack> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} (run `scripts/env.sh up` first)", path.display()))?;
+    serde_json::from_str(&text).context("parsing the stack")
+}
+
+async fn provision(args: ProvisionArgs) -> anyhow::Result<bool> {
     // Real accounts are deployed with `sam deploy`; this tool only ever targets emulators.
     if !std::env::vars().any(|(k, _)| k.starts_with("AWS_ENDPOINT_URL")) {
         bail!("no AWS_ENDPOINT_URL* is set: local-env provisions emulators only (see `scripts/env.sh env`)");
@@ -79,7 +143,7 @@ async fn provision(argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let region = config.region().map(ToString::to_string).unwrap_or_else(|| "us-east-1".into());
     let account_id = std::env::var("AWS_ACCOUNT_ID").unwrap_or_else(|_| "000000000000".into());
     // The providers are the simulator `local-env run` starts, unless the caller names others.
-    let mut overrides = args.overrides;
+    let mut overrides = args.parameter_overrides.into_iter().collect();
     let simulator_url = format!("http://127.0.0.1:{}", local_env::providers::port()?);
     local_env::providers::point_at(&template, &simulator_url, &mut overrides);
     // The HTTP API trusts the issuer `local-env run` serves, unless the caller names another.
@@ -105,33 +169,15 @@ fn port(var: &str, default: u16) -> anyhow::Result<u16> {
     }
 }
 
-async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
-    let (mut stack_path, mut demo, mut extra, mut profile) = (PathBuf::from(".local/stack.json"), false, None, None);
-    let (mut scenario, mut outage_seconds) = (None, None);
-    while let Some(arg) = argv.next() {
-        match arg.as_str() {
-            "--stack" => stack_path = argv.next().context("--stack needs a path")?.into(),
-            "--demo" => demo = true,
-            "--orders" => extra = Some(argv.next().context("--orders needs a number")?.parse().context("--orders")?),
-            "--release" => profile = Some("release"),
-            "--scenario" => scenario = Some(argv.next().context("--scenario needs outage, slow or flaky")?),
-            "--outage-seconds" => {
-                let seconds: f64 =
-                    argv.next().context("--outage-seconds needs a number")?.parse().context("--outage-seconds")?;
-                outage_seconds = Some(seconds);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
+async fn run(args: RunArgs) -> anyhow::Result<bool> {
+    let RunArgs { stack, mut demo, orders, release, scenario, outage_seconds } = args;
+    let profile = release.then_some("release");
     // A scenario is a demo: it places its orders, reports and exits.
-    let scenario =
-        scenario.map(|name| local_env::scenario::Scenario::named(&name, extra, outage_seconds)).transpose()?;
+    let scenario = scenario.map(|name| Scenario::named(&name, orders, outage_seconds)).transpose()?;
     demo |= scenario.is_some();
-    let extra = extra.unwrap_or(20);
+    let extra = orders.unwrap_or(20);
     let run_started = time::OffsetDateTime::now_utc();
-    let text = std::fs::read_to_string(&stack_path)
-        .with_context(|| format!("reading {} (run `scripts/env.sh up` first)", stack_path.display()))?;
-    let stack: local_env::Stack = serde_json::from_str(&text).context("parsing the stack")?;
+    let stack = load_stack(&stack)?;
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
 
     let mut options = local_env::lambda::Options::new(&stack);
@@ -266,7 +312,7 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
     let outcome = if let Some(scenario) = &scenario {
         let target = local_env::scenario::Target {
             stack: &stack,
-            service: &service,
+            api: api.as_ref().zip(issuer.as_ref()).map(|(a, issuer)| local_env::demo::Api { addr: a.addr(), issuer }),
             dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
             sfn: aws_sdk_sfn::Client::new(&sdk),
             simulator: simulator_addr,
@@ -281,7 +327,6 @@ async fn run(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
         Some(
             local_env::demo::run(
                 &stack,
-                &service,
                 &dynamodb,
                 &sfn,
                 samples,
@@ -345,23 +390,13 @@ async fn replay(
     Ok(local_env::demo::Outcome { ok, orders: scenario.orders, transitions: report.transitions })
 }
 
-/// `local-env rebuild [--stack .local/stack.json] [--target-table NAME]`: recomputes every read
-/// model from the event store into the read model table (or another one, to compare).
-async fn rebuild(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool> {
-    let (mut stack_path, mut target) = (PathBuf::from(".local/stack.json"), None);
-    while let Some(arg) = argv.next() {
-        match arg.as_str() {
-            "--stack" => stack_path = argv.next().context("--stack needs a path")?.into(),
-            "--target-table" => target = Some(argv.next().context("--target-table needs a name")?),
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
-    let text = std::fs::read_to_string(&stack_path).with_context(|| format!("reading {}", stack_path.display()))?;
-    let stack: local_env::Stack = serde_json::from_str(&text).context("parsing the stack")?;
+/// Recomputes every read model from the event store into the read model table (or another one).
+async fn rebuild(args: RebuildArgs) -> anyhow::Result<bool> {
+    let stack = load_stack(&args.stack)?;
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     let events_table = stack.environment.get("EVENTS_TABLE").context("no EVENTS_TABLE")?;
-    let table = match target {
+    let table = match args.target_table {
         Some(t) => t,
         None => stack.environment.get("READ_MODEL_TABLE").context("no READ_MODEL_TABLE")?.clone(),
     };
@@ -373,15 +408,14 @@ async fn rebuild(mut argv: impl Iterator<Item = String>) -> anyhow::Result<bool>
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
     // Quiet by default: the demo prints its own report; RUST_LOG=info shows every handler's logs.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt().with_env_filter(filter).init();
-    let mut argv = std::env::args().skip(1);
-    let result = match argv.next().as_deref() {
-        Some("provision") => provision(argv).await,
-        Some("run") => run(argv).await,
-        Some("rebuild") => rebuild(argv).await,
-        _ => Err(anyhow::anyhow!(USAGE)),
+    let result = match cli.command {
+        Command::Provision(args) => provision(args).await,
+        Command::Run(args) => run(args).await,
+        Command::Rebuild(args) => rebuild(args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -390,5 +424,88 @@ async fn main() -> ExitCode {
             eprintln!("local-env: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("local-env").chain(args.iter().copied())).map(|cli| cli.command)
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn provision_reads_what_env_sh_and_the_readme_pass() {
+        // Given env.sh's and the README's provisioning command lines
+        let Ok(Command::Provision(args)) = parse(&["provision", "--template", "template.yaml", "--out", ".local"])
+        else {
+            panic!("provision")
+        };
+        assert_eq!((args.template, args.out), ("template.yaml".into(), ".local".into()));
+        assert!(!args.strict && args.parameter_overrides.is_empty());
+
+        // When overrides follow --parameter-overrides, with flags after them and the flag again
+        let line = [
+            "provision",
+            "--stack-name",
+            "s",
+            "--parameter-overrides",
+            "A=1",
+            "Url=http://x/?q=1",
+            "--strict",
+            "--parameter-overrides",
+            "B=",
+        ];
+        let Ok(Command::Provision(args)) = parse(&line) else { panic!("provision") };
+
+        // Then every K=V is kept, split at its first `=`
+        let overrides: Vec<(&str, &str)> =
+            args.parameter_overrides.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(overrides, [("A", "1"), ("Url", "http://x/?q=1"), ("B", "")]);
+        assert!(args.strict);
+        assert_eq!(args.stack_name, "s");
+        assert!(parse(&["provision", "--parameter-overrides", "novalue"]).is_err());
+        assert!(parse(&["provision", "--unknown"]).is_err());
+    }
+
+    #[test]
+    fn run_reads_what_run_sh_and_the_readme_pass() {
+        // Given run.sh's command lines (`run --demo "$@"`)
+        let Ok(Command::Run(args)) = parse(&["run", "--demo"]) else { panic!("run") };
+        assert!(args.demo && !args.release);
+        assert_eq!(
+            (args.stack, args.orders, args.scenario, args.outage_seconds),
+            (".local/stack.json".into(), None, None, None)
+        );
+
+        // When a scenario is asked for, with its burst and window
+        let line = ["run", "--demo", "--scenario", "outage", "--outage-seconds", "12.5", "--orders", "40", "--release"];
+        let Ok(Command::Run(args)) = parse(&line) else { panic!("run") };
+
+        // Then each is read, and a scenario that does not exist is refused
+        assert_eq!(
+            (args.scenario.as_deref(), args.outage_seconds, args.orders),
+            (Some("outage"), Some(12.5), Some(40))
+        );
+        assert!(args.release);
+        assert!(parse(&["run", "--scenario", "meteor"]).is_err());
+        assert!(parse(&["run", "--orders", "many"]).is_err());
+        let Ok(Command::Run(args)) = parse(&["run", "--stack", "a.json", "--stack", "b.json"]) else { panic!("run") };
+        assert_eq!(args.stack, PathBuf::from("b.json"), "the last one counts");
+    }
+
+    #[test]
+    fn rebuild_reads_its_target_table() {
+        let Ok(Command::Rebuild(args)) = parse(&["rebuild", "--target-table", "T"]) else { panic!("rebuild") };
+        assert_eq!((args.stack, args.target_table.as_deref()), (".local/stack.json".into(), Some("T")));
+        assert!(parse(&[]).is_err(), "a subcommand is required");
     }
 }

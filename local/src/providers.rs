@@ -265,8 +265,8 @@ async fn spawn(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let deadline = tokio::time::Instant::now() + READY_WITHIN;
     loop {
-        if let Ok(answer) = crate::http_client::request(addr, "GET", "/health", None).await
-            && answer.status == 200
+        if let Ok(answer) = crate::http_client().get(format!("http://{addr}/health")).send().await
+            && answer.status() == 200
         {
             return Ok((child, addr));
         }

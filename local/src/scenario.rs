@@ -24,9 +24,7 @@ use shared::eventstore::{DynamoEventStore, EventStoreConfig};
 use shared::resilience::breaker::{BreakerStore, DynamoBreakerStore};
 
 use crate::Stack;
-use crate::demo::{PLACE_ORDER, STOCK, restock, sample_order};
-use crate::http_client::request;
-use crate::lambda::LambdaService;
+use crate::demo::{Api, STOCK, restock, sample_order};
 use crate::observe::{self, history, quantile, wait_for_saga};
 
 /// The breaker the charge and refund steps share (`shared::providers`).
@@ -136,11 +134,12 @@ impl Scenario {
 /// The running system a scenario is played against.
 pub struct Target<'a> {
     pub stack: &'a Stack,
-    pub service: &'a LambdaService,
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub sfn: aws_sdk_sfn::Client,
     /// The provider simulator the stack's provider URLs point at.
     pub simulator: SocketAddr,
+    /// The HTTP API the orders are placed through, and the issuer of their customers' tokens.
+    pub api: Option<Api<'a>>,
     /// `events/place-order/`.
     pub samples: PathBuf,
 }
@@ -256,14 +255,19 @@ fn now() -> f64 {
 }
 
 async fn control(addr: SocketAddr, method: &str, target: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-    let body = body.map(Value::to_string);
-    let answer = request(addr, method, target, body.as_deref())
-        .await
-        .with_context(|| format!("{method} {target} on the provider simulator at {addr}"))?;
-    if answer.status >= 300 {
-        bail!("{method} {target}: {} {}", answer.status, answer.body);
+    let method = reqwest::Method::from_bytes(method.as_bytes())?;
+    let request = crate::http_client().request(method.clone(), format!("http://{addr}{target}"));
+    let answer = match body {
+        Some(body) => request.json(body),
+        None => request,
+    };
+    let answer =
+        answer.send().await.with_context(|| format!("{method} {target} on the provider simulator at {addr}"))?;
+    let (status, text) = (answer.status(), answer.text().await?);
+    if !status.is_success() {
+        bail!("{method} {target}: {status} {text}");
     }
-    if answer.body.trim().is_empty() { Ok(Value::Null) } else { answer.body_json() }
+    if text.trim().is_empty() { Ok(Value::Null) } else { Ok(serde_json::from_str(&text)?) }
 }
 
 /// Plays `scenario` against `target`: sets the fault on the simulator, places the burst, waits
@@ -274,6 +278,7 @@ pub async fn run(target: &Target<'_>, scenario: &Scenario, label: &str) -> anyho
     let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned())?;
     let repo = Repository::new(DynamoEventStore::new(target.dynamodb.clone(), config));
     let state_machine = target.stack.outputs.get("OrderSagaArn").context("the stack has no OrderSagaArn output")?;
+    let api = target.api.context("the scenarios place orders through the local HTTP API and its issuer")?;
     restock(&repo, STOCK).await?;
     // Every order id, so every idempotency key, carries the run's tag: the ledger's `contains`
     // filter gives this run's entries and calls, whatever else the simulator served.
@@ -297,13 +302,7 @@ pub async fn run(target: &Target<'_>, scenario: &Scenario, label: &str) -> anyho
         .map(|order| async move {
             let id = order["orderId"].as_str().unwrap_or_default().to_owned();
             let placed_at = now();
-            let answer = target.service.invoke_json(PLACE_ORDER, &order).await;
-            let result = match answer {
-                Ok(a) if a.get("error").is_none() && a["orderId"] == id.as_str() => Ok(()),
-                Ok(a) => Err(anyhow::anyhow!("placing {id}: {a}")),
-                Err(e) => Err(e.context(format!("placing {id}"))),
-            };
-            (id, placed_at, result)
+            (id, placed_at, api.place(&order).await)
         })
         .buffered(8)
         .collect()

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::deadline::Deadline;
 use crate::eventstore::{
     AppendError, AppendOutcome, Committed, EventMetadata, EventStore, InvalidStreamId, NewEvent, RecordedEvent,
     Snapshot, StoreError, StreamId,
@@ -364,9 +365,8 @@ impl<S: EventStore> Repository<S> {
             causation_id: ctx.causation_id.clone(),
             trace_header: ctx.trace_header.clone(),
         };
-        let mut attempts = 0;
+        let mut attempts = self.retry.attempts(Deadline::current());
         loop {
-            attempts += 1;
             let events = state.decide(command).map_err(ExecuteError::Rejected)?;
             if events.is_empty() {
                 return Ok((Executed::Unchanged { version }, state));
@@ -382,19 +382,18 @@ impl<S: EventStore> Repository<S> {
                         state.apply(event);
                     }
                     self.snapshot_if_due(stream, from_version, &state, committed.last_version).await;
-                    return Ok((Executed::Appended { committed, attempts }, state));
+                    return Ok((Executed::Appended { committed, attempts: attempts.made() + 1 }, state));
                 }
                 Ok(AppendOutcome::Duplicate(committed)) => {
                     let state = self.load::<A>(id).await?.state;
                     return Ok((Executed::Duplicate { committed }, state));
                 }
                 Err(AppendError::Conflict { expected, actual, .. }) => {
-                    if !self.retry.allows_another(attempts) {
-                        return Err(ExecuteError::ConflictRetriesExhausted { attempts });
+                    tracing::debug!(stream = %stream, expected, at_least = actual, "version conflict");
+                    if !attempts.again().await {
+                        return Err(ExecuteError::ConflictRetriesExhausted { attempts: attempts.made() });
                     }
-                    let delay = self.retry.delay(attempts - 1);
-                    tracing::debug!(stream = %stream, expected, at_least = actual, attempts, ?delay, "version conflict; retrying");
-                    tokio::time::sleep(delay).await;
+                    // Catch up on what the winners appended, then decide again.
                     let newer = self.store.load_for_fold(stream, version).await.map_err(LoadError::from)?;
                     version = apply_all(&mut state, version, newer)?;
                 }
@@ -458,6 +457,9 @@ fn restore<A: Aggregate>(snapshot: Snapshot) -> Option<(A, u64)> {
         }
     }
 }
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 #[cfg(test)]
 mod tests;

@@ -2,14 +2,15 @@
 //!
 //! The token is verified in front of the function (signature, issuer, audience, expiry), by API
 //! Gateway on AWS and by the local HTTP API emulation locally, which then passes its claims in
-//! the payload 2.0 event (`requestContext.authorizer.jwt`). A function reads them from there
-//! and decides what the caller may see; it never reads the `Authorization` header itself.
+//! the payload 2.0 event's request context (`requestContext.authorizer.jwt`). A function reads
+//! them from there (lambda_http's `RequestContext::ApiGatewayV2`) and decides what the caller
+//! may see; it never reads the `Authorization` header itself.
 //!
 //! - A customer is the token's subject (`sub`): orders are placed and read as that customer.
 //! - An operator holds the operator scope (`OPERATOR_SCOPE`, in the token's `scope` claim, space
 //!   separated, or `scp`): it may read any order and the operator routes (event feed, lag).
 
-use serde_json::Value;
+use aws_lambda_events::apigw::ApiGatewayV2httpRequestContext;
 
 /// The verified caller of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,24 +30,17 @@ pub enum AuthError {
 }
 
 impl Caller {
-    /// The caller the authorizer verified, from an HTTP API payload 2.0 event.
-    pub fn from_event(event: &Value) -> Result<Self, AuthError> {
-        let jwt = event.pointer("/requestContext/authorizer/jwt").ok_or(AuthError::Unauthenticated)?;
-        let claims = jwt.get("claims").and_then(Value::as_object).ok_or(AuthError::Unauthenticated)?;
-        let subject = claims.get("sub").and_then(Value::as_str).filter(|s| !s.is_empty());
-        let subject = subject.ok_or(AuthError::Unauthenticated)?.to_owned();
+    /// The caller the authorizer verified, from an HTTP API payload 2.0 request context (none:
+    /// not an HTTP API request).
+    pub fn from_context(context: Option<&ApiGatewayV2httpRequestContext>) -> Result<Self, AuthError> {
+        let jwt = context.and_then(|c| c.authorizer.as_ref()?.jwt.as_ref()).ok_or(AuthError::Unauthenticated)?;
+        let subject = jwt.claims.get("sub").filter(|s| !s.is_empty()).ok_or(AuthError::Unauthenticated)?.clone();
         // API Gateway lists the token's scopes in `scopes` (for routes with authorization
-        // scopes); the claims keep them as a string in any case.
-        let mut scopes: Vec<String> = match jwt.get("scopes").and_then(Value::as_array) {
-            Some(listed) => listed.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
-            None => Vec::new(),
-        };
-        for claim in ["scope", "scp"] {
-            match claims.get(claim) {
-                Some(Value::String(text)) => scopes.extend(scope_words(text)),
-                Some(Value::Array(listed)) => scopes.extend(listed.iter().filter_map(Value::as_str).map(str::to_owned)),
-                _ => {}
-            }
+        // scopes); the claims keep them as a string in any case (a list as `"[a b]"`).
+        let mut scopes = jwt.scopes.clone().unwrap_or_default();
+        for text in ["scope", "scp"].iter().filter_map(|claim| jwt.claims.get(*claim)) {
+            let text = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(text);
+            scopes.extend(text.split([' ', ',']).filter(|s| !s.is_empty()).map(str::to_owned));
         }
         scopes.sort();
         scopes.dedup();
@@ -58,47 +52,40 @@ impl Caller {
     }
 }
 
-/// `"a b"`, or API Gateway's rendering of a list claim, `"[a b]"`.
-fn scope_words(text: &str) -> impl Iterator<Item = String> + '_ {
-    let text = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')).unwrap_or(text);
-    text.split([' ', ',']).filter(|s| !s.is_empty()).map(str::to_owned)
-}
-
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
-    fn event(jwt: Value) -> Value {
-        json!({ "requestContext": { "authorizer": { "jwt": jwt } } })
+    fn caller(context: Value) -> Result<Caller, AuthError> {
+        let mut context = context;
+        context["http"] = json!({ "method": "GET" });
+        Caller::from_context(Some(&serde_json::from_value(context).expect("a request context")))
+    }
+
+    fn jwt(jwt: Value) -> Result<Caller, AuthError> {
+        caller(json!({ "authorizer": { "jwt": jwt } }))
     }
 
     #[test]
     fn the_subject_and_scopes_come_from_the_verified_claims() {
-        let caller = Caller::from_event(&event(json!({
-            "claims": { "sub": "cust-1", "scope": "orders/operator openid" },
-            "scopes": null,
-        })))
-        .unwrap();
+        let caller = jwt(json!({ "claims": { "sub": "cust-1", "scope": "orders/operator openid" }, "scopes": null }));
+        let caller = caller.unwrap();
         assert_eq!(caller.subject, "cust-1");
         assert!(caller.has_scope("orders/operator") && caller.has_scope("openid"));
         assert!(!caller.has_scope("orders"));
 
-        let listed = Caller::from_event(&event(json!({ "claims": { "sub": "c", "scp": "[a b]" }, "scopes": ["c"] })));
+        let listed = jwt(json!({ "claims": { "sub": "c", "scp": "[a b]" }, "scopes": ["c"] }));
         assert_eq!(listed.unwrap().scopes, ["a", "b", "c"]);
     }
 
     #[test]
     fn no_verified_subject_is_unauthenticated() {
-        for given in [
-            json!({ "requestContext": {} }),
-            json!({ "headers": { "authorization": "Bearer x" } }),
-            event(json!({ "claims": {} })),
-            event(json!({ "claims": { "sub": "" } })),
-            event(json!({ "claims": { "sub": 7 } })),
-        ] {
-            assert_eq!(Caller::from_event(&given), Err(AuthError::Unauthenticated), "{given}");
+        assert_eq!(Caller::from_context(None), Err(AuthError::Unauthenticated));
+        for given in [json!({}), json!({ "authorizer": {} }), json!({ "authorizer": { "jwt": { "claims": {} } } })] {
+            assert_eq!(caller(given.clone()), Err(AuthError::Unauthenticated), "{given}");
         }
+        assert_eq!(jwt(json!({ "claims": { "sub": "" } })), Err(AuthError::Unauthenticated));
     }
 }

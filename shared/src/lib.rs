@@ -12,12 +12,14 @@
 //! - [`config`]: configuration from the environment.
 //! - [`aws`]: the AWS SDK configuration, cheap at cold start (compiled-in TLS roots, lazy TLS).
 //! - [`deadline`]: the invocation's deadline, for handlers working through a batch.
+//! - [`batch`]: the batch loop of every SQS and DynamoDB stream consumer, and its dead letters.
 //! - [`text`]: percent-decoding for HTTP paths and query strings.
 //! - [`auth`]: the HTTP caller's identity, as the API's JWT authorizer verified it.
 
 pub mod aggregate;
 pub mod auth;
 pub mod aws;
+pub mod batch;
 pub mod config;
 pub mod deadline;
 pub mod domain;

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use crate::deadline::Deadline;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Total attempts including the first; 1 means no retry.
@@ -41,6 +43,51 @@ impl RetryPolicy {
     pub fn allows_another(&self, attempts_made: u32) -> bool {
         attempts_made < self.max_attempts
     }
+
+    /// The attempts of one operation under this policy, until `deadline`: the one retry loop's
+    /// bookkeeping (see [`Attempts::again`]).
+    pub fn attempts(&self, deadline: Deadline) -> Attempts<'_> {
+        Attempts { policy: self, deadline, made: 0 }
+    }
+}
+
+/// Counts the attempts of one operation and sleeps between them.
+///
+/// ```ignore
+/// let mut attempts = policy.attempts(deadline);
+/// loop {
+///     match try_once().await {
+///         Lost => if !attempts.again().await { return Err(GaveUp(attempts.made())) },
+///         done => return done,
+///     }
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Attempts<'a> {
+    policy: &'a RetryPolicy,
+    deadline: Deadline,
+    made: u32,
+}
+
+impl Attempts<'_> {
+    /// Records an attempt that fell short and sleeps a fully jittered delay before the next;
+    /// `false` (at once) when the attempts are spent or the pause would not fit before the
+    /// deadline.
+    pub async fn again(&mut self) -> bool {
+        self.made += 1;
+        let pause = self.policy.delay(self.made - 1);
+        if !self.policy.allows_another(self.made) || !self.deadline.allows(pause) {
+            return false;
+        }
+        tracing::debug!(attempt = self.made, ?pause, "retrying");
+        tokio::time::sleep(pause).await;
+        true
+    }
+
+    /// The attempts that fell short so far.
+    pub fn made(&self) -> u32 {
+        self.made
+    }
 }
 
 #[cfg(test)]
@@ -68,6 +115,35 @@ mod tests {
         assert!(delays.iter().all(|d| *d <= p.ceiling(3)));
         let first = delays[0];
         assert!(delays.iter().any(|d| *d != first), "full jitter must not be a constant");
+    }
+
+    fn fast(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy { max_attempts, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(2) }
+    }
+
+    #[tokio::test]
+    async fn attempts_sleep_between_tries_until_the_policy_is_spent() {
+        // Given a policy of three attempts
+        let policy = fast(3);
+        let mut attempts = policy.attempts(Deadline::never());
+        // When every try falls short: two more are allowed, then none
+        assert!(attempts.again().await);
+        assert!(attempts.again().await);
+        assert!(!attempts.again().await);
+        // Then the three that fell short are counted
+        assert_eq!(attempts.made(), 3);
+    }
+
+    #[tokio::test]
+    async fn attempts_do_not_pause_past_the_deadline() {
+        // Given a policy whose first pause is up to a second, and a deadline already past
+        let slow =
+            RetryPolicy { max_attempts: 10, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(1) };
+        let deadline = Deadline::after(Duration::ZERO);
+        // When the first try falls short, no pause fits
+        let started = tokio::time::Instant::now();
+        assert!(!slow.attempts(deadline).again().await);
+        assert!(started.elapsed() < Duration::from_millis(500));
     }
 
     #[test]

@@ -10,6 +10,9 @@ use serde_dynamo::{AttributeValue, Item};
 
 use crate::saga::runtime::{DeadLetters, Source};
 
+/// Given / when / then for an aggregate's decisions (see [`crate::aggregate::testing`]).
+pub use crate::aggregate::testing::{Given, When, given};
+
 /// Dead letters as they are parked: the sequence number (or message id) of their record, and
 /// the reason.
 #[derive(Debug, Default)]

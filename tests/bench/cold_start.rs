@@ -27,10 +27,8 @@ const BARE_ID: &str = "BareLambdaBaseline";
 /// more than its init and the runtime's first round trip.
 fn trivial_event(crate_name: &str) -> serde_json::Value {
     match crate_name {
-        // A direct invocation that is not an order: refused before the event store.
-        "place-order" => json!({}),
-        // Not an API Gateway request: refused before DynamoDB.
-        "query-api" => json!({}),
+        // An HTTP API request for no route: refused before the event store or DynamoDB.
+        "place-order" | "query-api" => json!({ "rawPath": "/", "requestContext": { "http": { "method": "GET" } } }),
         BARE => json!({ "ping": 1 }),
         // SQS batches and DynamoDB stream batches, empty.
         _ => json!({ "Records": [] }),

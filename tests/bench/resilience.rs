@@ -40,7 +40,7 @@ use system_tests::workspace_root;
 fn target(env: &SagaEnv) -> scenario::Target<'_> {
     scenario::Target {
         stack: &env.stack,
-        service: &env.service,
+        api: Some(env.demo_api()),
         dynamodb: env.aws.dynamodb(),
         sfn: env.sfn.clone(),
         simulator: env.providers.as_ref().expect("the stack's provider simulator").addr(),

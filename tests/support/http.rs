@@ -1,9 +1,8 @@
 //! The HTTP API as a client sees it: the project's template provisioned under a fresh stack
 //! name, its `HttpApi` routes served by the local HTTP server (`local_env::http`), which invokes
-//! the functions' real binaries through the local Lambda service, and a minimal HTTP/1.1 client
-//! over real TCP.
+//! the functions' real binaries through the local Lambda service, and reqwest as the client.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -169,7 +168,79 @@ pub fn assert_clean_error(response: &HttpResponse, status: u16) {
     }
 }
 
-pub use local_env::http_client::{HttpResponse, parse_links};
+/// An answer as the tests read it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The answer of `request` (sent as `system-tests`, accepting JSON), or why there was none.
+    pub async fn of(request: reqwest::RequestBuilder) -> anyhow::Result<Self> {
+        let response = request.header("user-agent", "system-tests").header("accept", "application/json").send().await?;
+        let (status, headers) = (response.status().as_u16(), response.headers().clone());
+        Ok(Self { status, headers, body: response.text().await? })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn body_json(&self) -> anyhow::Result<Value> {
+        serde_json::from_str(&self.body).map_err(|e| anyhow::anyhow!("not JSON ({e}): {}", self.body))
+    }
+
+    /// The `Link` header's targets by `rel`.
+    pub fn links(&self) -> BTreeMap<String, String> {
+        self.header("link").map(parse_links).unwrap_or_default()
+    }
+}
+
+/// `<url>; rel="next", <url>; rel="prev"` → {next: url, prev: url}.
+pub fn parse_links(header: &str) -> BTreeMap<String, String> {
+    header
+        .split(", <")
+        .filter_map(|part| {
+            let (url, params) = part.trim().trim_start_matches('<').split_once('>')?;
+            let rel = params.split(';').find_map(|p| p.trim().strip_prefix("rel="))?;
+            Some((rel.trim_matches('"').to_owned(), url.to_owned()))
+        })
+        .collect()
+}
+
+/// `method http://addr target` with these headers and a JSON body, if any.
+pub fn build(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+    let mut request = local_env::http_client().request(method, format!("http://{addr}{target}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    match body {
+        Some(body) => request.header("content-type", "application/json").body(body.to_owned()),
+        None => request,
+    }
+}
+
+/// One request with these headers (a body is sent as JSON); panics (failing the test) when
+/// there is no HTTP answer.
+pub async fn request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> HttpResponse {
+    let what = format!("{method} {target}");
+    HttpResponse::of(build(addr, method, target, headers, body)).await.unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
 
 /// One request with `Authorization: bearer` (a body is sent as JSON); panics (failing the test)
 /// when there is no HTTP answer.
@@ -180,18 +251,13 @@ pub async fn request_as(
     bearer: Option<&str>,
     body: Option<&str>,
 ) -> HttpResponse {
-    let mut headers = Vec::new();
-    if let Some(bearer) = bearer {
-        headers.push(("authorization", bearer));
-    }
-    local_env::http_client::request_with_headers(addr, method, target, &headers, body)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"))
+    let headers: Vec<(&str, &str)> = bearer.map(|b| ("authorization", b)).into_iter().collect();
+    request_with_headers(addr, method, target, &headers, body).await
 }
 
 /// One request; panics (failing the test) when there is no HTTP answer.
 pub async fn request(addr: SocketAddr, method: &str, target: &str, body: Option<&str>) -> HttpResponse {
-    local_env::http_client::request(addr, method, target, body).await.unwrap_or_else(|e| panic!("{e:#}"))
+    request_with_headers(addr, method, target, &[], body).await
 }
 
 /// The body as JSON, failing the test when it is not.

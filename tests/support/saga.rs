@@ -1,13 +1,16 @@
 //! A whole system per test: the project's template provisioned under a fresh stack name (its
 //! own tables, queues, state machine), every function its own binary in the local Lambda
-//! service, fed by the local runner, and helpers to place orders and watch their sagas.
+//! service, fed by the local runner, its HTTP API served as API Gateway would, and helpers to
+//! place orders (through that API, as clients do) and watch their sagas.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues, StreamReplayer};
+use local_env::http::HttpHandle;
 use local_env::lambda::LambdaService;
 use local_env::observe::{Finished, history, saga_steps, wait_for_saga};
 use local_env::providers::SimulatorProcess;
@@ -20,6 +23,7 @@ use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, Recorde
 use shared::readmodel::dead_letters::DeadLetterView;
 use shared::readmodel::store::ReadModelStore;
 
+use crate::http::request_as;
 use crate::{LocalAws, unique, workspace_root};
 
 pub struct SagaEnv {
@@ -37,8 +41,16 @@ pub struct SagaEnv {
     /// The providers the functions call: the simulator's own process (a test's own, so its
     /// faults touch no other test), which a test may kill and restart on its journal.
     pub providers: Option<SimulatorProcess>,
-    /// The OIDC issuer the stack's HTTP API trusts (a test's own stack).
+    /// The OIDC issuer the stack's HTTP API trusts.
     pub issuer: Option<local_env::issuer::Issuer>,
+    /// The stack's HTTP API, served by its functions.
+    http: Option<HttpHandle>,
+}
+
+/// Serves the stack's HTTP API on a free port, through `service`.
+async fn serve(stack: &Stack, service: &Arc<LambdaService>) -> Option<HttpHandle> {
+    let served = local_env::http::serve(stack, service.clone(), ([127, 0, 0, 1], 0).into()).await;
+    Some(served.expect("serve the HTTP API"))
 }
 
 /// The provider simulator's binary, built once per test binary.
@@ -134,6 +146,11 @@ impl SagaEnv {
         } else {
             Some(start_simulator(port, key, &unique(&format!("{}-", stack.stack_name))).await)
         };
+        // The issuer `env.sh up` pointed the stack's HTTP API at, to sign the orders' tokens.
+        let issuer_port = local_env::issuer::port().expect("LOCAL_ISSUER_PORT");
+        let issuer = local_env::issuer::Issuer::start(([127, 0, 0, 1], issuer_port).into()).await;
+        let issuer = issuer.expect("the local issuer's port is free (no `local-env run` at the same time)");
+        let http = serve(&stack, &service).await;
         Self {
             aws,
             stack,
@@ -145,7 +162,8 @@ impl SagaEnv {
             disposable: false,
             invoke_api: None,
             providers,
-            issuer: None,
+            issuer: Some(issuer),
+            http,
         }
     }
 
@@ -178,6 +196,7 @@ impl SagaEnv {
         let stack = local_env::provision(&template, &options, &aws.provisioning_clients()).await.expect("provision");
         assert!(stack.failed().is_empty() && stack.unresolved.is_empty(), "{}", local_env::report(&stack));
         let (service, invoke_api) = aws.lambda_service_and_api(&stack).await;
+        let http = serve(&stack, &service).await;
         let env = stack.environment.clone();
         let config = EventStoreConfig::from_vars(&|n: &str| env.get(n).cloned()).expect("event store config");
         let repo = Repository::new(DynamoEventStore::new(aws.dynamodb(), config));
@@ -200,12 +219,23 @@ impl SagaEnv {
             invoke_api: Some(invoke_api),
             providers: Some(providers),
             issuer: Some(issuer),
+            http,
         }
     }
 
     /// `Bearer <token>` of `customer`, from the issuer the stack's HTTP API trusts.
     pub fn customer_bearer(&self, customer: &str) -> String {
-        self.issuer.as_ref().expect("a test's own stack has an issuer").customer_bearer(customer)
+        self.issuer.as_ref().expect("the stack's issuer").customer_bearer(customer)
+    }
+
+    /// Where the stack's HTTP API is served.
+    pub fn api(&self) -> SocketAddr {
+        self.http.as_ref().expect("the HTTP API is served until the end").addr()
+    }
+
+    /// The HTTP API and issuer, as the demo and the scenarios place orders through them.
+    pub fn demo_api(&self) -> local_env::demo::Api<'_> {
+        local_env::demo::Api { addr: self.api(), issuer: self.issuer.as_ref().expect("the stack's issuer") }
     }
 
     pub fn state_machine(&self) -> &str {
@@ -321,18 +351,14 @@ impl SagaEnv {
     pub async fn provider_behaviour(&self, behaviour: &Value) {
         let providers = self.providers.as_ref().expect("this test's provider simulator");
         let body = behaviour.to_string();
-        let answer = local_env::http_client::request(providers.addr(), "PUT", "/control/behaviour", Some(&body))
-            .await
-            .expect("PUT /control/behaviour");
+        let answer = crate::http::request(providers.addr(), "PUT", "/control/behaviour", Some(&body)).await;
         assert_eq!(answer.status, 200, "{}", answer.body);
     }
 
     /// Back to normal for every provider (`DELETE /control/behaviour`).
     pub async fn providers_normal(&self) {
         let providers = self.providers.as_ref().expect("this test's provider simulator");
-        let answer = local_env::http_client::request(providers.addr(), "DELETE", "/control/behaviour", None)
-            .await
-            .expect("DELETE /control/behaviour");
+        let answer = crate::http::request(providers.addr(), "DELETE", "/control/behaviour", None).await;
         assert_eq!(answer.status, 200, "{}", answer.body);
     }
 
@@ -340,8 +366,7 @@ impl SagaEnv {
     pub async fn provider_ledger(&self, id: &str) -> Vec<Value> {
         let providers = self.providers.as_ref().expect("this test's provider simulator");
         let target = format!("/control/ledger?contains={id}");
-        let answer =
-            local_env::http_client::request(providers.addr(), "GET", &target, None).await.expect("GET /control/ledger");
+        let answer = crate::http::request(providers.addr(), "GET", &target, None).await;
         assert_eq!(answer.status, 200, "{}", answer.body);
         answer.body_json().expect("ledger JSON")["entries"].as_array().cloned().unwrap_or_default()
     }
@@ -359,11 +384,13 @@ impl SagaEnv {
             .expect("sample order")
     }
 
-    /// Places an order by invoking the place-order binary directly; returns its id.
+    /// Places an order as its customer's client does: `POST /orders` on the stack's HTTP API,
+    /// with their token; returns its id.
     pub async fn place(&self, order: Value) -> String {
         let id = order["orderId"].as_str().expect("orderId").to_owned();
-        let answer = self.service.invoke_json(local_env::demo::PLACE_ORDER, &order).await.expect("place-order answers");
-        assert_eq!(answer["orderId"], id.as_str(), "placing failed: {answer}");
+        let bearer = self.customer_bearer(order["customerId"].as_str().unwrap_or_default());
+        let answer = request_as(self.api(), "POST", "/orders", Some(&bearer), Some(&order.to_string())).await;
+        assert!(matches!(answer.status, 200 | 201), "placing {id} failed: {} {}", answer.status, answer.body);
         id
     }
 
@@ -389,6 +416,9 @@ impl SagaEnv {
         }
         if let Some(api) = self.invoke_api.take() {
             api.stop();
+        }
+        if let Some(http) = self.http.take() {
+            http.stop().await;
         }
         if let Some(mut providers) = self.providers.take() {
             providers.stop().await;

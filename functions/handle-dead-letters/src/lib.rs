@@ -20,10 +20,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use aws_lambda_events::event::dynamodb::{Event as DynamoDbEvent, EventRecord};
-use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use serde_json::Value;
 use shared::aggregate::{Aggregate, CommandContext, ExecuteError, Repository};
+use shared::batch::{Batch, NoDeadLetters, Unhandled};
+use shared::deadline::Deadline;
 use shared::domain::dead_letter::{
     Actor, Arrival, DeadLetter, DeadLetterCommand, DeadLetterError, Failure, NextAction,
 };
@@ -237,31 +239,25 @@ impl Flow {
 }
 
 impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHandler<S, Q, N, T, R> {
-    /// Handles every message of the batch; a message whose handling failed is left on its DLQ.
+    /// Handles every message of the batch, one after the other; a message whose handling
+    /// failed is left on its DLQ (there is no DLQ behind it).
     pub async fn handle(&self, batch: SqsEvent) -> SqsBatchResponse {
-        let mut response = SqsBatchResponse::default();
-        for message in batch.records {
-            let id = message.message_id.clone().unwrap_or_default();
-            let flow = Flow::of(&message);
-            let span = shared::telemetry::record_span(flow.about());
-            match self.handle_one(&message).instrument(span.clone()).await {
-                Ok(outcome) => {
-                    if let Some(action) = outcome.metric_action() {
-                        shared::metrics::dead_letter(action);
+        Batch::new(&NoDeadLetters, Deadline::never())
+            .sqs(&batch, |message| async move {
+                let span = shared::telemetry::record_span(Flow::of(message).about());
+                match self.handle_one(message).instrument(span.clone()).await {
+                    Ok(outcome) => {
+                        if let Some(action) = outcome.metric_action() {
+                            shared::metrics::dead_letter(action);
+                        }
+                        let id = &message.message_id;
+                        span.in_scope(|| tracing::info!(message_id = ?id, ?outcome, "dead letter handled"));
+                        Ok(())
                     }
-                    span.in_scope(|| tracing::info!(message_id = %id, ?outcome, "dead letter handled"))
+                    Err(e) => Err(Unhandled::retry(format!("dead letter not handled: {e}")).in_span(span)),
                 }
-                Err(e) => {
-                    span.in_scope(|| {
-                        tracing::error!(message_id = %id, error = %e, "dead letter left on its queue for another try")
-                    });
-                    let mut failure = BatchItemFailure::default();
-                    failure.item_identifier = id;
-                    response.batch_item_failures.push(failure);
-                }
-            }
-        }
-        response
+            })
+            .await
     }
 
     pub async fn handle_one(&self, message: &SqsMessage) -> Result<Outcome, HandlerError> {

@@ -12,15 +12,14 @@
 use std::future::Future;
 use std::ops::Range;
 
-use aws_lambda_events::event::dynamodb::Event;
-use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use futures::stream::{self, StreamExt};
+use aws_lambda_events::event::dynamodb::{Event, EventRecord};
+use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use serde_json::{Value, json};
+use shared::batch::{Batch, DeadLetters};
 use shared::config::{ConfigError, Vars, required};
 use shared::deadline::Deadline;
 use shared::eventstore::{RecordedEvent, StreamId};
 use shared::retry::RetryPolicy;
-use shared::saga::runtime::{DeadLetters, Source};
 
 pub const SOURCE_PREFIX: &str = "order-saga.";
 /// PutEvents takes 10 entries and 256 KB per call.
@@ -125,11 +124,10 @@ pub const PUBLISH_CONCURRENCY: usize = 8;
 /// names the first entry still unpublished.
 async fn publish<B: Bus, D>(relay: &Relay<B, D>, entries: &[BusEntry], deadline: &Deadline) -> Result<(), usize> {
     let mut pending: Vec<usize> = (0..entries.len()).collect();
-    let mut attempt = 0;
+    let mut attempts = relay.retry.attempts(*deadline);
     loop {
-        attempt += 1;
         let batch: Vec<BusEntry> = pending.iter().map(|&i| entries[i].clone()).collect();
-        let still = match deadline.run(relay.bus.put(&batch)).await {
+        pending = match deadline.run(relay.bus.put(&batch)).await {
             // Cut off: the call may or may not have landed; the stream delivers these again and
             // consumers de-duplicate by `id`.
             None => return Err(pending[0]),
@@ -148,15 +146,13 @@ async fn publish<B: Bus, D>(relay: &Relay<B, D>, entries: &[BusEntry], deadline:
                 pending.clone()
             }
         };
-        if still.is_empty() {
+        // Only the refused entries are sent again.
+        if pending.is_empty() {
             return Ok(());
         }
-        let pause = relay.retry.delay(attempt - 1);
-        if !relay.retry.allows_another(attempt) || !deadline.allows(pause) {
-            return Err(still[0]);
+        if !attempts.again().await {
+            return Err(pending[0]);
         }
-        pending = still;
-        tokio::time::sleep(pause).await;
     }
 }
 
@@ -179,66 +175,34 @@ fn chunks(entries: &[BusEntry]) -> Vec<Range<usize>> {
 }
 
 /// Relays a stream batch, up to [`PUBLISH_CONCURRENCY`] PutEvents calls at a time, until
-/// `deadline`. On a failure or at the deadline, the response names the first unpublished
-/// record, so the stream resumes there: what was published before it is not sent again, and
-/// a batch too large for one invocation still moves forward.
+/// `deadline` (see [`Batch::stream`]). On a failure or at the deadline, the response
+/// names the first unpublished record, so the stream resumes there: what was published before it
+/// is not sent again, and a batch too large for one invocation still moves forward.
 pub async fn handle<B: Bus, D: DeadLetters>(
     relay: &Relay<B, D>,
     batch: Event,
     deadline: Deadline,
 ) -> DynamoDbEventResponse {
-    let mut response = DynamoDbEventResponse::default();
-    let mut fail_at = |sequence: Option<String>| {
-        let mut failure = DynamoDbBatchItemFailure::default();
-        failure.item_identifier = sequence;
-        response.batch_item_failures.push(failure);
+    let put = |entries: Vec<BusEntry>| async move {
+        let unpublished = publish(relay, &entries, &deadline).await;
+        unpublished.map_err(|i| (i, format!("{} of {} entries unpublished", entries.len() - i, entries.len())))
     };
-    let mut sequences = Vec::new();
-    let mut entries = Vec::new();
-    for record in batch.records.into_iter().filter(|r| r.event_name == "INSERT") {
-        let sequence = record.change.sequence_number.clone();
-        let reason = match serde_dynamo::from_item::<_, RecordedEvent>(record.change.new_image.clone()) {
-            Ok(event) if StreamId::parse(&event.stream_id).is_ok() => {
-                sequences.push(sequence);
-                entries.push(entry(&event));
-                continue;
-            }
-            Ok(event) => format!("not an event: stream id {:?}", event.stream_id),
-            Err(e) => format!("not an event envelope: {e}"),
-        };
-        // (The stream id, or a decoder's message, may quote a field whole: the reason is kept short.)
-        let reason = shared::text::bounded(&reason, shared::text::MAX_REASON);
-        // Something other than the store wrote to its table. Retrying will not make it an event,
-        // and failing here would hold back (and, once the retries run out, skip) every event
-        // behind it: park it with the reason and go on.
-        let body = serde_json::to_string(&record.change.new_image).unwrap_or_default();
-        let source = Source { arn: record.event_source_arn.as_deref(), id: sequence.as_deref() };
-        if let Err(e) = relay.dead_letters.dead_letter(&body, &reason, &source).await {
-            tracing::error!(%reason, error = %e, "an unreadable record could not be dead-lettered; the stream retries from it");
-            fail_at(sequence);
-            return response;
-        }
-        tracing::error!(%reason, sequence = ?sequence, "unreadable record in the store's stream dead-lettered");
+    let relaying = Batch::new(&relay.dead_letters, deadline).concurrently(PUBLISH_CONCURRENCY);
+    relaying.stream(&batch, stored_event, chunks, put).await
+}
+
+/// The entry of an inserted event; `None` for any other change. Something other than the store
+/// wrote to its table if it is not an event: retrying will not make it one, and failing would
+/// hold back (and, once the retries run out, skip) every event behind it, so it is parked.
+fn stored_event(record: &EventRecord) -> Result<Option<BusEntry>, String> {
+    if record.event_name != "INSERT" {
+        return Ok(None);
     }
-    let entries = &entries;
-    let deadline = &deadline;
-    // `buffered` yields in order, so the first failure seen is the earliest unpublished record;
-    // returning drops (cancels) the calls still in flight behind it.
-    let mut published = stream::iter(chunks(entries))
-        .map(|range| async move { (range.start, publish(relay, &entries[range], deadline).await) })
-        .buffered(PUBLISH_CONCURRENCY);
-    while let Some((start, result)) = published.next().await {
-        if let Err(index) = result {
-            let first = start + index;
-            tracing::warn!(
-                unpublished = entries.len() - first,
-                "stopping: the stream resumes at the first unpublished record"
-            );
-            fail_at(sequences[first].clone());
-            return response;
-        }
+    match serde_dynamo::from_item::<_, RecordedEvent>(record.change.new_image.clone()) {
+        Ok(event) if StreamId::parse(&event.stream_id).is_ok() => Ok(Some(entry(&event))),
+        Ok(event) => Err(format!("not an event: stream id {:?}", event.stream_id)),
+        Err(e) => Err(format!("not an event envelope: {e}")),
     }
-    response
 }
 
 #[cfg(test)]
@@ -248,8 +212,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use aws_lambda_events::event::dynamodb::EventRecord;
-    use shared::saga::runtime::KeptDeadLetters;
+    use shared::batch::KeptDeadLetters;
 
     use super::*;
 

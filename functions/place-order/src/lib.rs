@@ -2,9 +2,8 @@
 //! `Idempotency-Key`, else the order id). It does not start the saga: the saga starter reads
 //! the committed event from the store's stream, so there is no dual write.
 //!
-//! One handler serves both ways in: an HTTP API event (payload 2.0, `POST /orders`) and a direct
-//! invocation whose payload is the order (optionally `{"order": …, "idempotencyKey": …,
-//! "correlationId": …}`).
+//! The way in is the HTTP API (payload 2.0, `POST /orders`): an axum [`router`], run by
+//! lambda_http. Clients, the local demo and the system tests alike place orders there.
 //!
 //! Each customer may place at most `ORDERS_PER_CUSTOMER_PER_MINUTE` orders over a sliding minute
 //! (`shared::ratelimit`; unset or 0: no limit): over it, the order is refused with `429` and a
@@ -21,14 +20,23 @@
 //! Over HTTP the order is placed as the caller the API's JWT authorizer verified
 //! ([`shared::auth`]): the customer is the token's subject. A body may leave `customerId` out
 //! or name that customer; naming another is `403`; a request with no verified caller is `401`.
-//! A direct invocation (IAM-authorised `lambda:InvokeFunction`, a trusted back end) names the
-//! customer in its payload.
 //!
 //! The order's flow is correlated from here: the caller's `X-Correlation-Id` (else the API's
 //! request id, else the invocation's) and the invocation's X-Ray trace go on `OrderPlaced`, and
 //! from there on every event and log line of the saga. The answer repeats the correlation id.
 
-use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::{HeaderName, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use lambda_http::RequestExt;
+use lambda_http::request::RequestContext;
+use serde::Serialize;
 use serde_json::{Value, json};
 use shared::aggregate::{CommandContext, ExecuteError, Executed, Repository};
 use shared::auth::{AuthError, Caller};
@@ -37,7 +45,7 @@ use shared::domain::order::{Order, OrderCommand, OrderError, OrderRequest};
 use shared::eventstore::{AppendError, EventStore};
 use shared::ratelimit::{Admission, RateLimiter, Slot, WindowCounters};
 
-/// The answer, the same for HTTP and direct invocations (HTTP adds the status code).
+/// The answer to a placed order (`201`, or `200` for a repeat).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Placed {
@@ -60,6 +68,11 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 pub enum PlaceError {
     #[error("the body is not an order: {0}")]
     Malformed(String),
+    /// Not sent as JSON.
+    #[error("send the order as application/json, not {0:?}")]
+    UnsupportedMediaType(String),
+    #[error("the body is {0} bytes: at most {MAX_BODY_BYTES}")]
+    TooLarge(usize),
     /// The request itself is unusable (its idempotency key, say): the reason names the limit.
     #[error("{0}")]
     BadRequest(String),
@@ -82,15 +95,17 @@ pub enum PlaceError {
 }
 
 impl PlaceError {
-    pub fn status(&self) -> u16 {
+    pub fn status(&self) -> StatusCode {
         match self {
-            Self::Malformed(_) | Self::Invalid(_) | Self::BadRequest(_) => 400,
-            Self::Unauthenticated(_) => 401,
-            Self::Forbidden(_) => 403,
-            Self::Conflict(_) => 409,
-            Self::RateLimited { .. } => 429,
-            Self::Unavailable(_) => 503,
-            Self::Internal(_) => 500,
+            Self::Malformed(_) | Self::Invalid(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -110,19 +125,30 @@ impl PlaceError {
     }
 }
 
-/// What the Lambda runtime says of this invocation.
-#[derive(Debug, Clone, Default)]
-pub struct Invocation {
-    pub request_id: String,
-    /// `Lambda-Runtime-Trace-Id`: the X-Ray trace the invocation runs in.
-    pub trace_header: Option<String>,
-}
-
 /// Where an order's flow is correlated and traced from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Flow {
     pub correlation_id: String,
     pub trace_header: Option<String>,
+}
+
+/// The caller's `X-Correlation-Id` if it is usable, else API Gateway's request id, else the
+/// invocation's; the invocation's X-Ray trace (`Lambda-Runtime-Trace-Id`), else the request's.
+impl<T: Sync> FromRequestParts<T> for Flow {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &T) -> Result<Self, Infallible> {
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let invocation = parts.extensions.lambda_context_ref();
+        let request_id = match parts.extensions.request_context_ref() {
+            Some(RequestContext::ApiGatewayV2(context)) => context.request_id.clone(),
+            _ => None,
+        };
+        let correlation_id = header("x-correlation-id").filter(|id| acceptable_correlation_id(id));
+        let correlation_id = correlation_id.or(request_id).or_else(|| invocation.map(|i| i.request_id.clone()));
+        let trace_header = invocation.and_then(|i| i.xray_trace_id.clone()).or_else(|| header("x-amzn-trace-id"));
+        Ok(Self { correlation_id: correlation_id.unwrap_or_default(), trace_header })
+    }
 }
 
 /// A correlation id a caller may choose: short, and safe in a header, a log line and a query.
@@ -270,112 +296,81 @@ async fn admit<S: EventStore, C: WindowCounters>(
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Direct {
-    order: OrderRequest,
-    idempotency_key: Option<String>,
-    correlation_id: Option<String>,
+/// What the function works with: the event store, and the orders-per-customer limit if any.
+pub struct PlaceOrder<S, C> {
+    pub repo: Repository<S>,
+    pub limiter: Option<RateLimiter<C>>,
 }
 
-fn header<'a>(event: &'a Value, name: &str) -> Option<&'a str> {
-    event["headers"].as_object()?.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).and_then(|(_, v)| v.as_str())
-}
+const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
 
-fn http_response(status: u16, body: &Value, extra: &[(&str, String)]) -> Value {
-    let mut headers = json!({ "content-type": "application/json" });
-    for (k, v) in extra {
-        headers[*k] = json!(v);
-    }
-    json!({ "statusCode": status, "headers": headers, "body": body.to_string(), "isBase64Encoded": false })
-}
-
-/// Entry point for any invocation: an HTTP API event gets an HTTP response, a direct
-/// invocation gets the JSON answer (or `{"error": …}`, with `retryAfterSeconds` when the customer
-/// is over its limit). `limiter`: the orders-per-customer limit, if any.
-pub async fn handle<S: EventStore, C: WindowCounters>(
-    repo: &Repository<S>,
-    limiter: Option<&RateLimiter<C>>,
-    event: Value,
-    invocation: &Invocation,
-) -> Value {
-    let is_http = event.get("requestContext").is_some();
-    if !is_http {
-        let parsed = serde_json::from_value::<Direct>(event.clone())
-            .map(|d| (d.order, d.idempotency_key, d.correlation_id))
-            .or_else(|_| serde_json::from_value::<OrderRequest>(event).map(|o| (o, None, None)));
-        return match parsed {
-            Err(e) => malformed(e).body(),
-            Ok((order, key, correlation_id)) => {
-                let correlation_id = correlation_id.filter(|id| acceptable_correlation_id(id));
-                let flow = Flow {
-                    correlation_id: correlation_id.unwrap_or_else(|| invocation.request_id.clone()),
-                    trace_header: invocation.trace_header.clone(),
-                };
-                match place(repo, limiter, &order, key.as_deref(), &flow).await {
-                    Ok(placed) => json!(placed),
-                    Err(e) => error_body(&e),
-                }
-            }
-        };
-    }
-    // The caller's correlation id if it is usable, else API Gateway's request id.
-    let correlation_id = header(&event, "x-correlation-id")
-        .filter(|id| acceptable_correlation_id(id))
-        .or_else(|| event.pointer("/requestContext/requestId").and_then(Value::as_str))
-        .unwrap_or(&invocation.request_id)
-        .to_owned();
-    let flow = Flow {
-        trace_header: invocation.trace_header.clone().or_else(|| header(&event, "x-amzn-trace-id").map(str::to_owned)),
-        correlation_id,
+/// `POST /orders` (another method: `405` with `Allow`); every answer JSON, with the flow's
+/// `X-Correlation-Id`.
+pub fn router<S: EventStore + 'static, C: WindowCounters + 'static>(deps: Arc<PlaceOrder<S, C>>) -> Router {
+    let not_allowed = |flow: Flow| async move {
+        let headers = [(header::ALLOW, "POST".to_owned()), (CORRELATION_ID, flow.correlation_id)];
+        (StatusCode::METHOD_NOT_ALLOWED, headers, Json(json!({ "error": "use POST /orders" })))
     };
-    let correlated = ("x-correlation-id", flow.correlation_id.clone());
-    let method = event.pointer("/requestContext/http/method").and_then(Value::as_str).unwrap_or_default();
-    if method != "POST" {
-        return http_response(405, &json!({ "error": "use POST /orders" }), &[("allow", "POST".into()), correlated]);
+    Router::new()
+        .route("/orders", post(place_order::<S, C>))
+        .method_not_allowed_fallback(not_allowed)
+        // The body's limit is checked, and answered, by the handler.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(deps)
+}
+
+async fn place_order<S: EventStore + 'static, C: WindowCounters + 'static>(
+    State(deps): State<Arc<PlaceOrder<S, C>>>,
+    flow: Flow,
+    parts: Parts,
+    body: Bytes,
+) -> Response {
+    let correlated = [(CORRELATION_ID, flow.correlation_id.clone())];
+    let accepted = accept(&deps, &flow, &parts, &body).await;
+    match accepted {
+        Ok(placed) => {
+            let status = if placed.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+            let location = [(header::LOCATION, format!("/orders/{}", placed.order_id))];
+            (status, location, correlated, Json(placed)).into_response()
+        }
+        Err(e) => (correlated, e).into_response(),
     }
+}
+
+/// The request checked (media type, size, caller) and its order placed.
+async fn accept<S: EventStore, C: WindowCounters>(
+    deps: &PlaceOrder<S, C>,
+    flow: &Flow,
+    parts: &Parts,
+    body: &[u8],
+) -> Result<Placed, PlaceError> {
+    let header = |name: HeaderName| parts.headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     // A JSON body, or no stated type at all; anything else is not read as an order.
-    if let Some(content_type) = header(&event, "content-type") {
+    if let Some(content_type) = header(header::CONTENT_TYPE) {
         let media = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         if media != "application/json" && !(media.starts_with("application/") && media.ends_with("+json")) {
-            let error = json!({ "error": format!("send the order as application/json, not {media:?}") });
-            return http_response(415, &error, &[correlated]);
+            return Err(PlaceError::UnsupportedMediaType(media));
         }
     }
-    let body = match event["body"].as_str() {
-        Some(b) if event["isBase64Encoded"].as_bool() == Some(true) => {
-            let error = json!({ "error": format!("send JSON, not base64 ({} bytes)", b.len()) });
-            return http_response(415, &error, &[correlated]);
-        }
-        Some(b) if b.len() > MAX_BODY_BYTES => {
-            let error = json!({ "error": format!("the body is {} bytes: at most {MAX_BODY_BYTES}", b.len()) });
-            return http_response(413, &error, &[correlated]);
-        }
-        Some(b) => b,
-        None => return http_response(400, &json!({ "error": "the body is empty" }), &[correlated]),
-    };
-    let order = match Caller::from_event(&event).map_err(PlaceError::from).and_then(|caller| as_caller(body, &caller)) {
-        Ok(order) => order,
-        Err(e) => return http_response(e.status(), &error_body(&e), &[correlated]),
-    };
-    match place(repo, limiter, &order, header(&event, "idempotency-key"), &flow).await {
-        Ok(placed) => {
-            let status = if placed.duplicate { 200 } else { 201 };
-            let location = format!("/orders/{}", placed.order_id);
-            http_response(status, &json!(placed), &[("location", location), correlated])
-        }
-        Err(e @ PlaceError::RateLimited { retry_after_seconds }) => {
-            let retry_after = ("retry-after", retry_after_seconds.to_string());
-            http_response(e.status(), &error_body(&e), &[retry_after, correlated])
-        }
-        Err(e) => http_response(e.status(), &error_body(&e), &[correlated]),
+    if body.len() > MAX_BODY_BYTES {
+        return Err(PlaceError::TooLarge(body.len()));
     }
+    if body.is_empty() {
+        return Err(PlaceError::BadRequest("the body is empty".into()));
+    }
+    let context = match parts.extensions.request_context_ref() {
+        Some(RequestContext::ApiGatewayV2(context)) => Some(context),
+        _ => None,
+    };
+    let order = as_caller(body, &Caller::from_context(context)?)?;
+    let key = header(HeaderName::from_static("idempotency-key"));
+    place(&deps.repo, deps.limiter.as_ref(), &order, key.as_deref(), flow).await
 }
 
 /// The order in the body, placed as the caller: a body without `customerId` is the caller's
 /// order; one naming another customer is refused (`403`), so nobody orders in someone else's name.
-fn as_caller(body: &str, caller: &Caller) -> Result<OrderRequest, PlaceError> {
-    let mut order: Value = serde_json::from_str(body).map_err(malformed)?;
+fn as_caller(body: &[u8], caller: &Caller) -> Result<OrderRequest, PlaceError> {
+    let mut order: Value = serde_json::from_slice(body).map_err(malformed)?;
     if let Some(fields) = order.as_object_mut() {
         match fields.get("customerId") {
             None | Some(Value::Null) => {
@@ -392,11 +387,19 @@ fn as_caller(body: &str, caller: &Caller) -> Result<OrderRequest, PlaceError> {
     serde_json::from_value(order).map_err(malformed)
 }
 
-fn error_body(e: &PlaceError) -> Value {
-    if let PlaceError::Internal(detail) | PlaceError::Unavailable(detail) = e {
-        tracing::error!(%detail, "place order failed");
+/// The error's status and JSON body (with `Retry-After` when the customer is over its limit);
+/// an internal failure is logged, never answered with its detail.
+impl IntoResponse for PlaceError {
+    fn into_response(self) -> Response {
+        if let PlaceError::Internal(detail) | PlaceError::Unavailable(detail) = &self {
+            tracing::error!(%detail, "place order failed");
+        }
+        let retry_after = match self {
+            Self::RateLimited { retry_after_seconds } => Some([(header::RETRY_AFTER, retry_after_seconds.to_string())]),
+            _ => None,
+        };
+        (self.status(), retry_after, Json(self.body())).into_response()
     }
-    e.body()
 }
 
 #[cfg(test)]

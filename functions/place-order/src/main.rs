@@ -2,8 +2,10 @@
 // overflows the default limit computing its layout.
 #![recursion_limit = "256"]
 
-use lambda_runtime::{Error, LambdaEvent, run, service_fn};
-use serde_json::Value;
+use std::sync::Arc;
+
+use lambda_http::{Error, run};
+use place_order::{PlaceOrder, router};
 use shared::aggregate::Repository;
 use shared::config::process_env;
 use shared::eventstore::{DynamoEventStore, EventStoreConfig};
@@ -12,17 +14,11 @@ use shared::ratelimit::{DynamoCounters, Limit, RateLimiter};
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = shared::aws::sdk_config().await;
-    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+    let dynamodb = aws_sdk_dynamodb::Client::new(&shared::aws::sdk_config().await);
     let config = EventStoreConfig::from_env()?;
     // The orders-per-customer limit's counters live in the commands table (see DynamoCounters).
     let limiter = Limit::per_minute_from_vars(&process_env, "ORDERS_PER_CUSTOMER_PER_MINUTE")?
         .map(|limit| RateLimiter::new(DynamoCounters::new(dynamodb.clone(), &config.commands_table), limit));
     let repo = Repository::new(DynamoEventStore::new(dynamodb, config));
-    run(service_fn(|event: LambdaEvent<Value>| async {
-        let invocation =
-            place_order::Invocation { request_id: event.context.request_id, trace_header: event.context.xray_trace_id };
-        Ok::<_, Error>(place_order::handle(&repo, limiter.as_ref(), event.payload, &invocation).await)
-    }))
-    .await
+    run(router(Arc::new(PlaceOrder { repo, limiter }))).await
 }

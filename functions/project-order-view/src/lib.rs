@@ -9,6 +9,8 @@
 //! (counted when its write applied the `OrderManualActionResolved`, never on a redelivery).
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::aggregate::decode_event;
+use shared::domain::order::OrderEvent;
 use shared::eventstore::RecordedEvent;
 use shared::metrics::Outcome;
 use shared::readmodel::OrderView;
@@ -29,5 +31,5 @@ pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchRespo
 
 /// How many of the events a write applied resolve a flagged order.
 pub fn manual_resolutions(applied: &[RecordedEvent]) -> usize {
-    applied.iter().filter(|e| e.event_type == "OrderManualActionResolved").count()
+    applied.iter().filter(|e| matches!(decode_event(e), Ok(OrderEvent::OrderManualActionResolved { .. }))).count()
 }

@@ -1,4 +1,5 @@
-//! Query API: the read side of CQRS over HTTP (API Gateway HTTP API, payload 2.0).
+//! Query API: the read side of CQRS over HTTP (API Gateway HTTP API, payload 2.0): an axum
+//! [`router`], run by lambda_http.
 //!
 //! | Route | Answer |
 //! | --- | --- |
@@ -15,12 +16,22 @@
 //!
 //! Read models come from the read model table (`READ_MODEL_TABLE`; the listing and lag queries
 //! live next to the models, in [`shared::readmodel::queries`]); events and heads from the event
-//! store. This crate maps requests and answers onto them. Every error is JSON `{"error": …}`; a failure of
-//! the storage is logged and answered `500 {"error":"internal error"}`, never with its detail.
+//! store. This crate maps requests and answers onto them. Every error is JSON `{"error": …}` (an
+//! unknown path `404`, another method `405` with `Allow`); a failure of the storage is logged and
+//! answered `500 {"error":"internal error"}`, never with its detail.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use aws_sdk_dynamodb::Client;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::{Method, StatusCode, Uri, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use lambda_http::RequestExt;
+use lambda_http::request::RequestContext;
 use serde_json::{Value, json};
 use shared::auth::{AuthError, Caller};
 use shared::config::{ConfigError, Vars, process_env, required};
@@ -29,16 +40,11 @@ use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StoreEr
 use shared::readmodel::queries::{QueryError, stream_lag};
 use shared::readmodel::store::{ProjectionError, ReadModelStore};
 use shared::readmodel::{OrderView, ViewStatus, order_key};
-use shared::text::percent_decode;
 
 pub const DEFAULT_ORDERS_LIMIT: u32 = 20;
 pub const MAX_ORDERS_LIMIT: u32 = 100;
 pub const DEFAULT_EVENTS_LIMIT: u32 = 100;
 pub const MAX_EVENTS_LIMIT: u32 = 1000;
-
-/// The routes, as declared in `template.yaml` (SAM path syntax).
-pub const ROUTES: [&str; 4] =
-    ["/orders/{id}", "/customers/{id}/orders", "/streams/{stream}/events", "/streams/{stream}/lag"];
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -75,22 +81,32 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("method {0} is not allowed here; use GET")]
-    MethodNotAllowed(String),
+    MethodNotAllowed(Method),
     /// The detail is logged, never returned.
     #[error("internal error")]
     Internal(String),
 }
 
 impl ApiError {
-    pub fn status(&self) -> u16 {
+    pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) => 400,
-            Self::Unauthenticated(_) => 401,
-            Self::Forbidden(_) => 403,
-            Self::NotFound(_) => 404,
-            Self::MethodNotAllowed(_) => 405,
-            Self::Internal(_) => 500,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(detail) = &self {
+            tracing::error!(%detail, "query failed");
+        }
+        let allow = matches!(self, Self::MethodNotAllowed(_)).then_some([(header::ALLOW, "GET")]);
+        (self.status(), allow, Json(json!({ "error": self.to_string() }))).into_response()
     }
 }
 
@@ -115,6 +131,13 @@ impl From<QueryError> for ApiError {
     }
 }
 
+/// A path parameter that is not UTF-8 once decoded.
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        Self::BadRequest(e.body_text())
+    }
+}
+
 /// A successful answer: the JSON body and, for a paged answer, its `Link` header.
 #[derive(Debug)]
 struct Reply {
@@ -128,83 +151,13 @@ impl Reply {
     }
 }
 
-/// A route matched against the request, with its path parameter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Route {
-    Order(String),
-    CustomerOrders(String),
-    StreamEvents(String),
-    StreamLag(String),
-}
-
-impl Route {
-    fn from_template(template: &str, param: String) -> Option<Self> {
-        Some(match template {
-            "/orders/{id}" => Self::Order(param),
-            "/customers/{id}/orders" => Self::CustomerOrders(param),
-            "/streams/{stream}/events" => Self::StreamEvents(param),
-            "/streams/{stream}/lag" => Self::StreamLag(param),
-            _ => return None,
-        })
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        (link_header(&self.links).map(|link| [(header::LINK, link)]), Json(self.body)).into_response()
     }
 }
 
-/// The one path parameter of a template, if `path` matches it segment by segment.
-fn match_template(template: &str, path: &str) -> Option<(String, String)> {
-    let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
-    if t.len() != p.len() {
-        return None;
-    }
-    let mut param = None;
-    for (t, p) in t.iter().zip(&p) {
-        match t.strip_prefix('{').and_then(|t| t.strip_suffix('}')) {
-            Some(name) if !p.is_empty() => param = Some((name.to_owned(), percent_decode(p, false))),
-            Some(_) => return None,
-            None if t == p => {}
-            None => return None,
-        }
-    }
-    param
-}
-
-fn str_at<'a>(event: &'a Value, pointer: &str) -> Option<&'a str> {
-    event.pointer(pointer).and_then(Value::as_str)
-}
-
-/// The route of a request: API Gateway's `routeKey` and `pathParameters` when it matched one of
-/// ours, else the path itself (a direct invocation, a `$default` route).
-fn resolve(event: &Value) -> Result<Route, ApiError> {
-    let method = str_at(event, "/requestContext/http/method").unwrap_or("GET").to_ascii_uppercase();
-    let path = str_at(event, "/rawPath").or_else(|| str_at(event, "/requestContext/http/path")).unwrap_or("/");
-    let from_route_key = str_at(event, "/routeKey").and_then(|key| key.split_once(' ')).and_then(|(_, template)| {
-        let (name, _) = match_template(template, template)?;
-        let value = str_at(event, &format!("/pathParameters/{name}"))?;
-        Route::from_template(template, value.to_owned())
-    });
-    let route = from_route_key.or_else(|| {
-        ROUTES.iter().find_map(|t| match_template(t, path).and_then(|(_, value)| Route::from_template(t, value)))
-    });
-    match route {
-        None => Err(ApiError::NotFound(format!("no route for {method} {path}"))),
-        Some(_) if method != "GET" => Err(ApiError::MethodNotAllowed(method)),
-        Some(route) => Ok(route),
-    }
-}
-
-/// The query parameters: `queryStringParameters` (API Gateway joins repeated ones with commas),
-/// else parsed from `rawQueryString`.
-fn query_params(event: &Value) -> BTreeMap<String, String> {
-    if let Some(params) = event.get("queryStringParameters").and_then(Value::as_object) {
-        return params.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned()))).collect();
-    }
-    let mut params = BTreeMap::<String, String>::new();
-    for pair in str_at(event, "/rawQueryString").unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (percent_decode(k, true), percent_decode(v, true));
-        params.entry(k).and_modify(|old| *old = format!("{old},{v}")).or_insert(v);
-    }
-    params
-}
+type Params = Query<BTreeMap<String, String>>;
 
 fn whole_number(
     params: &BTreeMap<String, String>,
@@ -220,32 +173,13 @@ fn whole_number(
     }
 }
 
-/// The path the client called, up to the canonical route (a stage prefix is kept), so links
-/// work wherever the API is mounted. Only plain characters are echoed back into a header.
-fn base_path(event: &Value, canonical: &str) -> String {
-    let raw = str_at(event, "/rawPath").unwrap_or_default();
-    match raw.strip_suffix(canonical) {
-        Some(prefix) if prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_./~$".contains(c)) => {
-            format!("{prefix}{canonical}")
-        }
-        _ => canonical.to_owned(),
-    }
-}
-
 fn link_header(links: &[(String, &str)]) -> Option<String> {
     (!links.is_empty())
         .then(|| links.iter().map(|(url, rel)| format!("<{url}>; rel=\"{rel}\"")).collect::<Vec<_>>().join(", "))
 }
 
-fn http_response(status: u16, body: &Value, extra: &[(&str, String)]) -> Value {
-    let mut headers = json!({ "content-type": "application/json" });
-    for (k, v) in extra {
-        headers[*k] = json!(v);
-    }
-    json!({ "statusCode": status, "headers": headers, "body": body.to_string(), "isBase64Encoded": false })
-}
-
-/// Whose data a request may see.
+/// Whose data a request may see: extracted from the caller the authorizer verified (in the
+/// request context lambda_http puts in the request's extensions; none is `401`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Viewer {
     /// Their own orders only.
@@ -260,6 +194,19 @@ impl Viewer {
             Self::Customer(subject) => subject == customer_id,
             Self::Operator => true,
         }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<Arc<QueryApi<S>>> for Viewer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<QueryApi<S>>) -> Result<Self, ApiError> {
+        let context = match parts.extensions.request_context_ref() {
+            Some(RequestContext::ApiGatewayV2(context)) => Some(context),
+            _ => None,
+        };
+        let caller = Caller::from_context(context)?;
+        Ok(if caller.has_scope(&api.operator_scope) { Self::Operator } else { Self::Customer(caller.subject) })
     }
 }
 
@@ -281,185 +228,222 @@ impl<S: EventStore> QueryApi<S> {
     pub fn with_store(store: S, models: ReadModelStore, operator_scope: String) -> Self {
         Self { store, models, operator_scope }
     }
+}
 
-    /// Answers one HTTP API (payload 2.0) event with the HTTP response.
-    pub async fn handle(&self, event: Value) -> Value {
-        let result = match resolve(&event) {
-            Ok(route) => match self.viewer(&event) {
-                Ok(viewer) => self.answer(&route, &viewer, &event).await,
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(reply) => {
-                let link = link_header(&reply.links);
-                http_response(200, &reply.body, &link.map(|l| vec![("link", l)]).unwrap_or_default())
-            }
-            Err(e) => {
-                let extra = match &e {
-                    ApiError::Internal(detail) => {
-                        let path = str_at(&event, "/rawPath").unwrap_or_default();
-                        tracing::error!(%detail, %path, "query failed");
-                        vec![]
-                    }
-                    ApiError::MethodNotAllowed(_) => vec![("allow", "GET".to_owned())],
-                    _ => vec![],
-                };
-                http_response(e.status(), &json!({ "error": e.to_string() }), &extra)
-            }
-        }
-    }
+/// The HTTP API's routes (as `template.yaml` declares them) over `api`.
+pub fn router<S: EventStore + 'static>(api: QueryApi<S>) -> Router {
+    Router::new()
+        .route("/orders/{id}", get(order::<S>))
+        .route("/customers/{id}/orders", get(customer_orders::<S>))
+        .route("/streams/{stream}/events", get(stream_events::<S>))
+        .route("/streams/{stream}/lag", get(lag::<S>))
+        .method_not_allowed_fallback(|method: Method| async { ApiError::MethodNotAllowed(method) })
+        .fallback(|method: Method, uri: Uri| async move {
+            ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+        })
+        .with_state(Arc::new(api))
+}
 
-    fn viewer(&self, event: &Value) -> Result<Viewer, ApiError> {
-        let caller = Caller::from_event(event)?;
-        Ok(if caller.has_scope(&self.operator_scope) { Viewer::Operator } else { Viewer::Customer(caller.subject) })
-    }
+type Api<S> = State<Arc<QueryApi<S>>>;
 
-    async fn answer(&self, route: &Route, viewer: &Viewer, event: &Value) -> Result<Reply, ApiError> {
-        let params = query_params(event);
-        match (route, viewer) {
-            (Route::Order(id), _) => self.order(id, viewer).await,
-            (Route::CustomerOrders(id), _) => self.customer_orders(id, viewer, &params, event).await,
-            (Route::StreamEvents(_) | Route::StreamLag(_), Viewer::Customer(_)) => Err(ApiError::Forbidden(format!(
-                "this route is for operators: it needs the {} scope",
-                self.operator_scope
-            ))),
-            (Route::StreamEvents(stream), Viewer::Operator) => self.stream_events(stream, &params, event).await,
-            (Route::StreamLag(stream), Viewer::Operator) => self.lag(stream).await,
-        }
+/// `GET /orders/{id}`: another customer's order is not found, as a missing one.
+async fn order<S: EventStore>(
+    State(api): Api<S>,
+    viewer: Viewer,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Reply, ApiError> {
+    let id = OrderId::parse(&id?.0).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let not_found = || ApiError::NotFound(format!("order {id} not found"));
+    let Some(view) = api.models.find::<OrderView>(&order_key(id.as_str())).await? else {
+        return Err(not_found());
+    };
+    if !viewer.may_see(&view.customer_id) {
+        return Err(not_found());
     }
+    Ok(Reply::json(json!(view)))
+}
 
-    /// `GET /orders/{id}`: another customer's order is not found, as a missing one.
-    async fn order(&self, id: &str, viewer: &Viewer) -> Result<Reply, ApiError> {
-        let id = OrderId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let not_found = || ApiError::NotFound(format!("order {id} not found"));
-        let Some(view) = self.models.find::<OrderView>(&order_key(id.as_str())).await? else {
-            return Err(not_found());
-        };
-        if !viewer.may_see(&view.customer_id) {
-            return Err(not_found());
-        }
-        Ok(Reply::json(json!(view)))
+/// `GET /customers/{id}/orders`: newest first, optionally one status, paged by cursor.
+async fn customer_orders<S: EventStore>(
+    State(api): Api<S>,
+    viewer: Viewer,
+    id: Result<Path<String>, PathRejection>,
+    Query(params): Params,
+) -> Result<Reply, ApiError> {
+    let customer = CustomerId::parse(&id?.0).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if !viewer.may_see(customer.as_str()) {
+        return Err(ApiError::NotFound(format!("customer {customer} not found")));
     }
+    let status = match params.get("status") {
+        None => None,
+        Some(s) => Some(ViewStatus::listed(s).ok_or_else(|| {
+            let known: Vec<&str> = ViewStatus::LISTED.iter().map(|s| s.as_str()).collect();
+            ApiError::BadRequest(format!("status must be one of {}", known.join(", ")))
+        })?),
+    };
+    let limit = whole_number(&params, "limit", DEFAULT_ORDERS_LIMIT.into(), (1, MAX_ORDERS_LIMIT.into()))? as usize;
+    let cursor = params.get("cursor").map(String::as_str);
+    let page = api.models.customer_orders(&customer, status, limit, cursor).await?;
+    let cursor = page.next_cursor;
+    let mut links = Vec::new();
+    if let Some(cursor) = &cursor {
+        let filter = status.map(|s| format!("&status={s}")).unwrap_or_default();
+        links.push((format!("/customers/{customer}/orders?limit={limit}{filter}&cursor={cursor}"), "next"));
+    }
+    Ok(Reply { body: json!({ "items": page.items, "nextCursor": cursor }), links })
+}
 
-    /// `GET /customers/{id}/orders`: newest first, optionally one status, paged by cursor.
-    async fn customer_orders(
-        &self,
-        id: &str,
-        viewer: &Viewer,
-        params: &BTreeMap<String, String>,
-        event: &Value,
-    ) -> Result<Reply, ApiError> {
-        let customer = CustomerId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        if !viewer.may_see(customer.as_str()) {
-            return Err(ApiError::NotFound(format!("customer {customer} not found")));
-        }
-        let status = match params.get("status") {
-            None => None,
-            Some(s) => Some(ViewStatus::listed(s).ok_or_else(|| {
-                let known: Vec<&str> = ViewStatus::LISTED.iter().map(|s| s.as_str()).collect();
-                ApiError::BadRequest(format!("status must be one of {}", known.join(", ")))
-            })?),
-        };
-        let limit = whole_number(params, "limit", DEFAULT_ORDERS_LIMIT.into(), (1, MAX_ORDERS_LIMIT.into()))? as usize;
-        let cursor = params.get("cursor").map(String::as_str);
-        let page = self.models.customer_orders(&customer, status, limit, cursor).await?;
-        let cursor = page.next_cursor;
-        let mut links = Vec::new();
-        if let Some(cursor) = &cursor {
-            let base = base_path(event, &format!("/customers/{customer}/orders"));
-            let filter = status.map(|s| format!("&status={s}")).unwrap_or_default();
-            links.push((format!("{base}?limit={limit}{filter}&cursor={cursor}"), "next"));
-        }
-        Ok(Reply { body: json!({ "items": page.items, "nextCursor": cursor }), links })
+/// The stream of an operator route: customers are refused (`403`).
+fn operator_stream<S>(
+    api: &QueryApi<S>,
+    viewer: &Viewer,
+    stream: Result<Path<String>, PathRejection>,
+) -> Result<StreamId, ApiError> {
+    if let Viewer::Customer(_) = viewer {
+        let needs = &api.operator_scope;
+        return Err(ApiError::Forbidden(format!("this route is for operators: it needs the {needs} scope")));
     }
+    StreamId::parse(&stream?.0).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
 
-    /// `GET /streams/{stream}/events`: a page after `after`, and where the stream's head is.
-    async fn stream_events(
-        &self,
-        stream: &str,
-        params: &BTreeMap<String, String>,
-        event: &Value,
-    ) -> Result<Reply, ApiError> {
-        let stream = StreamId::parse(stream).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let after = whole_number(params, "after", 0, (0, u64::MAX))?;
-        let limit = whole_number(params, "limit", DEFAULT_EVENTS_LIMIT.into(), (1, MAX_EVENTS_LIMIT.into()))?;
-        let events = self.store.read_page(&stream, after, limit as u32).await?;
-        // Read after the page, so the head is never behind what the page returned.
-        let head = self.store.head_version(&stream).await?;
-        if head == 0 {
-            return Err(ApiError::NotFound(format!("stream {stream} has no events")));
-        }
-        let base = base_path(event, &format!("/streams/{stream}/events"));
-        let mut links = Vec::new();
-        if let Some(last) = events.last().map(|e| e.version).filter(|last| *last < head) {
-            links.push((format!("{base}?after={last}&limit={limit}"), "next"));
-        }
-        if after > 0 {
-            links.push((format!("{base}?after={}&limit={limit}", after.saturating_sub(limit)), "prev"));
-        }
-        Ok(Reply { body: json!({ "stream": stream.as_str(), "events": events, "head": head }), links })
+/// `GET /streams/{stream}/events`: a page after `after`, and where the stream's head is.
+async fn stream_events<S: EventStore>(
+    State(api): Api<S>,
+    viewer: Viewer,
+    stream: Result<Path<String>, PathRejection>,
+    Query(params): Params,
+) -> Result<Reply, ApiError> {
+    let stream = operator_stream(&api, &viewer, stream)?;
+    let after = whole_number(&params, "after", 0, (0, u64::MAX))?;
+    let limit = whole_number(&params, "limit", DEFAULT_EVENTS_LIMIT.into(), (1, MAX_EVENTS_LIMIT.into()))?;
+    let events = api.store.read_page(&stream, after, limit as u32).await?;
+    // Read after the page, so the head is never behind what the page returned.
+    let head = api.store.head_version(&stream).await?;
+    if head == 0 {
+        return Err(ApiError::NotFound(format!("stream {stream} has no events")));
     }
+    let base = format!("/streams/{stream}/events");
+    let mut links = Vec::new();
+    if let Some(last) = events.last().map(|e| e.version).filter(|last| *last < head) {
+        links.push((format!("{base}?after={last}&limit={limit}"), "next"));
+    }
+    if after > 0 {
+        links.push((format!("{base}?after={}&limit={limit}", after.saturating_sub(limit)), "prev"));
+    }
+    Ok(Reply { body: json!({ "stream": stream.as_str(), "events": events, "head": head }), links })
+}
 
-    /// `GET /streams/{stream}/lag`: the head against the version each read model applied.
-    async fn lag(&self, stream: &str) -> Result<Reply, ApiError> {
-        let stream = StreamId::parse(stream).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let Some(lag) = stream_lag(&self.store, &self.models, &stream).await? else {
-            return Err(ApiError::NotFound(format!("no read model follows {} streams", stream.category())));
-        };
-        if lag.head == 0 {
-            return Err(ApiError::NotFound(format!("stream {stream} has no events")));
-        }
-        Ok(Reply::json(
-            json!({ "stream": stream.as_str(), "head": lag.head, "applied": lag.applied, "behind": lag.behind }),
-        ))
+/// `GET /streams/{stream}/lag`: the head against the version each read model applied.
+async fn lag<S: EventStore>(
+    State(api): Api<S>,
+    viewer: Viewer,
+    stream: Result<Path<String>, PathRejection>,
+) -> Result<Reply, ApiError> {
+    let stream = operator_stream(&api, &viewer, stream)?;
+    let Some(lag) = stream_lag(&api.store, &api.models, &stream).await? else {
+        return Err(ApiError::NotFound(format!("no read model follows {} streams", stream.category())));
+    };
+    if lag.head == 0 {
+        return Err(ApiError::NotFound(format!("stream {stream} has no events")));
     }
+    Ok(Reply::json(
+        json!({ "stream": stream.as_str(), "head": lag.head, "applied": lag.applied, "behind": lag.behind }),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequestContext;
+    use shared::eventstore::{InMemoryEventStore, NewEvent};
+    use tower::ServiceExt;
+
     use super::*;
 
-    fn http(method: &str, path: &str, query: &str) -> Value {
-        json!({
-            "version": "2.0",
-            "routeKey": "$default",
-            "rawPath": path,
-            "rawQueryString": query,
-            "requestContext": { "http": { "method": method, "path": path } },
+    const OPERATOR: &str = "orders/operator";
+
+    /// The API over an in-memory store; its read model table is never reached by these tests.
+    fn api() -> QueryApi<InMemoryEventStore> {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .build();
+        let models = ReadModelStore::new(Client::from_conf(config), "read-models");
+        QueryApi::with_store(InMemoryEventStore::new(), models, OPERATOR.into())
+    }
+
+    /// A request as lambda_http hands it over: the payload 2.0 request context in its extensions,
+    /// with the claims the authorizer verified (`sub`, `scope`), if any.
+    fn request(method: &str, uri: &str, claims: Option<(&str, &str)>) -> Request<Body> {
+        let mut context = json!({ "http": { "method": method }, "stage": "$default" });
+        if let Some((sub, scope)) = claims {
+            context["authorizer"] = json!({ "jwt": { "claims": { "sub": sub, "scope": scope }, "scopes": null } });
+        }
+        let context: ApiGatewayV2httpRequestContext = serde_json::from_value(context).expect("a request context");
+        let request = Request::builder().method(method).uri(uri).extension(RequestContext::ApiGatewayV2(context));
+        request.body(Body::empty()).expect("a request")
+    }
+
+    async fn send(api: QueryApi<InMemoryEventStore>, request: Request<Body>) -> (StatusCode, Option<String>, Value) {
+        let response = router(api).oneshot(request).await.expect("an answer");
+        let (status, headers) = (response.status(), response.headers().clone());
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("a body");
+        let link = headers.get(header::LINK).map(|l| l.to_str().expect("text").to_owned());
+        (status, link.or(headers.get(header::ALLOW).map(|a| a.to_str().expect("text").to_owned())), {
+            serde_json::from_slice(&body).expect("JSON")
         })
     }
 
-    #[test]
-    fn routes_resolve_from_route_key_or_path() {
-        let by_key = json!({
-            "routeKey": "GET /orders/{id}",
-            "rawPath": "/prod/orders/o-1",
-            "pathParameters": { "id": "o-1" },
-            "requestContext": { "http": { "method": "GET" } },
-        });
-        assert_eq!(resolve(&by_key).unwrap(), Route::Order("o-1".into()));
-        assert_eq!(resolve(&http("GET", "/customers/c-1/orders", "")).unwrap(), Route::CustomerOrders("c-1".into()));
-        assert_eq!(
-            resolve(&http("GET", "/streams/Order-a%3A1/events", "")).unwrap(),
-            Route::StreamEvents("Order-a:1".into())
-        );
-        assert_eq!(resolve(&http("GET", "/streams/Order-1/lag", "")).unwrap(), Route::StreamLag("Order-1".into()));
-        assert!(matches!(resolve(&http("GET", "/nope", "")), Err(ApiError::NotFound(_))));
-        assert!(matches!(resolve(&http("GET", "/orders/", "")), Err(ApiError::NotFound(_))));
-        assert!(matches!(resolve(&http("GET", "/orders/a/b", "")), Err(ApiError::NotFound(_))));
-        assert!(matches!(resolve(&http("DELETE", "/orders/a", "")), Err(ApiError::MethodNotAllowed(_))));
+    #[tokio::test]
+    async fn unknown_paths_other_methods_and_anonymous_callers_are_refused_as_json() {
+        let customer = Some(("cust-1", ""));
+        for path in ["/nope", "/orders/", "/orders/a/b"] {
+            let (status, _, body) = send(api(), request("GET", path, customer)).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+            assert_eq!(body["error"], format!("no route for GET {path}"));
+        }
+        let (status, allow, body) = send(api(), request("DELETE", "/orders/a", customer)).await;
+        assert_eq!((status, allow.as_deref()), (StatusCode::METHOD_NOT_ALLOWED, Some("GET")), "{body}");
+        assert_eq!(body["error"], "method DELETE is not allowed here; use GET");
+        let (status, _, body) = send(api(), request("GET", "/orders/a", None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.starts_with("sign in")), "{body}");
     }
 
-    #[test]
-    fn query_strings_are_decoded() {
-        let params = query_params(&http("GET", "/x", "status=Placed&limit=5&a=b%20c&a=d&e+f=g+h"));
-        assert_eq!(params["status"], "Placed");
-        assert_eq!(params["a"], "b c,d");
-        assert_eq!(params["e f"], "g h");
-        let given = json!({ "queryStringParameters": { "limit": "7" }, "rawQueryString": "limit=9" });
-        assert_eq!(query_params(&given)["limit"], "7");
+    #[tokio::test]
+    async fn operator_routes_need_the_scope_and_inputs_are_bounded() {
+        let (status, _, body) = send(api(), request("GET", "/streams/Order-1/lag", Some(("cust-1", "openid")))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains(OPERATOR)), "{body}");
+        let customer = Some(("cust-1", ""));
+        for uri in ["/customers/cust-1/orders?limit=0", "/customers/cust-1/orders?status=Nope", "/orders/a%20b"] {
+            let (status, _, body) = send(api(), request("GET", uri, customer)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+        }
+        // Another customer's listing is not found, before anything is read
+        let (status, _, _) = send(api(), request("GET", "/customers/cust-2/orders", customer)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn the_event_feed_pages_with_link_headers() {
+        let api = api();
+        let stream = StreamId::parse("Order-a:1").expect("stream");
+        let events = (0..5).map(|i| NewEvent::new("Noted", 1, json!({ "i": i }))).collect();
+        api.store.append(&stream, 0, events, None).await.expect("append");
+        let operator = Some(("ops-1", OPERATOR));
+
+        let (status, link, body) =
+            send(api, request("GET", "/streams/Order-a%3A1/events?after=2&limit=2", operator)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!((body["stream"].as_str(), body["head"].as_u64()), (Some("Order-a:1"), Some(5)));
+        assert_eq!(body["events"].as_array().map(Vec::len), Some(2));
+        let next_and_prev = r#"</streams/Order-a:1/events?after=4&limit=2>; rel="next", </streams/Order-a:1/events?after=0&limit=2>; rel="prev""#;
+        assert_eq!(link.as_deref(), Some(next_and_prev));
+
+        let (status, _, body) = send(self::api(), request("GET", "/streams/Order-9/events", operator)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     }
 
     #[test]
@@ -470,28 +454,20 @@ mod tests {
         assert_eq!(whole_number(&params, "missing", 20, (1, 100)).unwrap(), 20);
         let params = BTreeMap::from([("limit".to_owned(), "100".to_owned())]);
         assert_eq!(whole_number(&params, "limit", 20, (1, 100)).unwrap(), 100);
-    }
-
-    #[test]
-    fn links_keep_a_stage_prefix_but_echo_nothing_odd() {
-        let event = json!({ "rawPath": "/prod/streams/Order-1/events" });
-        assert_eq!(base_path(&event, "/streams/Order-1/events"), "/prod/streams/Order-1/events");
-        let event = json!({ "rawPath": "/a>b/streams/Order-1/events" });
-        assert_eq!(base_path(&event, "/streams/Order-1/events"), "/streams/Order-1/events");
         let links = vec![("/x?after=3".to_owned(), "next"), ("/x?after=0".to_owned(), "prev")];
         assert_eq!(link_header(&links).unwrap(), r#"</x?after=3>; rel="next", </x?after=0>; rel="prev""#);
     }
 
-    /// Arbitrary requests through the pure half of the API (routing, query strings, numbers; the
-    /// cursors: `shared::readmodel::queries`): never a panic, and every refusal a 4xx with a short message.
+    /// Arbitrary requests through the router and the query strings (the cursors:
+    /// `shared::readmodel::queries`): never a panic, and every refusal a 4xx with a short message.
     mod properties {
         use proptest::prelude::*;
 
         use super::*;
 
-        fn refusal(e: &ApiError) -> Result<(), TestCaseError> {
-            prop_assert!((400..500).contains(&e.status()), "{e:?}");
-            prop_assert!(e.to_string().len() <= 1024 + 64, "{} bytes", e.to_string().len());
+        fn refusal(status: StatusCode, error: &str) -> Result<(), TestCaseError> {
+            prop_assert!(status.is_client_error(), "{status}: {error}");
+            prop_assert!(error.len() <= 1024 + 64, "{} bytes", error.len());
             Ok(())
         }
 
@@ -499,31 +475,30 @@ mod tests {
             #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
             #[test]
-            fn any_path_and_method_resolve_or_are_refused(
-                method in "[A-Za-z]{0,8}",
-                path in prop_oneof!["/[a-zA-Z0-9%/{}._-]{0,60}", "/(orders|customers|streams)/.{0,30}(/orders|/events|/lag)?"],
-                route_key in proptest::option::of(".{0,40}"),
-                parameter in proptest::option::of(".{0,40}"),
+            fn any_path_and_method_is_routed_or_refused(
+                method in "[A-Z]{1,8}",
+                path in prop_oneof!["/[a-zA-Z0-9%/{}._-]{0,60}", "/(orders|customers|streams)/[^?#]{0,30}(/orders|/events|/lag)?"],
             ) {
-                let mut event = http(&method, &path, "");
-                if let Some(key) = route_key {
-                    event["routeKey"] = json!(key);
-                }
-                if let Some(value) = parameter {
-                    event["pathParameters"] = json!({ "id": value, "stream": value });
-                }
-                if let Err(e) = resolve(&event) {
-                    refusal(&e)?;
-                }
+                let encoded: String = path.chars().map(|c| if c.is_ascii_graphic() { c.to_string() } else { format!("%{:02X}", c as u32 & 0xff) }).collect();
+                prop_assume!(encoded.parse::<Uri>().is_ok());
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                // No verified caller: every route refuses before reading anything.
+                let (status, _, body) = runtime.block_on(send(api(), request(&method, &encoded, None)));
+                refusal(status, body["error"].as_str().unwrap_or_default())?;
             }
 
             #[test]
             fn any_query_string_decodes_and_numbers_are_bounded(query in ".{0,200}") {
-                let params = query_params(&http("GET", "/x", &query));
+                let query: String = query
+                    .bytes()
+                    .map(|b| if b.is_ascii_alphanumeric() || b"=&+%-._".contains(&b) { char::from(b).to_string() } else { format!("%{b:02X}") })
+                    .collect();
+                let uri = format!("/x?{query}");
+                let Query(params) = Params::try_from_uri(&uri.parse().expect("uri")).expect("any query decodes");
                 for name in ["limit", "after", "missing"] {
                     match whole_number(&params, name, 20, (1, 100)) {
                         Ok(n) => prop_assert!((1..=100).contains(&n)),
-                        Err(e) => refusal(&e)?,
+                        Err(e) => refusal(e.status(), &e.to_string())?,
                     }
                 }
             }

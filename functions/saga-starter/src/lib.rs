@@ -11,16 +11,15 @@
 use std::future::Future;
 
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
-use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use futures::stream::{self, StreamExt};
+use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use serde_json::json;
 use shared::aggregate::decode_event;
 use shared::aws::LazyClient;
+use shared::batch::{Batch, DeadLetters, SqsDeadLetters, one_by_one};
 use shared::config::{ConfigError, Vars, required};
 use shared::deadline::Deadline;
-use shared::domain::order::OrderEvent;
+use shared::domain::order::{OrderEvent, PlaceOrder};
 use shared::eventstore::RecordedEvent;
-use shared::saga::runtime::{DeadLetters, Source, SqsDeadLetters};
 use tracing::Instrument;
 
 /// `StartExecution` calls in flight at once: Step Functions' StartExecution quota (a bucket of
@@ -93,69 +92,43 @@ impl Starter<StepFunctions, SqsDeadLetters> {
 pub enum Outcome {
     Started,
     AlreadyStarted,
-    /// Not an `OrderPlaced` insert, or dead-lettered as unreadable.
-    Skipped,
 }
 
-/// Starts a saga per `OrderPlaced` record, concurrently. On a failure that a retry may cure,
-/// or at the deadline, reports the first such record in stream order, so the stream resumes
-/// from it: nothing after it is skipped (records after it that did start are started again,
-/// and Step Functions refuses the duplicate name).
+/// Starts a saga per `OrderPlaced` record, concurrently (see [`Batch::stream`]). On a failure
+/// that a retry may cure, or at the deadline, reports the first such record in stream order, so
+/// the stream resumes from it: nothing after it is skipped (records after it that did start are
+/// started again, and Step Functions refuses the duplicate name). A record that will never
+/// decode must not block the stream: it is parked with the reason.
 pub async fn handle<E: Executions, D: DeadLetters>(
     starter: &Starter<E, D>,
     event: Event,
     deadline: Deadline,
 ) -> DynamoDbEventResponse {
-    let mut response = DynamoDbEventResponse::default();
-    let deadline = &deadline;
-    // `buffered` yields in stream order; returning drops the starts still in flight behind it.
-    let mut outcomes = stream::iter(&event.records)
-        .map(|record| async move {
-            let outcome = deadline.run(start(starter, record)).await;
-            (record, outcome.unwrap_or_else(|| Err("the invocation's deadline came first".to_owned())))
-        })
-        .buffered(START_CONCURRENCY);
-    while let Some((record, outcome)) = outcomes.next().await {
-        if let Err(reason) = outcome {
-            tracing::warn!(sequence = ?record.change.sequence_number, %reason, "saga not started; the stream retries from here");
-            let mut failure = DynamoDbBatchItemFailure::default();
-            failure.item_identifier = record.change.sequence_number.clone();
-            response.batch_item_failures.push(failure);
-            break;
+    let work = |placed: Vec<(RecordedEvent, PlaceOrder)>| async move {
+        for (recorded, order) in placed {
+            start(&starter.executions, recorded, order).await.map_err(|reason| (0, reason))?;
         }
-    }
-    response
+        Ok(())
+    };
+    let batch = Batch::new(&starter.dead_letters, deadline).concurrently(START_CONCURRENCY);
+    batch.stream(&event, order_placed, one_by_one, work).await
 }
 
-async fn start<E: Executions, D: DeadLetters>(
-    starter: &Starter<E, D>,
-    record: &EventRecord,
-) -> Result<Outcome, String> {
+/// The order an `OrderPlaced` insert placed; `None` for any other record.
+fn order_placed(record: &EventRecord) -> Result<Option<(RecordedEvent, PlaceOrder)>, String> {
     if record.event_name != "INSERT" {
-        return Ok(Outcome::Skipped);
+        return Ok(None);
     }
-    let placed = serde_dynamo::from_item::<_, RecordedEvent>(record.change.new_image.clone())
-        .map_err(|e| format!("not an event envelope: {e}"))
-        .and_then(|recorded| match decode_event::<OrderEvent>(&recorded) {
-            Ok(OrderEvent::OrderPlaced(order)) => Ok(Some((recorded, order))),
-            Ok(_) => Ok(None),
-            Err(e) => Err(e.to_string()),
-        });
-    let (recorded, order) = match placed {
-        Ok(Some(found)) => found,
-        Ok(None) => return Ok(Outcome::Skipped),
-        Err(reason) => {
-            // (A decoder's message may quote a field whole: the reason is kept short.)
-            let reason = shared::text::bounded(&reason, shared::text::MAX_REASON);
-            // A record that will never decode must not block the stream: park it with the reason.
-            let body = serde_json::to_string(&record.change.new_image).unwrap_or_default();
-            let source =
-                Source { arn: record.event_source_arn.as_deref(), id: record.change.sequence_number.as_deref() };
-            starter.dead_letters.dead_letter(&body, &reason, &source).await?;
-            tracing::error!(%reason, "undecodable OrderPlaced record dead-lettered");
-            return Ok(Outcome::Skipped);
-        }
-    };
+    let recorded = serde_dynamo::from_item::<_, RecordedEvent>(record.change.new_image.clone())
+        .map_err(|e| format!("not an event envelope: {e}"))?;
+    match decode_event::<OrderEvent>(&recorded) {
+        Ok(OrderEvent::OrderPlaced(order)) => Ok(Some((recorded, order))),
+        Ok(_) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn start<E: Executions>(executions: &E, recorded: RecordedEvent, order: PlaceOrder) -> Result<(), String> {
     let input = json!({
         "order": order,
         "correlationId": recorded.correlation_id,
@@ -168,11 +141,11 @@ async fn start<E: Executions, D: DeadLetters>(
     let span = shared::telemetry::event_span(&recorded);
     let trace = recorded.trace_header.as_deref();
     async {
-        let started = starter.executions.start(order.order_id.as_str(), input.to_string(), trace).await;
+        let started = executions.start(order.order_id.as_str(), input.to_string(), trace).await;
         if let Err(reason) = &started {
             tracing::warn!(%reason, "saga not started");
         }
-        started
+        started.map(drop)
     }
     .instrument(span)
     .await
@@ -180,22 +153,20 @@ async fn start<E: Executions, D: DeadLetters>(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use serde_json::Value;
-    use shared::saga::runtime::KeptDeadLetters;
+    use shared::batch::KeptDeadLetters;
 
     use super::*;
 
-    /// Executions that take `latency` each, fail the names in `failing`, and record what
-    /// started and how many starts were in flight at once.
+    /// Executions that take `latency` each, and record what started and how many starts were in
+    /// flight at once.
     #[derive(Default)]
     struct Recording {
         latency: Duration,
-        failing: HashSet<String>,
         started: Mutex<Vec<String>>,
         in_flight: AtomicUsize,
         most_in_flight: AtomicUsize,
@@ -207,9 +178,6 @@ mod tests {
             self.most_in_flight.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(self.latency).await;
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            if self.failing.contains(name) {
-                return Err("ThrottlingException".into());
-            }
             let mut started = self.started.lock().expect("lock");
             if started.iter().any(|s| s == name) {
                 return Ok(Outcome::AlreadyStarted);
@@ -259,40 +227,6 @@ mod tests {
         assert_eq!(starter.executions.started.lock().expect("lock").len(), 25);
         assert_eq!(starter.executions.most_in_flight.load(Ordering::SeqCst), START_CONCURRENCY);
         assert_eq!(began.elapsed(), Duration::from_millis(1_500));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_first_failure_in_stream_order_is_reported() {
-        // Given Step Functions refusing orders 4 and 7
-        let failing = ["o7", "o4"].map(str::to_owned).into();
-        let starter = Starter {
-            executions: Recording { failing, ..Recording::default() },
-            dead_letters: KeptDeadLetters::default(),
-        };
-
-        // When a batch of 10 orders arrives
-        let response = handle(&starter, batch(10), Deadline::never()).await;
-
-        // Then the stream resumes at order 4, and orders 1 to 3 have their saga
-        assert_eq!(failed_at(&response), vec![Some("4".to_owned())]);
-        let started: HashSet<String> = starter.executions.started.lock().expect("lock").iter().cloned().collect();
-        assert!(["o1", "o2", "o3"].iter().all(|o| started.contains(*o)), "{started:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn at_the_deadline_the_first_unstarted_record_is_reported() {
-        // Given starts that take 2 s, and 3 s left
-        let starter = Starter {
-            executions: Recording { latency: Duration::from_secs(2), ..Recording::default() },
-            dead_letters: KeptDeadLetters::default(),
-        };
-
-        // When a batch of 25 orders arrives
-        let response = handle(&starter, batch(25), Deadline::after(Duration::from_secs(3))).await;
-
-        // Then the first round of 10 started and the stream resumes at the 11th
-        assert_eq!(failed_at(&response), vec![Some("11".to_owned())]);
-        assert_eq!(starter.executions.started.lock().expect("lock").len(), START_CONCURRENCY);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,3 +1,7 @@
+// The batch's future (the stream batch loop around a bounded, deadline-aware AWS call, in a
+// span) nests deeply: computing its layout overflows the default limit.
+#![recursion_limit = "256"]
+
 use aws_lambda_events::event::dynamodb::Event;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use shared::aws::LazyClient;

@@ -265,3 +265,58 @@ async fn a_command_from_a_held_state_needs_no_load_and_catches_up_when_behind() 
     assert_eq!(state, Account { open: true, balance_cents: 150, deposits: 2 });
     assert_eq!(repo.load::<Account>("a1").await.expect("load").state, state);
 }
+
+/// The given / when / then helper (`aggregate::testing`), on the account: it reads a story of
+/// decisions, and it fails when a decision is not the one expected.
+mod given_when_then {
+    use super::*;
+    use crate::aggregate::testing::given;
+
+    fn deposited(cents: i64) -> AccountEvent {
+        AccountEvent::MoneyDeposited { amount_cents: cents, currency: "EUR".into() }
+    }
+
+    #[test]
+    fn an_account_opens_once_and_takes_only_positive_deposits() {
+        let after = given::<Account>([])
+            .when(AccountCommand::Deposit(5))
+            .then_error(AccountError::NotOpen)
+            .when(AccountCommand::Open)
+            .then_expect([AccountEvent::AccountOpened])
+            .when(AccountCommand::Open)
+            .then_nothing()
+            .when(AccountCommand::Deposit(0))
+            .then_error(AccountError::NotPositive)
+            .when(AccountCommand::Deposit(250))
+            .then_expect([deposited(250)]);
+        assert_eq!(after.into_state(), Account { open: true, balance_cents: 250, deposits: 1 });
+    }
+
+    #[test]
+    #[should_panic(expected = "decided other events than expected")]
+    fn other_events_than_expected_fail_the_test() {
+        let _ = given::<Account>([AccountEvent::AccountOpened])
+            .when(AccountCommand::Deposit(5))
+            .then_expect([deposited(6)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "but the command was rejected")]
+    fn a_rejection_where_events_were_expected_fails_the_test() {
+        let _ = given::<Account>([]).when(AccountCommand::Deposit(5)).then_expect([deposited(5)]);
+    }
+
+    #[test]
+    #[should_panic(expected = "but the command decided")]
+    fn events_where_a_rejection_was_expected_fail_the_test() {
+        let _ = given::<Account>([AccountEvent::AccountOpened])
+            .when(AccountCommand::Deposit(5))
+            .then_error(AccountError::NotOpen);
+    }
+
+    #[test]
+    #[should_panic(expected = "rejected with another error")]
+    fn another_error_than_expected_fails_the_test() {
+        let _ = given::<Account>([]).when(AccountCommand::Deposit(5)).then_error(AccountError::NotPositive);
+    }
+}

@@ -137,60 +137,83 @@ impl Aggregate for Inventory {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn with_stock(n: u32) -> Inventory {
-        let mut inv = Inventory::default();
-        inv.apply(&InventoryEvent::InventoryRestocked { sku: Sku::parse("SKU-1").unwrap(), quantity: n });
-        inv
-    }
-
-    fn run(inv: &mut Inventory, command: InventoryCommand) -> Vec<InventoryEvent> {
-        let events = inv.decide(&command).expect("decides");
-        events.iter().for_each(|e| inv.apply(e));
-        events
-    }
+    use crate::aggregate::testing::given;
 
     fn order(id: &str) -> OrderId {
         OrderId::parse(id).unwrap()
     }
 
+    fn restocked(quantity: u32) -> InventoryEvent {
+        InventoryEvent::InventoryRestocked { sku: Sku::parse("SKU-1").unwrap(), quantity }
+    }
+
+    fn reserve(id: &str, quantity: u32) -> InventoryCommand {
+        InventoryCommand::Reserve { order_id: order(id), quantity }
+    }
+
+    fn reserved(id: &str, quantity: u32) -> InventoryEvent {
+        InventoryEvent::InventoryReserved { order_id: order(id), quantity }
+    }
+
+    fn release(id: &str) -> InventoryCommand {
+        InventoryCommand::Release { order_id: order(id) }
+    }
+
+    fn commit(id: &str) -> InventoryCommand {
+        InventoryCommand::Commit { order_id: order(id) }
+    }
+
     #[test]
     fn reserving_moves_stock_and_is_idempotent_per_order() {
-        let mut inv = with_stock(5);
-        assert_eq!(run(&mut inv, InventoryCommand::Reserve { order_id: order("a"), quantity: 3 }).len(), 1);
-        assert_eq!((inv.available, inv.reserved), (2, 3));
-        assert!(run(&mut inv, InventoryCommand::Reserve { order_id: order("a"), quantity: 3 }).is_empty());
+        let inv = given::<Inventory>([restocked(5)])
+            .when(reserve("a", 3))
+            .then_expect([reserved("a", 3)])
+            .when(reserve("a", 3))
+            .then_nothing()
+            .into_state();
         assert_eq!((inv.available, inv.reserved), (2, 3));
     }
 
     #[test]
     fn a_reservation_beyond_stock_is_rejected_and_stays_rejected() {
-        let mut inv = with_stock(2);
-        let events = run(&mut inv, InventoryCommand::Reserve { order_id: order("a"), quantity: 3 });
-        assert!(matches!(events[0], InventoryEvent::InventoryReservationRejected { available: 2, .. }));
-        inv.apply(&InventoryEvent::InventoryRestocked { sku: Sku::parse("SKU-1").unwrap(), quantity: 10 });
-        assert!(run(&mut inv, InventoryCommand::Reserve { order_id: order("a"), quantity: 3 }).is_empty());
-        assert_eq!(inv.reservation(&order("a")), Some(Reservation::Rejected(3)));
+        let rejected =
+            InventoryEvent::InventoryReservationRejected { order_id: order("a"), requested: 3, available: 2 };
+        let inv = given::<Inventory>([restocked(2), rejected, restocked(10)]).when(reserve("a", 3)).then_nothing();
+        assert_eq!(inv.state().reservation(&order("a")), Some(Reservation::Rejected(3)));
+        given::<Inventory>([restocked(2)]).when(reserve("a", 3)).then_expect([
+            InventoryEvent::InventoryReservationRejected { order_id: order("a"), requested: 3, available: 2 },
+        ]);
     }
 
     #[test]
     fn release_returns_stock_once_and_a_late_reserve_does_not_take_it_again() {
-        let mut inv = with_stock(4);
-        run(&mut inv, InventoryCommand::Reserve { order_id: order("a"), quantity: 4 });
-        assert_eq!(run(&mut inv, InventoryCommand::Release { order_id: order("a") }).len(), 1);
-        assert!(run(&mut inv, InventoryCommand::Release { order_id: order("a") }).is_empty());
-        assert!(run(&mut inv, InventoryCommand::Reserve { order_id: order("a"), quantity: 4 }).is_empty());
+        let inv = given::<Inventory>([restocked(4), reserved("a", 4)])
+            .when(release("a"))
+            .then_expect([InventoryEvent::InventoryReleased { order_id: order("a"), quantity: 4 }])
+            .when(release("a"))
+            .then_nothing()
+            .when(reserve("a", 4))
+            .then_nothing()
+            .when(release("never"))
+            .then_nothing()
+            .into_state();
         assert_eq!((inv.available, inv.reserved), (4, 0));
-        assert!(run(&mut inv, InventoryCommand::Release { order_id: order("never") }).is_empty());
     }
 
     #[test]
     fn commit_takes_reserved_stock_out_for_good() {
-        let mut inv = with_stock(4);
-        run(&mut inv, InventoryCommand::Reserve { order_id: order("a"), quantity: 1 });
-        run(&mut inv, InventoryCommand::Commit { order_id: order("a") });
+        let inv = given::<Inventory>([restocked(4), reserved("a", 1)])
+            .when(commit("a"))
+            .then_expect([InventoryEvent::InventoryCommitted { order_id: order("a"), quantity: 1 }])
+            .when(commit("a"))
+            .then_nothing()
+            .when(commit("b"))
+            .then_error(InventoryError::NoReservation("b".into()))
+            .into_state();
         assert_eq!((inv.available, inv.reserved), (3, 0));
-        assert!(run(&mut inv, InventoryCommand::Commit { order_id: order("a") }).is_empty());
-        assert!(inv.decide(&InventoryCommand::Commit { order_id: order("b") }).is_err());
+        let released = InventoryEvent::InventoryReleased { order_id: order("a"), quantity: 1 };
+        given::<Inventory>([restocked(4), reserved("a", 1), released])
+            .when(commit("a"))
+            .then_error(InventoryError::AlreadyReleased("a".into()));
     }
 }

@@ -244,71 +244,89 @@ impl Aggregate for Payment {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::testing::given;
     use crate::domain::money::Currency;
 
-    fn given(events: &[PaymentEvent]) -> Payment {
-        events.iter().fold(Payment::default(), |mut p, e| {
-            p.apply(e);
-            p
-        })
+    fn order_id() -> OrderId {
+        OrderId::parse("o-1").expect("id")
+    }
+
+    fn requested(amount: Money) -> PaymentEvent {
+        PaymentEvent::PaymentRequested { order_id: order_id(), amount }
+    }
+
+    fn charged(payment_id: &str, amount: Money) -> PaymentEvent {
+        PaymentEvent::PaymentCharged { order_id: order_id(), payment_id: payment_id.into(), amount }
+    }
+
+    fn record_charge(payment_id: &str) -> PaymentCommand {
+        PaymentCommand::RecordCharge { order_id: order_id(), payment_id: payment_id.into() }
     }
 
     #[test]
     fn a_parked_charge_keeps_its_first_deadline_and_records_the_gateway_answer_later() {
-        // Given a requested payment
-        let order_id = OrderId::parse("o-1").expect("id");
         let amount = Money::new(1999, Currency::EUR);
-        let requested = given(&[PaymentEvent::PaymentRequested { order_id: order_id.clone(), amount }]);
-        // When it is postponed twice
         let postpone = |until: &str| PaymentCommand::Postpone {
-            order_id: order_id.clone(),
+            order_id: order_id(),
             reason: "gateway down".into(),
             retry_until: until.into(),
         };
-        let first = requested.decide(&postpone("2026-11-22T11:00:00Z")).expect("postponed");
-        let parked = given(&[PaymentEvent::PaymentRequested { order_id: order_id.clone(), amount }, first[0].clone()]);
-        // Then only the first is recorded, with its deadline
-        assert_eq!(parked, Payment::Postponed { amount, retry_until: "2026-11-22T11:00:00Z".into() });
-        assert_eq!(parked.decide(&postpone("2026-11-22T12:00:00Z")), Ok(vec![]));
+        // Given a requested payment, when it is postponed twice, then only the first is
+        // recorded, with its deadline
+        let parked = given::<Payment>([requested(amount)])
+            .when(postpone("2026-11-22T11:00:00Z"))
+            .then_expect([PaymentEvent::PaymentPostponed {
+                order_id: order_id(),
+                amount,
+                reason: "gateway down".into(),
+                retry_until: "2026-11-22T11:00:00Z".into(),
+            }])
+            .when(postpone("2026-11-22T12:00:00Z"))
+            .then_nothing();
+        assert_eq!(parked.state(), &Payment::Postponed { amount, retry_until: "2026-11-22T11:00:00Z".into() });
         // And the charge, once the gateway answers, is recorded from the parked state
-        let charge = PaymentCommand::RecordCharge { order_id: order_id.clone(), payment_id: "pay-1".into() };
-        assert_eq!(
-            parked.decide(&charge),
-            Ok(vec![PaymentEvent::PaymentCharged { order_id: order_id.clone(), payment_id: "pay-1".into(), amount }])
-        );
+        parked.when(record_charge("pay-1")).then_expect([charged("pay-1", amount)]);
         // But a charged payment is never postponed
-        let charged =
-            given(&[PaymentEvent::PaymentCharged { order_id: order_id.clone(), payment_id: "pay-1".into(), amount }]);
-        assert!(charged.decide(&postpone("2026-11-22T11:00:00Z")).is_err());
+        given::<Payment>([charged("pay-1", amount)])
+            .when(postpone("2026-11-22T11:00:00Z"))
+            .then_error(PaymentError("charged", "postpone"));
     }
 
     #[test]
     fn a_parked_refund_keeps_its_first_deadline_and_is_recorded_once_the_gateway_answers() {
-        // Given a charged payment
-        let order_id = OrderId::parse("o-2").expect("id");
         let amount = Money::new(4499, Currency::EUR);
-        let charged = PaymentEvent::PaymentCharged { order_id: order_id.clone(), payment_id: "pay-2".into(), amount };
         let postpone = |until: &str| PaymentCommand::PostponeRefund {
-            order_id: order_id.clone(),
+            order_id: order_id(),
             reason: "gateway down".into(),
             retry_until: until.into(),
         };
-        // When its refund is postponed twice
-        let first = given(std::slice::from_ref(&charged)).decide(&postpone("2026-11-23T11:00:00Z")).expect("postponed");
-        let parked = given(&[charged.clone(), first[0].clone()]);
-        // Then only the first is recorded, with its deadline, and the charge is still known
+        // Given a charged payment, when its refund is postponed twice, then only the first is
+        // recorded, with its deadline, and the charge is still known
+        let parked = given::<Payment>([charged("pay-2", amount)])
+            .when(postpone("2026-11-23T11:00:00Z"))
+            .then_expect([PaymentEvent::RefundPostponed {
+                order_id: order_id(),
+                reason: "gateway down".into(),
+                retry_until: "2026-11-23T11:00:00Z".into(),
+            }])
+            .when(postpone("2026-11-23T12:00:00Z"))
+            .then_nothing();
         let waiting = Payment::RefundPostponed {
             payment_id: Some("pay-2".into()),
             amount,
             retry_until: "2026-11-23T11:00:00Z".into(),
         };
-        assert_eq!(parked, waiting);
-        assert_eq!(parked.decide(&postpone("2026-11-23T12:00:00Z")), Ok(vec![]));
+        assert_eq!(parked.state(), &waiting);
         // And the refund, once made, is recorded from the parked state
-        let refund = PaymentCommand::RecordRefund { order_id: order_id.clone(), refund_id: "ref-2".into() };
-        let refunded = parked.decide(&refund).expect("refunded");
+        let refund = PaymentCommand::RecordRefund { order_id: order_id(), refund_id: "ref-2".into() };
+        let refunded = parked.when(refund).then_expect([PaymentEvent::PaymentRefunded {
+            order_id: order_id(),
+            payment_id: "pay-2".into(),
+            refund_id: "ref-2".into(),
+            amount,
+        }]);
         assert_eq!(
-            given(&[charged, first[0].clone(), refunded[0].clone()]),
+            refunded.into_state(),
             Payment::Refunded { payment_id: "pay-2".into(), refund_id: "ref-2".into(), amount }
         );
     }
@@ -316,34 +334,35 @@ mod tests {
     #[test]
     fn a_refund_parked_before_its_lost_charge_was_resolved_learns_the_charge_and_still_waits() {
         // Given a charge whose answer was lost, and its refund parked
-        let order_id = OrderId::parse("o-3").expect("id");
         let amount = Money::new(1999, Currency::EUR);
-        let requested = PaymentEvent::PaymentRequested { order_id: order_id.clone(), amount };
         let postpone = PaymentCommand::PostponeRefund {
-            order_id: order_id.clone(),
+            order_id: order_id(),
             reason: "gateway down".into(),
             retry_until: "2026-11-23T11:00:00Z".into(),
         };
-        let parked_event = given(std::slice::from_ref(&requested)).decide(&postpone).expect("postponed")[0].clone();
-        let parked = given(&[requested.clone(), parked_event.clone()]);
+        let parked =
+            given::<Payment>([requested(amount)]).when(postpone.clone()).then_expect([PaymentEvent::RefundPostponed {
+                order_id: order_id(),
+                reason: "gateway down".into(),
+                retry_until: "2026-11-23T11:00:00Z".into(),
+            }]);
         assert_eq!(
-            parked,
-            Payment::RefundPostponed { payment_id: None, amount, retry_until: "2026-11-23T11:00:00Z".into() }
+            parked.state(),
+            &Payment::RefundPostponed { payment_id: None, amount, retry_until: "2026-11-23T11:00:00Z".into() }
         );
-        // When the gateway tells the charge
-        let charge = PaymentCommand::RecordCharge { order_id: order_id.clone(), payment_id: "pay-3".into() };
-        let charged = parked.decide(&charge).expect("charge recorded");
-        // Then the refund still waits, with its deadline, now knowing what to refund
+        // When the gateway tells the charge, then the refund still waits, with its deadline, now
+        // knowing what to refund
+        let learned = parked.when(record_charge("pay-3")).then_expect([charged("pay-3", amount)]);
         assert_eq!(
-            given(&[requested, parked_event, charged[0].clone()]),
+            learned.into_state(),
             Payment::RefundPostponed {
                 payment_id: Some("pay-3".into()),
                 amount,
                 retry_until: "2026-11-23T11:00:00Z".into()
             }
         );
-        // But a declined or refunded payment has no refund to postpone
-        let declined = given(&[PaymentEvent::PaymentDeclined { order_id: order_id.clone(), reason: "no".into() }]);
-        assert!(declined.decide(&postpone).is_err());
+        // But a declined payment has no refund to postpone
+        let declined = PaymentEvent::PaymentDeclined { order_id: order_id(), reason: "no".into() };
+        given::<Payment>([declined]).when(postpone).then_error(PaymentError("declined", "postpone a refund"));
     }
 }

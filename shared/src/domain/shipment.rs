@@ -108,3 +108,54 @@ impl Aggregate for Shipment {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::testing::given;
+
+    fn order_id() -> OrderId {
+        OrderId::parse("o-1").expect("id")
+    }
+
+    fn created() -> ShipmentEvent {
+        ShipmentEvent::ShipmentCreated { order_id: order_id(), shipment_id: "ship-1".into(), carrier: "DHL".into() }
+    }
+
+    #[test]
+    fn a_booking_is_requested_then_answered_once_and_cancelled_once() {
+        let record_created = ShipmentCommand::RecordCreated {
+            order_id: order_id(),
+            shipment_id: "ship-1".into(),
+            carrier: "DHL".into(),
+        };
+        let cancel = ShipmentCommand::RecordCancelled { order_id: order_id() };
+        let done = given::<Shipment>([])
+            .when(ShipmentCommand::Request { order_id: order_id() })
+            .then_expect([ShipmentEvent::ShipmentRequested { order_id: order_id() }])
+            .when(ShipmentCommand::Request { order_id: order_id() })
+            .then_nothing()
+            .when(record_created.clone())
+            .then_expect([created()])
+            // a concurrent redelivery recording the same answer changes nothing
+            .when(record_created)
+            .then_nothing()
+            .when(ShipmentCommand::RecordRejected { order_id: order_id(), reason: "late".into() })
+            .then_error(ShipmentError("created", "record a rejection"))
+            .when(cancel.clone())
+            .then_expect([ShipmentEvent::ShipmentCancelled { order_id: order_id(), shipment_id: "ship-1".into() }])
+            .when(cancel)
+            .then_nothing();
+        assert_eq!(done.into_state(), Shipment::Cancelled { shipment_id: "ship-1".into() });
+    }
+
+    #[test]
+    fn nothing_booked_is_not_cancelled() {
+        let cancel = ShipmentCommand::RecordCancelled { order_id: order_id() };
+        given::<Shipment>([]).when(cancel.clone()).then_error(ShipmentError("not requested", "cancel"));
+        let rejected = ShipmentEvent::ShipmentRejected { order_id: order_id(), reason: "address not served".into() };
+        given::<Shipment>([ShipmentEvent::ShipmentRequested { order_id: order_id() }, rejected])
+            .when(cancel)
+            .then_error(ShipmentError("rejected", "cancel"));
+    }
+}

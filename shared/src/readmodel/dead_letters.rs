@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::ReadModel;
-use crate::aggregate::decode_event;
+use super::{ReadModel, decode};
 use crate::domain::dead_letter::{Actor, DeadLetterEvent, Failure, Status};
 use crate::eventstore::{RecordedEvent, StreamId};
 
@@ -111,23 +110,12 @@ impl ReadModel for DeadLetterView {
         (stream.category() == "DeadLetter").then(|| dead_letter_key(stream.id()))
     }
 
-    fn versions(&self) -> &BTreeMap<String, u64> {
-        &self.versions
-    }
-
-    fn versions_mut(&mut self) -> &mut BTreeMap<String, u64> {
+    fn versions(&mut self) -> &mut BTreeMap<String, u64> {
         &mut self.versions
     }
 
     fn apply(&mut self, e: &RecordedEvent) {
-        let event = match decode_event::<DeadLetterEvent>(e) {
-            Ok(event) => event,
-            Err(error) => {
-                // The store's own events: this is a bug or an event from newer code.
-                tracing::error!(%error, "a dead letter event does not decode; the view skips it");
-                return;
-            }
-        };
+        let Some(event) = decode::<DeadLetterEvent>(e) else { return };
         let (what, by, detail) = match event {
             DeadLetterEvent::DeadLetterRecorded { dead_letter_id, arrival } => {
                 self.dead_letter_id = dead_letter_id;

@@ -14,11 +14,11 @@ pub mod store;
 use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::aggregate::decode_event;
-use crate::domain::order::{FailedAction, OrderEvent};
+use crate::aggregate::{CodecError, DomainEvent, decode_event};
+use crate::domain::order::{FailedAction, OrderEvent, OrderLine};
+use crate::domain::{Currency, Money};
 use crate::eventstore::{RecordedEvent, StreamId};
 
 /// A read model: keyed by the stream an event comes from, folded from its events.
@@ -30,8 +30,7 @@ pub trait ReadModel: Serialize + DeserializeOwned + Default + Clone + PartialEq 
     fn key(stream: &StreamId) -> Option<(String, String)>;
 
     /// The last version applied per source stream.
-    fn versions(&self) -> &BTreeMap<String, u64>;
-    fn versions_mut(&mut self) -> &mut BTreeMap<String, u64>;
+    fn versions(&mut self) -> &mut BTreeMap<String, u64>;
 
     /// Folds one event in (never called twice for the same stream position).
     fn apply(&mut self, event: &RecordedEvent);
@@ -46,7 +45,7 @@ pub trait ReadModel: Serialize + DeserializeOwned + Default + Clone + PartialEq 
             return Applied::Gap { applied };
         }
         self.apply(event);
-        self.versions_mut().insert(event.stream_id.clone(), event.version);
+        self.versions().insert(event.stream_id.clone(), event.version);
         Applied::Applied
     }
 }
@@ -78,8 +77,37 @@ pub fn sales_key(day: &str) -> (String, String) {
     (format!("STATS#{day}"), "SALES".into())
 }
 
-fn str_field(payload: &Value, name: &str) -> Option<String> {
-    payload.get(name).and_then(Value::as_str).map(str::to_owned)
+/// `event` as the domain's event type `E` (upcast from an older schema), `None` when it is not one:
+/// an event type `E` does not have is ignored, one that does not decode is logged and skipped.
+pub(crate) fn decode<E: DomainEvent>(event: &RecordedEvent) -> Option<E> {
+    decode_event(event)
+        .inspect_err(|error| match error {
+            CodecError::Decode { message, .. } if message.starts_with("unknown variant") => {}
+            _ => tracing::warn!(stream = %event.stream_id, version = event.version, %error, "event skipped"),
+        })
+        .ok()
+}
+
+/// An order's total as its views store and serve it, `totalMinor` and `currency` (`0` and `""`
+/// until the order is placed).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredTotal {
+    total_minor: i64,
+    currency: String,
+}
+
+fn serialize_total<S: Serializer>(total: &Option<Money>, s: S) -> Result<S::Ok, S::Error> {
+    let (total_minor, currency) = total.map_or((0, String::new()), |m| (m.amount_minor, m.currency.to_string()));
+    StoredTotal { total_minor, currency }.serialize(s)
+}
+
+fn deserialize_total<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Money>, D::Error> {
+    let StoredTotal { total_minor, currency } = StoredTotal::deserialize(d)?;
+    match Currency::parse(&currency) {
+        None if !currency.is_empty() => Err(serde::de::Error::custom(format!("{currency:?} is not a currency"))),
+        parsed => Ok(parsed.map(|currency| Money::new(total_minor, currency))),
+    }
 }
 
 /// Where an order stands, as its views show it (stored and served by name, `"Placed"`).
@@ -150,9 +178,10 @@ pub struct OrderView {
     pub customer_id: String,
     #[serde(default)]
     pub status: ViewStatus,
-    pub currency: String,
-    pub lines: Vec<Value>,
-    pub total_minor: i64,
+    pub lines: Vec<OrderLine>,
+    /// `None` until the order is placed; stored and served as `totalMinor` and `currency`.
+    #[serde(flatten, serialize_with = "serialize_total", deserialize_with = "deserialize_total")]
+    pub total: Option<Money>,
     pub payment_id: Option<String>,
     pub refund_id: Option<String>,
     pub shipment_id: Option<String>,
@@ -184,83 +213,67 @@ impl ReadModel for OrderView {
         matches!(stream.category(), "Order" | "Payment" | "Shipment").then(|| order_key(stream.id()))
     }
 
-    fn versions(&self) -> &BTreeMap<String, u64> {
-        &self.versions
-    }
-
-    fn versions_mut(&mut self) -> &mut BTreeMap<String, u64> {
+    fn versions(&mut self) -> &mut BTreeMap<String, u64> {
         &mut self.versions
     }
 
     fn apply(&mut self, e: &RecordedEvent) {
-        let p = &e.payload;
+        use crate::domain::{order::OrderEvent::*, payment::PaymentEvent::*, shipment::ShipmentEvent::ShipmentCreated};
+        let (category, id) = e.stream_id.split_once('-').unwrap_or_default();
         if self.order_id.is_empty() {
-            self.order_id = e.stream_id.split_once('-').map(|(_, id)| id.to_owned()).unwrap_or_default();
+            id.clone_into(&mut self.order_id);
         }
-        match e.event_type.as_str() {
-            "OrderPlaced" => {
-                self.customer_id = str_field(p, "customerId").unwrap_or_default();
-                self.currency = str_field(p, "currency").unwrap_or_default();
-                self.lines = p.get("lines").and_then(Value::as_array).cloned().unwrap_or_default();
-                self.total_minor = p.pointer("/total/amountMinor").and_then(Value::as_i64).unwrap_or(0);
-                self.placed_at = e.recorded_at.clone();
-                // Payment or shipment events may have arrived first: placement does not undo what
-                // they said (a payment pending stays pending), but ends `Pending`.
-                if self.status == ViewStatus::Pending {
-                    self.status = ViewStatus::Placed;
+        match category {
+            "Order" => match decode(e) {
+                Some(OrderPlaced(order)) => {
+                    self.customer_id = order.customer_id.into();
+                    (self.lines, self.total) = (order.lines, Some(order.total));
+                    self.placed_at.clone_from(&e.recorded_at);
                 }
-            }
-            "OrderCompleted" => self.status = ViewStatus::Completed,
-            "OrderCancelled" => {
-                self.status = ViewStatus::Cancelled;
-                self.cancellation_reason = str_field(p, "reason");
-                self.failed_step = str_field(p, "failedStep");
-                // Flagged before, and its compensations then went through: nothing left to act on.
-                self.failed_actions.clear();
-            }
-            "OrderFlaggedForManualAction" => {
-                self.status = ViewStatus::NeedsManualAction;
-                // Decoded through the domain, so an event stored in an older schema (one
-                // `failedStep`) is upcast to the list.
-                self.failed_actions = match decode_event::<OrderEvent>(e) {
-                    Ok(OrderEvent::OrderFlaggedForManualAction { failures }) => failures,
-                    _ => {
-                        tracing::warn!(stream = %e.stream_id, version = e.version, "a flag event that does not decode");
-                        vec![]
-                    }
-                };
-                self.failed_step = self.failed_actions.first().map(|f| f.step.clone());
-            }
-            "OrderManualActionResolved" => self.status = ViewStatus::ManuallyResolved,
-            "PaymentPostponed" => {
-                self.payment_pending_until = str_field(p, "retryUntil");
-                if matches!(self.status, ViewStatus::Pending | ViewStatus::Placed) {
-                    self.status = ViewStatus::PaymentPending;
+                Some(OrderCompleted { .. }) => self.status = ViewStatus::Completed,
+                Some(OrderCancelled { reason, failed_step }) => {
+                    self.status = ViewStatus::Cancelled;
+                    (self.cancellation_reason, self.failed_step) = (Some(reason), Some(failed_step));
+                    // Flagged before, and its compensations then went through: nothing left to act on.
+                    self.failed_actions.clear();
                 }
-            }
-            "PaymentCharged" | "PaymentDeclined" => {
-                if e.event_type == "PaymentCharged" {
-                    self.payment_id = str_field(p, "paymentId");
-                } else {
-                    // A lost charge settled as never made (voided): no refund is waiting.
-                    self.refund_pending_until = None;
+                // An event stored in an older schema (one `failedStep`) is upcast to the list.
+                Some(OrderFlaggedForManualAction { failures }) => {
+                    self.status = ViewStatus::NeedsManualAction;
+                    self.failed_step = failures.first().map(|f| f.step.clone());
+                    self.failed_actions = failures;
                 }
-                self.payment_pending_until = None;
-                if self.status == ViewStatus::PaymentPending {
-                    self.status = ViewStatus::Placed;
+                Some(OrderManualActionResolved { .. }) => self.status = ViewStatus::ManuallyResolved,
+                Some(CustomerNotified { .. }) | None => {}
+            },
+            "Payment" => match decode(e) {
+                Some(PaymentPostponed { retry_until, .. }) => self.payment_pending_until = Some(retry_until),
+                Some(PaymentCharged { payment_id: id, .. }) => {
+                    (self.payment_id, self.payment_pending_until) = (Some(id), None)
                 }
-            }
-            "RefundPostponed" => self.refund_pending_until = str_field(p, "retryUntil"),
-            "PaymentRefunded" => {
-                self.refund_id = str_field(p, "refundId");
-                self.refund_pending_until = None;
-            }
-            "ShipmentCreated" => {
-                self.shipment_id = str_field(p, "shipmentId");
-                self.carrier = str_field(p, "carrier");
+                // A lost charge settled as never made (voided): no refund is waiting either.
+                Some(PaymentDeclined { .. }) => (self.payment_pending_until, self.refund_pending_until) = (None, None),
+                Some(RefundPostponed { retry_until, .. }) => self.refund_pending_until = Some(retry_until),
+                Some(PaymentRefunded { refund_id: id, .. }) => {
+                    (self.refund_id, self.refund_pending_until) = (Some(id), None)
+                }
+                Some(PaymentRequested { .. }) | None => {}
+            },
+            "Shipment" => {
+                if let Some(ShipmentCreated { shipment_id, carrier, .. }) = decode(e) {
+                    (self.shipment_id, self.carrier) = (Some(shipment_id), Some(carrier));
+                }
             }
             _ => {}
         }
+        // Payment or shipment events may arrive before the order's own: placement ends `Pending`
+        // but leaves a postponed payment pending; a payment waits until settled, then is placed.
+        self.status = match (self.status, &self.payment_pending_until) {
+            (ViewStatus::Pending | ViewStatus::Placed, Some(_)) => ViewStatus::PaymentPending,
+            (ViewStatus::PaymentPending, None) => ViewStatus::Placed,
+            (ViewStatus::Pending, None) if !self.placed_at.is_empty() => ViewStatus::Placed,
+            (status, _) => status,
+        };
         self.updated_at = self.updated_at.clone().max(e.recorded_at.clone());
         self.timeline.push(TimelineEntry {
             at: e.recorded_at.clone(),
@@ -281,8 +294,9 @@ pub struct CustomerOrder {
     pub customer_id: String,
     #[serde(default)]
     pub status: ViewStatus,
-    pub total_minor: i64,
-    pub currency: String,
+    /// `None` until the order is placed; stored and served as `totalMinor` and `currency`.
+    #[serde(flatten, serialize_with = "serialize_total", deserialize_with = "deserialize_total")]
+    pub total: Option<Money>,
     pub placed_at: String,
     /// `CUSTOMER#<customerId>`, set once the order is placed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -300,32 +314,26 @@ impl ReadModel for CustomerOrder {
         (stream.category() == "Order").then(|| customer_order_key(stream.id()))
     }
 
-    fn versions(&self) -> &BTreeMap<String, u64> {
-        &self.versions
-    }
-
-    fn versions_mut(&mut self) -> &mut BTreeMap<String, u64> {
+    fn versions(&mut self) -> &mut BTreeMap<String, u64> {
         &mut self.versions
     }
 
     fn apply(&mut self, e: &RecordedEvent) {
-        let p = &e.payload;
-        match e.event_type.as_str() {
-            "OrderPlaced" => {
-                self.order_id = str_field(p, "orderId").unwrap_or_default();
-                self.customer_id = str_field(p, "customerId").unwrap_or_default();
-                self.currency = str_field(p, "currency").unwrap_or_default();
-                self.total_minor = p.pointer("/total/amountMinor").and_then(Value::as_i64).unwrap_or(0);
-                self.placed_at = e.recorded_at.clone();
+        use OrderEvent::*;
+        match decode(e) {
+            Some(OrderPlaced(order)) => {
+                (self.order_id, self.customer_id) = (order.order_id.into(), order.customer_id.into());
+                self.total = Some(order.total);
+                self.placed_at.clone_from(&e.recorded_at);
                 self.status = ViewStatus::Placed;
                 self.gsi1pk = Some(format!("CUSTOMER#{}", self.customer_id));
                 self.gsi1sk = Some(format!("{}#{}", self.placed_at, self.order_id));
             }
-            "OrderCompleted" => self.status = ViewStatus::Completed,
-            "OrderCancelled" => self.status = ViewStatus::Cancelled,
-            "OrderFlaggedForManualAction" => self.status = ViewStatus::NeedsManualAction,
-            "OrderManualActionResolved" => self.status = ViewStatus::ManuallyResolved,
-            _ => {}
+            Some(OrderCompleted { .. }) => self.status = ViewStatus::Completed,
+            Some(OrderCancelled { .. }) => self.status = ViewStatus::Cancelled,
+            Some(OrderFlaggedForManualAction { .. }) => self.status = ViewStatus::NeedsManualAction,
+            Some(OrderManualActionResolved { .. }) => self.status = ViewStatus::ManuallyResolved,
+            Some(CustomerNotified { .. }) | None => {}
         }
     }
 }
@@ -347,32 +355,24 @@ impl ReadModel for InventoryLevel {
         (stream.category() == "Inventory").then(|| inventory_key(stream.id()))
     }
 
-    fn versions(&self) -> &BTreeMap<String, u64> {
-        &self.versions
-    }
-
-    fn versions_mut(&mut self) -> &mut BTreeMap<String, u64> {
+    fn versions(&mut self) -> &mut BTreeMap<String, u64> {
         &mut self.versions
     }
 
     fn apply(&mut self, e: &RecordedEvent) {
+        use crate::domain::inventory::InventoryEvent::*;
         if self.sku.is_empty() {
             self.sku = e.stream_id.split_once('-').map(|(_, s)| s.to_owned()).unwrap_or_default();
         }
-        let quantity = e.payload.get("quantity").and_then(Value::as_i64).unwrap_or(0);
-        match e.event_type.as_str() {
-            "InventoryRestocked" => self.available += quantity,
-            "InventoryReserved" => {
-                self.available -= quantity;
-                self.reserved += quantity;
-            }
-            "InventoryReleased" => {
-                self.reserved -= quantity;
-                self.available += quantity;
-            }
-            "InventoryCommitted" => self.reserved -= quantity,
-            _ => {}
-        }
+        let (available, reserved) = match decode(e) {
+            Some(InventoryRestocked { quantity, .. }) => (i64::from(quantity), 0),
+            Some(InventoryReserved { quantity, .. }) => (-i64::from(quantity), i64::from(quantity)),
+            Some(InventoryReleased { quantity, .. }) => (i64::from(quantity), -i64::from(quantity)),
+            Some(InventoryCommitted { quantity, .. }) => (0, -i64::from(quantity)),
+            Some(InventoryReservationRejected { .. }) | None => (0, 0),
+        };
+        self.available += available;
+        self.reserved += reserved;
     }
 }
 
@@ -389,35 +389,38 @@ pub struct DailySales {
     pub revenue_minor: BTreeMap<String, i64>,
 }
 
-/// What one order event adds to its day's sales. Completion revenue needs the order's total,
-/// which the caller reads from the order's `OrderPlaced`.
+/// What one order event adds to its day's sales.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SalesDelta {
     pub day: String,
     pub placed: i64,
     pub completed: i64,
     pub cancelled: i64,
-    pub revenue: Option<(String, i64)>,
+    /// A completion's: the order's total, which the caller reads from its `OrderPlaced`
+    /// ([`placed_total`]).
+    pub revenue: Option<Money>,
 }
 
 impl SalesDelta {
     /// `None` for events that do not count (or that are not the order's).
-    pub fn of(event: &RecordedEvent, placed: Option<&RecordedEvent>) -> Option<Self> {
+    pub fn of(event: &RecordedEvent) -> Option<Self> {
         let day = event.recorded_at.get(..10)?.to_owned();
-        let mut delta = SalesDelta { day, placed: 0, completed: 0, cancelled: 0, revenue: None };
-        match event.event_type.as_str() {
-            "OrderPlaced" => delta.placed = 1,
-            "OrderCompleted" => {
-                delta.completed = 1;
-                let p = &placed?.payload;
-                let currency = p.get("currency").and_then(Value::as_str)?.to_owned();
-                delta.revenue = Some((currency, p.pointer("/total/amountMinor").and_then(Value::as_i64)?));
-            }
-            "OrderCancelled" => delta.cancelled = 1,
+        let (placed, completed, cancelled) = match decode(event)? {
+            OrderEvent::OrderPlaced(_) => (1, 0, 0),
+            OrderEvent::OrderCompleted { .. } => (0, 1, 0),
+            OrderEvent::OrderCancelled { .. } => (0, 0, 1),
             _ => return None,
-        }
-        Some(delta)
+        };
+        Some(SalesDelta { day, placed, completed, cancelled, revenue: None })
     }
+}
+
+/// The total of the order whose events these are, from its `OrderPlaced`.
+pub fn placed_total(events: &[RecordedEvent]) -> Option<Money> {
+    events.iter().find_map(|e| match decode(e) {
+        Some(OrderEvent::OrderPlaced(order)) => Some(order.total),
+        _ => None,
+    })
 }
 
 impl DailySales {
@@ -426,8 +429,8 @@ impl DailySales {
         self.placed += delta.placed;
         self.completed += delta.completed;
         self.cancelled += delta.cancelled;
-        if let Some((currency, amount)) = &delta.revenue {
-            *self.revenue_minor.entry(currency.clone()).or_default() += amount;
+        if let Some(revenue) = delta.revenue {
+            *self.revenue_minor.entry(revenue.currency.to_string()).or_default() += revenue.amount_minor;
         }
     }
 }

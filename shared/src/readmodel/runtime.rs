@@ -5,15 +5,16 @@
 
 use std::future::Future;
 
-use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use serde::Deserialize;
 use tracing::Instrument;
 
 use super::store::{Projected, ProjectionError, ReadModelStore};
 use crate::aws::LazyClient;
+use crate::batch::{Batch, SqsDeadLetters, Unhandled};
 use crate::config::{ConfigError, Vars, process_env, required};
+use crate::deadline::Deadline;
 use crate::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, RecordedEvent, StreamId};
-use crate::saga::runtime::{DeadLetters, Source, SqsDeadLetters};
 
 /// The part of an EventBridge event a projection reads: the envelope published by the relay.
 #[derive(Deserialize)]
@@ -103,65 +104,44 @@ impl ProjectionLambda {
         Self::new(aws_sdk_dynamodb::Client::new(&sdk), LazyClient::new(&sdk, aws_sdk_sqs::Client::new), &process_env)
     }
 
-    /// Projects every event of the batch with `project`.
+    /// Projects every event of the batch with `project`, one after the other.
     pub async fn handle<F, Fut>(&self, batch: SqsEvent, project: F) -> SqsBatchResponse
     where
         F: Fn(RecordedEvent) -> Fut,
         Fut: Future<Output = Result<Projected, ProjectionError>>,
     {
-        let mut response = SqsBatchResponse::default();
-        for message in batch.records {
-            let id = message.message_id.clone().unwrap_or_default();
-            let body = message.body.as_deref().unwrap_or_default();
-            let source = Source { arn: message.event_source_arn.as_deref(), id: message.message_id.as_deref() };
-            // The event's order, correlation and trace on every line about it.
-            let mut span = tracing::Span::none();
-            // An event too large for the bus comes as a claim check: read it from the store.
-            let decoded = match decode_bus_message(body) {
-                Ok(Delivery::Event(event)) => Ok(*event),
-                Ok(Delivery::Claim(claim)) => redeem(&self.events, &claim).await,
-                Err(e) => Err(e),
-            };
-            let outcome = match decoded {
-                Err(e) => Err(e),
-                Ok(detail) => {
-                    span = crate::telemetry::event_span(&detail);
-                    span.in_scope(
-                        || tracing::debug!(stream = %detail.stream_id, version = detail.version, "projecting"),
-                    );
-                    project(detail).instrument(span.clone()).await
-                }
-            };
-            let failed = match outcome {
-                Ok(projected) => {
-                    span.in_scope(|| tracing::debug!(message_id = %id, ?projected, "projected"));
-                    false
-                }
-                Err(e) if e.is_retryable() => {
-                    span.in_scope(|| tracing::warn!(message_id = %id, error = %e, "projection will be retried"));
-                    true
-                }
-                // It will never project: park it with the reason instead of looping.
-                Err(e) => match self.dead_letters.dead_letter(body, &e.to_string(), &source).await {
-                    Ok(()) => {
-                        span.in_scope(|| tracing::error!(message_id = %id, error = %e, "dead-lettered"));
-                        false
+        let project = &project;
+        Batch::new(&self.dead_letters, Deadline::never())
+            .sqs(&batch, |message| async move {
+                // The event's order, correlation and trace on every line about it.
+                let mut span = tracing::Span::none();
+                // An event too large for the bus comes as a claim check: read it from the store.
+                let decoded = match decode_bus_message(message.body.as_deref().unwrap_or_default()) {
+                    Ok(Delivery::Event(event)) => Ok(*event),
+                    Ok(Delivery::Claim(claim)) => redeem(&self.events, &claim).await,
+                    Err(e) => Err(e),
+                };
+                let outcome = match decoded {
+                    Err(e) => Err(e),
+                    Ok(detail) => {
+                        span = crate::telemetry::event_span(&detail);
+                        span.in_scope(
+                            || tracing::debug!(stream = %detail.stream_id, version = detail.version, "projecting"),
+                        );
+                        project(detail).instrument(span.clone()).await
                     }
-                    Err(dlq) => {
-                        span.in_scope(|| {
-                            tracing::error!(message_id = %id, error = %e, %dlq, "dead-lettering failed; left for redelivery")
-                        });
-                        true
+                };
+                match outcome {
+                    Ok(projected) => {
+                        span.in_scope(|| tracing::debug!(message_id = ?message.message_id, ?projected, "projected"));
+                        Ok(())
                     }
-                },
-            };
-            if failed {
-                let mut failure = BatchItemFailure::default();
-                failure.item_identifier = id;
-                response.batch_item_failures.push(failure);
-            }
-        }
-        response
+                    Err(e) if e.is_retryable() => Err(Unhandled::retry(e.to_string()).in_span(span)),
+                    // It will never project: park it with the reason instead of looping.
+                    Err(e) => Err(Unhandled::dead_letter(e.to_string()).in_span(span)),
+                }
+            })
+            .await
     }
 }
 

@@ -13,8 +13,9 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
 
-use super::{Applied, DailySales, ReadModel, SalesDelta, sales_key};
+use super::{Applied, DailySales, ReadModel, SalesDelta, placed_total, sales_key};
 use crate::config::{ConfigError, Vars, required};
+use crate::deadline::Deadline;
 use crate::eventstore::{EventStore, RecordedEvent, StoreError, StreamId};
 
 type Item = HashMap<String, AttributeValue>;
@@ -93,7 +94,6 @@ const RETRY: crate::retry::RetryPolicy = crate::retry::RetryPolicy {
     base_delay: std::time::Duration::from_millis(5),
     max_delay: std::time::Duration::from_millis(500),
 };
-const ATTEMPTS: u32 = RETRY.max_attempts;
 
 #[derive(Clone)]
 pub struct ReadModelStore {
@@ -194,7 +194,11 @@ impl ReadModelStore {
         }
     }
 
-    fn item<M: serde::Serialize>(key: &(String, String), model: &M, revision: u64) -> Result<Item, ProjectionError> {
+    pub(super) fn item<M: serde::Serialize>(
+        key: &(String, String),
+        model: &M,
+        revision: u64,
+    ) -> Result<Item, ProjectionError> {
         let mut item: Item = to_item(model).map_err(|e| ProjectionError::Corrupt(e.to_string()))?;
         item.insert("pk".into(), AttributeValue::S(key.0.clone()));
         item.insert("sk".into(), AttributeValue::S(key.1.clone()));
@@ -257,10 +261,8 @@ impl ReadModelStore {
         let unchanged = |projected| Projection { projected, applied: Vec::new(), also: None };
         let Ok(stream) = StreamId::parse(&event.stream_id) else { return Ok(unchanged(Projected::Ignored)) };
         let Some(key) = M::key(&stream) else { return Ok(unchanged(Projected::Ignored)) };
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(RETRY.delay(attempt - 1)).await;
-            }
+        let mut attempts = RETRY.attempts(Deadline::current());
+        loop {
             let (mut model, revision) = match self.get::<M>(&key).await? {
                 Some((model, revision)) => (model, Some(revision)),
                 None => (M::default(), None),
@@ -301,8 +303,11 @@ impl ReadModelStore {
             if let Some(also) = done {
                 return Ok(Projection { projected: outcome, applied: written, also });
             }
+            // The item moved since it was read: read again and retry.
+            if !attempts.again().await {
+                return Err(ProjectionError::Contended(attempts.made()));
+            }
         }
-        Err(ProjectionError::Contended(ATTEMPTS))
     }
 
     /// [`Self::put`] and `update` in one transaction (false when the item moved since `expected`).
@@ -365,25 +370,19 @@ impl ReadModelStore {
         if stream.category() != "Order" {
             return Ok(Projected::Ignored);
         }
-        let placed = if event.event_type == "OrderCompleted" {
-            let first = events.load(&stream, 0).await?.into_iter().find(|e| e.event_type == "OrderPlaced");
-            if first.is_none() {
-                return Err(ProjectionError::Missing { stream: stream.to_string(), from: 1, to: 1 });
-            }
-            first
-        } else {
-            None
-        };
-        let Some(delta) = SalesDelta::of(event, placed.as_ref()) else { return Ok(Projected::Ignored) };
+        let Some(mut delta) = SalesDelta::of(event) else { return Ok(Projected::Ignored) };
+        if delta.completed > 0 {
+            let total = placed_total(&events.load(&stream, 0).await?);
+            delta.revenue =
+                Some(total.ok_or(ProjectionError::Missing { stream: stream.to_string(), from: 1, to: 1 })?);
+        }
         let key = sales_key(&delta.day);
         let marker: Item = HashMap::from([
             ("pk".to_owned(), AttributeValue::S(key.0.clone())),
             ("sk".to_owned(), AttributeValue::S(format!("APPLIED#{}#{}", event.stream_id, event.version))),
         ]);
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(RETRY.delay(attempt - 1)).await;
-            }
+        let mut attempts = RETRY.attempts(Deadline::current());
+        loop {
             let (mut sales, revision) = match self.get::<DailySales>(&key).await? {
                 Some((sales, revision)) => (sales, Some(revision)),
                 None => (DailySales::default(), None),
@@ -418,8 +417,10 @@ impl ReadModelStore {
                     // The counters moved (or a concurrent transaction): read again and retry.
                 }
             }
+            if !attempts.again().await {
+                return Err(ProjectionError::Contended(attempts.made()));
+            }
         }
-        Err(ProjectionError::Contended(ATTEMPTS))
     }
 
     /// Overwrites an item (the rebuild's write: no condition).
@@ -442,7 +443,7 @@ impl ReadModelStore {
     /// The version a model recorded for `stream`, 0 when it has none.
     pub async fn applied_version<M: ReadModel>(&self, stream: &StreamId) -> Result<u64, ProjectionError> {
         let Some(key) = M::key(stream) else { return Ok(0) };
-        Ok(self.get::<M>(&key).await?.and_then(|(m, _)| m.versions().get(stream.as_str()).copied()).unwrap_or(0))
+        Ok(self.get::<M>(&key).await?.and_then(|(mut m, _)| m.versions().get(stream.as_str()).copied()).unwrap_or(0))
     }
 }
 
@@ -509,14 +510,12 @@ pub async fn rebuild(
     written.insert(super::CustomerOrder::NAME, rebuild_model::<super::CustomerOrder>(&streams, target).await?);
     written.insert(super::InventoryLevel::NAME, rebuild_model::<super::InventoryLevel>(&streams, target).await?);
     let mut days: BTreeMap<String, DailySales> = BTreeMap::new();
-    for events in streams.values() {
-        let placed = events.iter().find(|e| e.event_type == "OrderPlaced");
-        for e in events {
-            if e.stream_id.starts_with("Order-")
-                && let Some(delta) = SalesDelta::of(e, placed)
-            {
-                days.entry(delta.day.clone()).or_default().add(&delta);
+    for (_, events) in streams.iter().filter(|(stream, _)| stream.starts_with("Order-")) {
+        for mut delta in events.iter().filter_map(SalesDelta::of) {
+            if delta.completed > 0 {
+                delta.revenue = placed_total(events);
             }
+            days.entry(delta.day.clone()).or_default().add(&delta);
         }
     }
     for (day, sales) in &days {

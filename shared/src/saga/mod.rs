@@ -4,6 +4,9 @@
 
 pub mod runtime;
 pub mod steps;
+/// Every step and compensation, on the in-memory event store with scripted services.
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 
@@ -29,6 +32,19 @@ pub mod errors {
     pub const MALFORMED_COMMAND: &str = "MalformedCommand";
     /// A permanent failure that is not a business answer (a broken invariant).
     pub const STEP_FAILED: &str = "StepFailed";
+
+    /// Every name above: the template tests check the state machine catches only these.
+    pub const ALL: [&str; 9] = [
+        INVENTORY_UNAVAILABLE,
+        PAYMENT_DECLINED,
+        SHIPMENT_REJECTED,
+        NOTIFICATION_UNDELIVERABLE,
+        SERVICE_UNAVAILABLE,
+        PAYMENT_PROVIDER_UNAVAILABLE,
+        REFUND_REFUSED,
+        MALFORMED_COMMAND,
+        STEP_FAILED,
+    ];
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -43,6 +59,39 @@ pub enum Step {
     CompleteOrder,
     CancelOrder,
     FlagForManualAction,
+}
+
+impl Step {
+    /// Every step: the template tests check each has a task state and a queue with a consumer.
+    pub const ALL: [Self; 10] = [
+        Self::ReserveInventory,
+        Self::ChargePayment,
+        Self::CreateShipment,
+        Self::SendNotification,
+        Self::ReleaseInventory,
+        Self::RefundPayment,
+        Self::CancelShipment,
+        Self::CompleteOrder,
+        Self::CancelOrder,
+        Self::FlagForManualAction,
+    ];
+
+    /// Where `self` sits in [`Self::ALL`]; exhaustive, so a new step breaks the build here until
+    /// it is listed there too.
+    pub const fn position(self) -> usize {
+        match self {
+            Self::ReserveInventory => 0,
+            Self::ChargePayment => 1,
+            Self::CreateShipment => 2,
+            Self::SendNotification => 3,
+            Self::ReleaseInventory => 4,
+            Self::RefundPayment => 5,
+            Self::CancelShipment => 6,
+            Self::CompleteOrder => 7,
+            Self::CancelOrder => 8,
+            Self::FlagForManualAction => 9,
+        }
+    }
 }
 
 /// What the state machine's Catch put at `$.failure`.
@@ -164,6 +213,18 @@ impl From<crate::aggregate::LoadError> for StepError {
         match &e {
             crate::aggregate::LoadError::Store(s) if s.is_retryable() => StepError::Retryable(e.to_string()),
             _ => StepError::Permanent(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use super::Step;
+
+    #[test]
+    fn every_step_is_listed_once_in_all() {
+        for (i, step) in Step::ALL.into_iter().enumerate() {
+            assert_eq!(step.position(), i, "{step:?} is not at its place in Step::ALL");
         }
     }
 }

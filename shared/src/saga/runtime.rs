@@ -3,16 +3,16 @@
 //! goes to the step's DLQ at once with the reason: no poison-message loop, nothing dropped.
 
 use std::future::Future;
-use std::time::Duration;
 
-use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
-use aws_sdk_sqs::types::MessageAttributeValue;
-use futures::stream::{self, StreamExt};
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use serde_json::Value;
 use tracing::Instrument;
 
 use super::errors::{MALFORMED_COMMAND, STEP_FAILED};
 use super::{Step, StepError, StepMessage, StepOutcome};
+use crate::batch::{Batch, Unhandled};
+// The dead-letter port lives with the batch loop; here too for the crates that import it from here.
+pub use crate::batch::{DeadLetters, KeptDeadLetters, Source, SqsDeadLetters};
 use crate::deadline::Deadline;
 
 /// How a callback to the state machine went.
@@ -79,83 +79,14 @@ impl TaskCallback for aws_sdk_sfn::Client {
     }
 }
 
-/// Where unreadable messages go, with the reason and where they came from.
-pub trait DeadLetters: Send + Sync {
-    fn dead_letter(
-        &self,
-        body: &str,
-        reason: &str,
-        source: &Source<'_>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
-}
-
-/// Where a dead-lettered message came from.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Source<'a> {
-    /// The queue or stream ARN.
-    pub arn: Option<&'a str>,
-    /// The SQS message id or the stream record's sequence number.
-    pub id: Option<&'a str>,
-}
-
-/// Dead letters kept in memory with their reasons, in arrival order: for unit tests of the
-/// handlers that park unreadable input.
-#[derive(Debug, Default)]
-pub struct KeptDeadLetters(std::sync::Mutex<Vec<String>>);
-
-impl KeptDeadLetters {
-    pub fn reasons(&self) -> Vec<String> {
-        self.0.lock().map(|r| r.clone()).unwrap_or_default()
-    }
-}
-
-impl DeadLetters for KeptDeadLetters {
-    async fn dead_letter(&self, _body: &str, reason: &str, _source: &Source<'_>) -> Result<(), String> {
-        self.0.lock().map_err(|e| e.to_string())?.push(reason.to_owned());
-        Ok(())
-    }
-}
-
-/// A function's DLQ (`DEAD_LETTER_QUEUE_URL`): for a step, the same queue its redrive policy
-/// uses, so everything that needs a look is in one place. The SQS client is made at the first
-/// dead letter (a rare path), not in the init phase.
-#[derive(Clone)]
-pub struct SqsDeadLetters {
-    pub client: crate::aws::LazyClient<aws_sdk_sqs::Client>,
-    pub queue_url: String,
-}
-
-impl DeadLetters for SqsDeadLetters {
-    async fn dead_letter(&self, body: &str, reason: &str, source: &Source<'_>) -> Result<(), String> {
-        let attribute = |v: &str| {
-            MessageAttributeValue::builder().data_type("String").string_value(v).build().map_err(|e| e.to_string())
-        };
-        let reason: String = reason.chars().take(1_000).collect();
-        let mut send = self
-            .client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(body)
-            .message_attributes("reason", attribute(&reason)?);
-        if let Some(arn) = source.arn {
-            send = send.message_attributes("sourceArn", attribute(arn)?);
-        }
-        if let Some(id) = source.id {
-            send = send.message_attributes("sourceId", attribute(id)?);
-        }
-        send.send().await.map(|_| ()).map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(&e).to_string())
-    }
-}
-
 /// Commands of one batch worked on at once.
 pub const STEP_CONCURRENCY: usize = 4;
 
-/// Processes one SQS batch of step commands, up to [`STEP_CONCURRENCY`] at a time: each message is answered to the state machine
-/// and deleted, or reported as a batch item failure to be redelivered (and, after
-/// `maxReceiveCount`, moved to the DLQ by the redrive policy). Work still running at `deadline`
-/// is cut off and reported with the messages not started, so the invocation answers before
-/// Lambda kills it: the finished messages are not redelivered, and a redelivered one finds its
-/// effects recorded (every step is idempotent).
+/// Processes one SQS batch of step commands, up to [`STEP_CONCURRENCY`] at a time (see
+/// [`Batch::sqs`]): each message is answered to the state machine and deleted, or reported as a
+/// batch item failure to be redelivered (and, after `maxReceiveCount`, moved to the DLQ by the
+/// redrive policy). At `deadline` the rest is left for redelivery: a redelivered command finds
+/// its effects recorded (every step is idempotent).
 pub async fn process_batch<C, D, F, Fut>(
     event: SqsEvent,
     deadline: &Deadline,
@@ -172,49 +103,13 @@ where
 {
     // A few at a time: commands of one batch are for different orders, so they overlap well;
     // a hot SKU they share is settled by the store's expected-version retries.
-    let step = &step;
-    let failures: Vec<BatchItemFailure> = stream::iter(&event.records)
-        .map(|message| async move {
-            let id = message.message_id.clone().unwrap_or_default();
-            let result = if deadline.allows(Duration::ZERO) {
-                // The deadline is also the work's current one: a provider call inside bounds
-                // its timeout by it (polled here, by `buffered`, in this task).
-                let work = deadline.scope(process_one(message, accepts, callback, dead_letters, step));
-                deadline.run(work).await.unwrap_or_else(|| {
-                    tracing::warn!(message_id = %id, "step command cut off at the invocation's deadline");
-                    Err("the invocation's deadline came first".to_owned())
-                })
-            } else {
-                tracing::warn!(message_id = %id, "step command not started before the invocation's deadline");
-                Err("not started before the invocation's deadline".to_owned())
-            };
-            result.err().map(|reason| {
-                // (Why was logged where it was known, with the command's order if it was read.)
-                tracing::debug!(message_id = %id, %reason, "step command left for redelivery");
-                let mut failure = BatchItemFailure::default();
-                failure.item_identifier = id;
-                failure
-            })
-        })
-        .buffered(STEP_CONCURRENCY)
-        .filter_map(std::future::ready)
-        .collect()
-        .await;
-    let mut response = SqsBatchResponse::default();
-    response.batch_item_failures = failures;
-    response
+    let batch = Batch::new(dead_letters, *deadline).concurrently(STEP_CONCURRENCY);
+    batch.sqs(&event, |message| process_one(message, accepts, callback, &step)).await
 }
 
-async fn process_one<C, D, F, Fut>(
-    message: &SqsMessage,
-    accepts: &[Step],
-    callback: &C,
-    dead_letters: &D,
-    step: &F,
-) -> Result<(), String>
+async fn process_one<C, F, Fut>(message: &SqsMessage, accepts: &[Step], callback: &C, step: &F) -> Result<(), Unhandled>
 where
     C: TaskCallback,
-    D: DeadLetters,
     F: Fn(StepMessage) -> Fut,
     Fut: Future<Output = Result<StepOutcome, StepError>>,
 {
@@ -230,17 +125,14 @@ where
     let command = match command {
         Ok(command) => command,
         Err(reason) => {
-            // (A decoder's message may quote a field whole: the reason is kept short.)
             let reason = crate::text::bounded(&reason, crate::text::MAX_REASON);
-            tracing::error!(message_id = ?message.message_id, %reason, "dead-lettering a step command");
             // If the token can be read, the saga learns at once instead of waiting for a timeout.
             if let Some(token) =
                 serde_json::from_str::<Value>(body).ok().and_then(|v| v["taskToken"].as_str().map(str::to_owned))
             {
-                callback.fail(&token, MALFORMED_COMMAND, &reason).await.map_err(|e| e.to_string())?;
+                callback.fail(&token, MALFORMED_COMMAND, &reason).await.map_err(|e| Unhandled::retry(e.to_string()))?;
             }
-            let source = Source { arn: message.event_source_arn.as_deref(), id: message.message_id.as_deref() };
-            return dead_letters.dead_letter(body, &reason, &source).await;
+            return Err(Unhandled::dead_letter(reason));
         }
     };
     // Every line about this command carries its order, correlation and trace.
@@ -248,7 +140,7 @@ where
     span.in_scope(|| tracing::debug!(step = ?command.step, "step command received"));
     let token = command.task_token.clone();
     let step_name = format!("{:?}", command.step);
-    async {
+    let answered = async {
         let started = std::time::Instant::now();
         let result = step(command).await;
         let took = started.elapsed();
@@ -267,10 +159,7 @@ where
                 tracing::error!(step = %step_name, %reason, "step failed permanently");
                 callback.fail(&token, STEP_FAILED, &reason).await
             }
-            Err(StepError::Retryable(reason)) => {
-                tracing::warn!(step = %step_name, %reason, "step left for redelivery");
-                return Err(reason);
-            }
+            Err(StepError::Retryable(reason)) => return Err(format!("step {step_name}: {reason}")),
         };
         match delivery {
             Ok(Delivery::Delivered) => Ok(()),
@@ -278,14 +167,12 @@ where
                 tracing::info!(step = %step_name, "task already closed: a redelivered command, answered again");
                 Ok(())
             }
-            Err(e) => {
-                tracing::warn!(step = %step_name, error = %e, "answer to the state machine failed; left for redelivery");
-                Err(e.to_string())
-            }
+            Err(e) => Err(format!("step {step_name}: the answer to the state machine failed: {e}")),
         }
     }
-    .instrument(span)
-    .await
+    .instrument(span.clone())
+    .await;
+    answered.map_err(|reason| Unhandled::retry(reason).in_span(span))
 }
 
 /// What a step Lambda builds once and keeps between invocations.
@@ -440,56 +327,6 @@ mod tests {
         // and the unreadable message was parked with its reason
         let parked = parked.reasons();
         assert!(parked.len() == 1 && parked[0].starts_with("malformed step command"), "{parked:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn each_command_s_work_sees_the_invocation_s_deadline() {
-        // Given an invocation with 5 s left, and a step that reads the current deadline
-        let (answers, parked) = (Answers::default(), KeptDeadLetters::default());
-        let seen = Mutex::new(Vec::new());
-        let step = |_command: StepMessage| {
-            let seen = &seen;
-            async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                seen.lock().expect("lock").push(Deadline::current().remaining());
-                Ok(Ok(json!({})))
-            }
-        };
-        let deadline = Deadline::after(Duration::from_secs(5));
-
-        // When a batch of 5 commands (4 at a time) is processed
-        process_batch(batch(5), &deadline, &[Step::ReserveInventory], &answers, &parked, step).await;
-
-        // Then each command's work saw the time left to the invocation's deadline
-        let seen = seen.lock().expect("lock").clone();
-        let expected = [4, 4, 4, 4, 3].map(|s| Some(Duration::from_secs(s)));
-        assert_eq!(seen, expected);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn at_the_deadline_unfinished_and_unstarted_commands_are_left_for_redelivery() {
-        // Given a step that takes 1 s per command, and an invocation with 1.5 s left
-        let (answers, parked) = (Answers::default(), KeptDeadLetters::default());
-        let step = |command: StepMessage| async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            Ok(Ok(json!({ "done": command.task_token })))
-        };
-        let deadline = Deadline::after(Duration::from_millis(1_500));
-
-        // When a batch of 9 commands (4 at a time) is processed
-        let began = tokio::time::Instant::now();
-        let response = process_batch(batch(9), &deadline, &[Step::ReserveInventory], &answers, &parked, step).await;
-
-        // Then the invocation answers at its deadline, not after the 3 s the batch needs
-        assert_eq!(began.elapsed(), Duration::from_millis(1_500));
-        // and the first four commands were answered; the rest, cut off (m5-m8) or never started
-        // (m9 and the unreadable one), stay on the queue
-        let mut answered: Vec<String> = answers.0.lock().expect("lock").iter().map(|(t, _)| t.clone()).collect();
-        answered.sort();
-        assert_eq!(answered, ["t1", "t2", "t3", "t4"]);
-        let failed: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
-        assert_eq!(failed, ["m5", "m6", "m7", "m8", "m9", "bad"]);
-        assert!(parked.reasons().is_empty());
     }
 
     /// Arbitrary message bodies on a step's queue: each is either worked and answered, or parked

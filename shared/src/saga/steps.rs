@@ -460,6 +460,10 @@ pub async fn send_notification<S: EventStore, N: Notifier>(
     if current.state.notified {
         return Ok(Ok(json!({ "notified": true })));
     }
+    // A late redelivery, after the saga ended the order: its customer is not told it is on its way.
+    if current.state.status != OrderStatus::Placed {
+        return Err(StepError::Permanent(format!("order is {:?}: not notified", current.state.status)));
+    }
     let text = format!("Your order {id} of {} is confirmed and on its way.", order.total);
     match notifier.notify(&format!("notify-{id}"), order.customer_id.as_str(), &text).await {
         Err(e) => Ok(unavailable(e)),

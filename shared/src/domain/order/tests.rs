@@ -1,4 +1,5 @@
 use super::*;
+use crate::aggregate::testing::given;
 
 pub(crate) fn request() -> OrderRequest {
     OrderRequest {
@@ -72,60 +73,75 @@ fn unknown_fields_are_refused_not_ignored() {
 }
 
 fn placed() -> Order {
-    let mut order = Order::default();
-    order.apply(&OrderEvent::OrderPlaced(request().validate().unwrap()));
-    order
+    given::<Order>([OrderEvent::OrderPlaced(request().validate().unwrap())]).into_state()
+}
+
+fn placed_event() -> OrderEvent {
+    OrderEvent::OrderPlaced(request().validate().unwrap())
 }
 
 #[test]
 fn placing_twice_is_a_retry_and_placing_differently_is_an_error() {
     let p = request().validate().unwrap();
-    let order = placed();
-    assert_eq!(order.decide(&OrderCommand::Place(p.clone())), Ok(vec![]));
-    let mut other = p;
-    other.payment_token = "tok_other".into();
-    assert!(matches!(order.decide(&OrderCommand::Place(other)), Err(OrderError::AlreadyPlacedDifferently(_))));
+    let other = PlaceOrder { payment_token: "tok_other".into(), ..p.clone() };
+    given::<Order>([placed_event()])
+        .when(OrderCommand::Place(p))
+        .then_nothing()
+        .when(OrderCommand::Place(other))
+        .then_error(OrderError::AlreadyPlacedDifferently("ord-1".into()));
 }
 
 #[test]
 fn an_order_ends_once() {
-    let mut order = placed();
     let cancel = OrderCommand::Cancel { reason: "no stock".into(), failed_step: "ReserveInventory".into() };
-    let events = order.decide(&cancel).unwrap();
-    order.apply(&events[0]);
-    assert_eq!(order.status, OrderStatus::Cancelled);
-    assert_eq!(order.decide(&cancel), Ok(vec![]), "cancelling again changes nothing");
     let complete = OrderCommand::Complete { payment_id: "p".into(), shipment_id: "s".into() };
-    assert!(matches!(order.decide(&complete), Err(OrderError::InvalidTransition { .. })));
-    assert_eq!(
-        order.decide(&flag(&["CancelOrder"])).unwrap().len(),
-        1,
-        "a cancelled order can still need manual action"
-    );
+    let cancelled = given::<Order>([placed_event()])
+        .when(cancel.clone())
+        .then_expect([OrderEvent::OrderCancelled { reason: "no stock".into(), failed_step: "ReserveInventory".into() }])
+        // cancelling again changes nothing
+        .when(cancel)
+        .then_nothing()
+        .when(complete)
+        .then_error(OrderError::InvalidTransition { status: OrderStatus::Cancelled, action: "complete" });
+    assert_eq!(cancelled.state().status, OrderStatus::Cancelled);
+    // a cancelled order can still need manual action
+    cancelled.when(flag(&["CancelOrder"])).then_expect([OrderEvent::OrderFlaggedForManualAction {
+        failures: vec![FailedAction::new("CancelOrder", "ServiceUnavailable: down")],
+    }]);
 }
 
 #[test]
 fn a_flagged_order_ends_cancelled_once_its_compensations_go_through_or_resolved_by_a_person() {
     // Given an order flagged for manual action
-    let mut flagged = placed();
-    let events = flagged.decide(&flag(&["RefundPayment"])).unwrap();
-    flagged.apply(&events[0]);
+    let flagged = given::<Order>([placed_event()]).when(flag(&["RefundPayment"])).then_expect([
+        OrderEvent::OrderFlaggedForManualAction {
+            failures: vec![FailedAction::new("RefundPayment", "ServiceUnavailable: down")],
+        },
+    ]);
     // When its compensations are retried and go through, it is cancelled
-    let mut retried = flagged.clone();
     let cancel = OrderCommand::Cancel { reason: "retried by ana".into(), failed_step: "RefundPayment".into() };
-    let events = retried.decide(&cancel).unwrap();
-    retried.apply(&events[0]);
-    assert_eq!(retried.status, OrderStatus::Cancelled);
-    // Or when a person resolves it by hand, it is resolved, once
+    let retried = flagged.clone().when(cancel.clone()).then_expect([OrderEvent::OrderCancelled {
+        reason: "retried by ana".into(),
+        failed_step: "RefundPayment".into(),
+    }]);
+    assert_eq!(retried.state().status, OrderStatus::Cancelled);
+    // Or when a person resolves it by hand, it is resolved, once, and for good
     let resolve = OrderCommand::ResolveManualAction { by: "ana".into(), note: "refunded by bank transfer".into() };
-    let events = flagged.decide(&resolve).unwrap();
-    assert!(matches!(&events[..], [OrderEvent::OrderManualActionResolved { by, .. }] if by == "ana"));
-    flagged.apply(&events[0]);
-    assert_eq!(flagged.status, OrderStatus::ManuallyResolved);
-    assert_eq!(flagged.decide(&resolve), Ok(vec![]));
-    assert!(matches!(flagged.decide(&cancel), Err(OrderError::InvalidTransition { .. })), "final");
+    let resolved = flagged
+        .when(resolve.clone())
+        .then_expect([OrderEvent::OrderManualActionResolved {
+            by: "ana".into(),
+            note: "refunded by bank transfer".into(),
+        }])
+        .when(resolve.clone())
+        .then_nothing()
+        .when(cancel)
+        .then_error(OrderError::InvalidTransition { status: OrderStatus::ManuallyResolved, action: "cancel" });
+    assert_eq!(resolved.state().status, OrderStatus::ManuallyResolved);
     // And an order nobody flagged is not resolved by hand
-    assert!(matches!(placed().decide(&resolve), Err(OrderError::InvalidTransition { .. })));
+    given::<Order>([placed_event()])
+        .when(resolve)
+        .then_error(OrderError::InvalidTransition { status: OrderStatus::Placed, action: "resolve by hand" });
 }
 
 fn flag(steps: &[&str]) -> OrderCommand {
@@ -137,28 +153,26 @@ fn flag(steps: &[&str]) -> OrderCommand {
 #[test]
 fn flagging_names_every_step_that_kept_failing_and_only_new_failures_flag_again() {
     // Given a placed order whose refund and stock release kept failing
-    let mut order = placed();
-    // When it is flagged for manual action
-    let events = order.decide(&flag(&["RefundPayment", "ReleaseInventory"])).unwrap();
-    // Then the event names both steps, each with its error
-    assert_eq!(
-        events,
-        [OrderEvent::OrderFlaggedForManualAction {
+    let both = flag(&["RefundPayment", "ReleaseInventory"]);
+    // When it is flagged for manual action, then the event names both steps, each with its error
+    let flagged =
+        given::<Order>([placed_event()]).when(both.clone()).then_expect([OrderEvent::OrderFlaggedForManualAction {
             failures: vec![
                 FailedAction::new("RefundPayment", "ServiceUnavailable: down"),
                 FailedAction::new("ReleaseInventory", "ServiceUnavailable: down"),
             ],
-        }]
-    );
-    order.apply(&events[0]);
-    assert_eq!(order.status, OrderStatus::NeedsManualAction);
-    assert_eq!(order.failed_actions.len(), 2);
+        }]);
+    assert_eq!(flagged.state().status, OrderStatus::NeedsManualAction);
+    assert_eq!(flagged.state().failed_actions.len(), 2);
     // And flagging it again for the same steps (a redelivery, or a retry that failed alike)
     // changes nothing, while other steps failing on a retry is recorded
-    assert_eq!(order.decide(&flag(&["RefundPayment", "ReleaseInventory"])), Ok(vec![]));
-    assert_eq!(order.decide(&flag(&["RefundPayment"])).unwrap().len(), 1);
+    flagged.when(both).then_nothing().when(flag(&["RefundPayment"])).then_expect([
+        OrderEvent::OrderFlaggedForManualAction {
+            failures: vec![FailedAction::new("RefundPayment", "ServiceUnavailable: down")],
+        },
+    ]);
     // And a flag naming no step is refused
-    assert_eq!(placed().decide(&flag(&[])), Err(OrderError::NothingFailed));
+    given::<Order>([placed_event()]).when(flag(&[])).then_error(OrderError::NothingFailed);
 }
 
 #[test]
