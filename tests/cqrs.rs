@@ -13,17 +13,18 @@ use aws_sdk_dynamodb::types::{
 };
 use outbox_relay::{Bus, BusEntry, EventBridgeBus, Relay};
 use serde_json::{Value, json};
+use shared::adapters::dynamodb::DynamoEventStore;
+use shared::adapters::dynamodb::readmodels::ReadModelStore;
+use shared::adapters::sqs::SqsDeadLetters;
 use shared::aggregate::{CommandContext, Repository};
 use shared::domain::dead_letter::Status;
 use shared::domain::order::{Order, OrderCommand, OrderRequest};
 use shared::domain::payment::{Payment, PaymentCommand};
 use shared::domain::shipment::{Shipment, ShipmentCommand};
-use shared::eventstore::{DynamoEventStore, EventStore, NewEvent, RecordedEvent, StreamId};
+use shared::eventstore::{EventStore, NewEvent, RecordedEvent, StreamId};
+use shared::lambda::projections::ProjectionLambda;
 use shared::readmodel::OrderView;
-use shared::readmodel::runtime::ProjectionLambda;
-use shared::readmodel::store::ReadModelStore;
 use shared::retry::RetryPolicy;
-use shared::saga::runtime::SqsDeadLetters;
 use system_tests::invoke::{Except, Replace};
 use system_tests::saga::SagaEnv;
 use system_tests::{LocalAws, unique};
@@ -240,10 +241,11 @@ async fn wait_for_projections(env: &SagaEnv, orders: &[String]) {
             let mut behind = 0;
             for category in ["Order", "Payment", "Shipment"] {
                 let stream = StreamId::new(category, id).expect("id");
-                behind += shared::readmodel::store::lag::<OrderView, _>(env.repo.store(), &models, &stream)
-                    .await
-                    .expect("lag")
-                    .behind;
+                behind +=
+                    shared::adapters::dynamodb::readmodels::lag::<OrderView, _>(env.repo.store(), &models, &stream)
+                        .await
+                        .expect("lag")
+                        .behind;
             }
             if behind == 0 {
                 break;
@@ -348,9 +350,13 @@ async fn projections_fed_duplicates_out_of_order_and_the_rebuild_all_equal_the_i
     // Then a rebuild from the event store gives the same read models
     let rebuilt_table = create_read_model_table(&env.aws).await;
     let target = ReadModelStore::new(env.aws.dynamodb(), rebuilt_table.clone());
-    shared::readmodel::store::rebuild(&env.aws.dynamodb(), &env.stack.environment["EVENTS_TABLE"], &target)
-        .await
-        .expect("rebuild");
+    shared::adapters::dynamodb::readmodels::rebuild(
+        &env.aws.dynamodb(),
+        &env.stack.environment["EVENTS_TABLE"],
+        &target,
+    )
+    .await
+    .expect("rebuild");
     let rebuilt = read_models(&env.aws, &rebuilt_table).await;
     assert_same(&rebuilt, &incremental, "rebuild vs incremental");
 
@@ -404,19 +410,24 @@ async fn a_gap_is_filled_from_the_store_and_the_late_event_then_changes_nothing(
     // When the newest arrives first
     let first = models.project::<OrderView, _>(&store, &order_events[1]).await.expect("project");
     // Then the missing one is read from the store, and its late arrival changes nothing
-    assert_eq!(first, shared::readmodel::store::Projected::CaughtUp { events: 2 });
+    assert_eq!(first, shared::adapters::dynamodb::readmodels::Projected::CaughtUp { events: 2 });
     let late = models.project::<OrderView, _>(&store, &order_events[0]).await.expect("project");
-    assert_eq!(late, shared::readmodel::store::Projected::AlreadyApplied);
+    assert_eq!(late, shared::adapters::dynamodb::readmodels::Projected::AlreadyApplied);
     let (view, _) = models.get::<OrderView>(&shared::readmodel::order_key(&id)).await.expect("get").expect("view");
     assert_eq!(view.status, "Completed");
     assert_eq!(view.versions[&format!("Order-{id}")], 2);
     // And the lag check agrees
-    let lag = shared::readmodel::store::lag::<OrderView, _>(&store, &models, &StreamId::new("Order", &id).expect("id"))
-        .await
-        .expect("lag");
+    let lag = shared::adapters::dynamodb::readmodels::lag::<OrderView, _>(
+        &store,
+        &models,
+        &StreamId::new("Order", &id).expect("id"),
+    )
+    .await
+    .expect("lag");
     assert_eq!((lag.head, lag.applied, lag.behind), (2, 2, 0));
     let payment = StreamId::new("Payment", &id).expect("id");
-    let lag = shared::readmodel::store::lag::<OrderView, _>(&store, &models, &payment).await.expect("lag");
+    let lag =
+        shared::adapters::dynamodb::readmodels::lag::<OrderView, _>(&store, &models, &payment).await.expect("lag");
     assert_eq!((lag.head, lag.behind), (2, 2), "payment events not projected yet: 2 behind");
 }
 

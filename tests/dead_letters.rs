@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use local_env::lambda::Faults;
+use shared::adapters::dynamodb::readmodels::ReadModelStore;
 use shared::domain::dead_letter::{DeadLetter, Failure, Status};
 use shared::domain::order::{Order, OrderStatus};
 use shared::readmodel::OrderView;
-use shared::readmodel::store::ReadModelStore;
 use system_tests::saga::SagaEnv;
 
 /// Messages visible or in flight on the stack's queue `logical_id`.

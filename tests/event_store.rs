@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::json;
+use shared::adapters::dynamodb::PayloadEncoding;
 use shared::aggregate::{CommandContext, Executed, Repository};
 use shared::eventstore::{
-    AppendError, AppendOutcome, EventMetadata, EventStore, MAX_ITEM_BYTES, NewEvent, PayloadEncoding, Snapshot,
-    StreamId,
+    AppendError, AppendOutcome, EventMetadata, EventStore, MAX_ITEM_BYTES, NewEvent, Snapshot, StreamId,
 };
 use shared::retry::RetryPolicy;
 use system_tests::tally::{Record, Tally, TallyEvent};

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use local_env::lambda::Faults;
 use serde_json::{Value, json};
+use shared::adapters::dynamodb::DynamoBreakerStore;
 use shared::domain::OrderId;
 use shared::domain::inventory::{Inventory, Reservation};
 use shared::domain::order::{Order, OrderStatus};
 use shared::domain::payment::Payment;
-use shared::resilience::breaker::{BreakerStore, DynamoBreakerStore, State};
+use shared::resilience::breaker::{BreakerStore, State};
 use system_tests::saga::SagaEnv;
 
 /// A breaker that opens after 3 failures in 10 s and probes after 4 s; parked payments retry

@@ -293,6 +293,55 @@ fn every_queue_is_consumed_once_and_failures_end_with_the_dead_letter_handler() 
     }
 }
 
+/// Every route the template gives an HTTP function reaches a handler of that function's router
+/// (the local HTTP API, like API Gateway, forwards only the template's routes): a route added to
+/// one and not the other is found here, not by a client's `404`.
+#[tokio::test]
+async fn every_http_route_of_the_template_is_routed_by_its_function() {
+    use axum::body::Body;
+    use shared::eventstore::InMemoryEventStore;
+    use tower::ServiceExt;
+
+    // Given each HTTP function's router, over stores no request here reaches
+    let dynamodb = aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::Config::builder().behavior_version(aws_config::BehaviorVersion::latest()).build(),
+    );
+    let models = shared::adapters::dynamodb::readmodels::ReadModelStore::new(dynamodb, "unused");
+    let query = query_api::router(query_api::QueryApi::with_store(InMemoryEventStore::default(), models, "op".into()));
+    let place = place_order::router(std::sync::Arc::new(place_order::PlaceOrder {
+        repo: shared::aggregate::Repository::new(InMemoryEventStore::default()),
+        limiter: None::<shared::ratelimit::RateLimiter<shared::ratelimit::InMemoryCounters>>,
+    }));
+    let t = template();
+    let mut routes = 0;
+    for f in t.resources.values().filter(|r| r.kind == "AWS::Serverless::Function") {
+        for (name, event) in
+            f.properties["Events"].as_object().into_iter().flatten().filter(|(_, e)| e["Type"] == "HttpApi")
+        {
+            let context = format!("{}.{name}", f.logical_id);
+            let router = match f.properties["CodeUri"].as_str().map(|u| u.trim_end_matches('/')) {
+                Some("functions/query-api") => query.clone(),
+                Some("functions/place-order") => place.clone(),
+                other => panic!("{context}: an HTTP route on {other:?}, which this test has no router for"),
+            };
+            let (method, path) = (&event["Properties"]["Method"], &event["Properties"]["Path"]);
+            let method = method.as_str().unwrap_or_else(|| panic!("{context}: Method"));
+            // Each `{parameter}` becomes a value
+            let path: Vec<&str> = path.as_str().unwrap_or_else(|| panic!("{context}: Path")).split('/').collect();
+            let path =
+                path.iter().map(|s| if s.starts_with('{') { "Order-x" } else { s }).collect::<Vec<_>>().join("/");
+            // When it is requested (without the authorizer's claims: nothing is read or written)
+            let request =
+                axum::http::Request::builder().method(method).uri(&path).body(Body::empty()).expect("request");
+            let status = router.oneshot(request).await.expect("an answer").status().as_u16();
+            // Then a handler took it: neither the router's 404 nor its 405
+            assert!(status != 404 && status != 405, "{context}: {method} {path} is not routed ({status})");
+            routes += 1;
+        }
+    }
+    assert!(routes >= 5, "{routes} routes");
+}
+
 #[test]
 fn every_dead_letter_queue_has_a_depth_alarm() {
     let t = template();

@@ -8,12 +8,14 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use aws_lambda_events::apigw::ApiGatewayV2httpRequest;
 use serde_json::{Value, json};
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 use shared::aggregate::{CommandContext, Repository};
 use shared::domain::Sku;
 use shared::domain::inventory::{Inventory, InventoryCommand};
 use shared::domain::order::{Order, OrderStatus};
-use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StreamId};
+use shared::eventstore::{EventStore, StreamId};
 
 use crate::issuer::Issuer;
 use crate::lambda::FunctionStats;
@@ -40,11 +42,16 @@ fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Loads a sample order and gives it a run-unique id, so every run places new orders.
+/// Loads a sample order (the body of a sample `POST /orders` event) and gives it a run-unique
+/// id, so every run places new orders.
 pub fn sample_order(dir: &Path, name: &str, suffix: &str) -> anyhow::Result<Value> {
     let path = dir.join(format!("{name}.json"));
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut order: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let event: ApiGatewayV2httpRequest =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let body = event.body.with_context(|| format!("{}: an event without a body", path.display()))?;
+    let mut order: Value =
+        serde_json::from_str(&body).with_context(|| format!("parsing the body of {}", path.display()))?;
     let id = order["orderId"].as_str().context("sample without orderId")?.to_owned();
     order["orderId"] = json!(format!("{id}-{suffix}"));
     Ok(order)

@@ -400,8 +400,8 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<bool> {
         Some(t) => t,
         None => stack.environment.get("READ_MODEL_TABLE").context("no READ_MODEL_TABLE")?.clone(),
     };
-    let store = shared::readmodel::store::ReadModelStore::new(dynamodb.clone(), table.clone());
-    let written = shared::readmodel::store::rebuild(&dynamodb, events_table, &store).await?;
+    let store = shared::adapters::dynamodb::readmodels::ReadModelStore::new(dynamodb.clone(), table.clone());
+    let written = shared::adapters::dynamodb::readmodels::rebuild(&dynamodb, events_table, &store).await?;
     println!("Rebuilt read models from {events_table} into {table}: {written:?}");
     Ok(true)
 }

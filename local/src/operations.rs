@@ -9,9 +9,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use shared::adapters::dynamodb::readmodels::ReadModelStore;
 use shared::domain::dead_letter::Status;
 use shared::readmodel::dead_letters::DeadLetterView;
-use shared::readmodel::store::ReadModelStore;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 

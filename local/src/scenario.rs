@@ -18,16 +18,17 @@ use anyhow::{Context, bail};
 use aws_sdk_sfn::types::HistoryEventType;
 use futures::StreamExt;
 use serde_json::{Value, json};
+use shared::adapters::dynamodb::DynamoBreakerStore;
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 use shared::aggregate::Repository;
 use shared::domain::order::{Order, OrderStatus};
-use shared::eventstore::{DynamoEventStore, EventStoreConfig};
-use shared::resilience::breaker::{BreakerStore, DynamoBreakerStore};
+use shared::resilience::breaker::BreakerStore;
 
 use crate::Stack;
 use crate::demo::{Api, STOCK, restock, sample_order};
 use crate::observe::{self, history, quantile, wait_for_saga};
 
-/// The breaker the charge and refund steps share (`shared::providers`).
+/// The breaker the charge and refund steps share (`shared::adapters::providers`).
 pub const PAYMENT_BREAKER: &str = "payment-gateway";
 
 /// The resilience patterns on, tuned for a short run (as `tests/resilience.rs`): the breaker

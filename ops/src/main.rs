@@ -20,11 +20,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues, StreamReplayer};
+use shared::adapters::dynamodb::readmodels::ReadModelStore;
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 use shared::aggregate::Repository;
 use shared::domain::dead_letter::Status;
-use shared::eventstore::{DynamoEventStore, EventStoreConfig};
 use shared::readmodel::dead_letters::{DeadLetterView, dead_letter_key};
-use shared::readmodel::store::ReadModelStore;
 use shared::retry::RetryPolicy;
 
 #[derive(Parser)]

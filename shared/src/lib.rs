@@ -1,40 +1,38 @@
-//! Domain and adapters shared by every function.
+//! Domain and adapters shared by every function, laid out as ports and adapters.
 //!
-//! - [`eventstore`]: the immutable, per-stream event log on DynamoDB (the port and its adapter).
+//! The core knows no AWS type; its traits are the ports:
+//! - [`domain`]: the order domain (Order, Inventory, Payment, Shipment), money, and the external
+//!   services it calls (traits).
 //! - [`aggregate`]: typed events, aggregates, snapshots and command execution over the store.
-//! - [`domain`]: the order domain (Order, Inventory, Payment, Shipment) and external services.
-//! - [`saga`]: the order saga's step contract, step logic and the step Lambdas' AWS edge.
-//! - [`telemetry`]: structured JSON logs.
-//! - [`metrics`]: business and saga metrics in CloudWatch Embedded Metric Format.
-//! - [`readmodel`]: read models (CQRS query side) and their projection onto DynamoDB.
-//! - [`retry`]: bounded exponential backoff with full jitter.
-//! - [`ratelimit`]: rate limiting per key over a sliding window, its counters on DynamoDB.
-//! - [`config`]: configuration from the environment.
-//! - [`aws`]: the AWS SDK configuration, cheap at cold start (compiled-in TLS roots, lazy TLS).
-//! - [`deadline`]: the invocation's deadline, for handlers working through a batch.
-//! - [`batch`]: the batch loop of every SQS and DynamoDB stream consumer, and its dead letters.
-//! - [`text`]: percent-decoding for HTTP paths and query strings.
-//! - [`auth`]: the HTTP caller's identity, as the API's JWT authorizer verified it.
+//! - [`eventstore`]: the immutable, per-stream event log: its port, and an in-memory store for
+//!   unit tests.
+//! - [`saga`]: the order saga's step contract and each step's logic.
+//! - [`readmodel`]: the read models (CQRS query side) and how events change them.
+//! - [`retry`], [`deadline`], [`ratelimit`], [`resilience`]: policies (backoff with jitter, the
+//!   invocation's deadline, a sliding-window limiter, timeouts, bulkhead, hedging, breaker).
+//! - [`auth`], [`config`], [`text`], [`telemetry`], [`metrics`]: the caller's identity,
+//!   configuration from the environment, bounded text, JSON logs and EMF metrics.
+//!
+//! At the edge:
+//! - [`adapters`]: DynamoDB, SQS, Step Functions, the SDK configuration, the HTTP providers.
+//! - [`lambda`]: the batch loop of every SQS and stream consumer, and the step and projection
+//!   Lambdas built on it.
 
+pub mod adapters;
 pub mod aggregate;
 pub mod auth;
-pub mod aws;
-pub mod batch;
 pub mod config;
 pub mod deadline;
 pub mod domain;
 pub mod eventstore;
+pub mod lambda;
 pub mod metrics;
-#[cfg(feature = "providers")]
-pub mod providers;
 pub mod ratelimit;
 pub mod readmodel;
 #[cfg(feature = "providers")]
 pub mod resilience;
 pub mod retry;
 pub mod saga;
-#[cfg(feature = "streams")]
-pub mod streams;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

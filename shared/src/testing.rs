@@ -8,7 +8,7 @@ use aws_lambda_events::event::dynamodb::EventRecord;
 use proptest::prelude::*;
 use serde_dynamo::{AttributeValue, Item};
 
-use crate::saga::runtime::{DeadLetters, Source};
+use crate::lambda::batch::{DeadLetters, Source};
 
 /// Given / when / then for an aggregate's decisions (see [`crate::aggregate::testing`]).
 pub use crate::aggregate::testing::{Given, When, given};

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use futures::stream::{self, StreamExt};
 use provider_simulator::{Config, Simulator, serve};
 use serde_json::{Value, json};
+use shared::adapters::providers::{Credentials, HttpPaymentGateway, KeyFetch, Provider};
 use shared::deadline::Deadline;
 use shared::domain::money::{Currency, Money};
 use shared::domain::services::{ChargeOutcome, PaymentGateway, Unavailable, Why};
-use shared::providers::{Credentials, HttpPaymentGateway, KeyFetch, Provider};
 
 async fn simulator() -> Simulator {
     serve(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), Config::default()).await.expect("the simulator starts")

@@ -24,9 +24,10 @@ use cqrs_es::persist::{PersistedEventRepository, PersistedEventStore, Serialized
 use cqrs_es::{AggregateError, CqrsFramework, EventStore as _};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use shared::adapters::dynamodb::size::item_size;
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig, PayloadEncoding};
 use shared::aggregate::{CommandContext, Executed, Repository};
-use shared::eventstore::size::item_size;
-use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, NewEvent, PayloadEncoding, StreamId};
+use shared::eventstore::{EventStore, NewEvent, StreamId};
 use shared::retry::RetryPolicy;
 use system_tests::tally::{Record, Tally};
 use system_tests::{LocalAws, unique};

@@ -13,7 +13,7 @@ use local_env::lambda::LambdaService;
 use local_env::{Options, Stack, Template};
 use serde::Serialize;
 use serde_json::Value;
-use shared::eventstore::{DynamoEventStore, EventStoreConfig};
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 
 use crate::{LocalAws, unique, workspace_root};
 

@@ -17,7 +17,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use local_env::lambda::invoke_api::InvokeApi;
 use local_env::lambda::{LambdaService, binaries};
 use local_env::{Stack, Status};
-use shared::eventstore::{DynamoEventStore, EventStoreConfig};
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -17,11 +17,12 @@ use local_env::providers::SimulatorProcess;
 use local_env::runner::{Invoke, Runner, RunnerClients, RunnerHandle};
 use local_env::{Options, Stack, Template};
 use serde_json::Value;
+use shared::adapters::dynamodb::readmodels::ReadModelStore;
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 use shared::aggregate::Repository;
 use shared::domain::dead_letter::Status;
-use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, RecordedEvent, StreamId};
+use shared::eventstore::{EventStore, RecordedEvent, StreamId};
 use shared::readmodel::dead_letters::DeadLetterView;
-use shared::readmodel::store::ReadModelStore;
 
 use crate::http::request_as;
 use crate::{LocalAws, unique, workspace_root};

@@ -6,7 +6,7 @@
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use shared::deadline::Deadline;
 use shared::domain::services::Carrier;
-use shared::saga::runtime::StepLambda;
+use shared::lambda::steps::StepLambda;
 use shared::saga::{Step, steps};
 
 pub async fn handle<X: Carrier>(lambda: &StepLambda<X>, event: SqsEvent, deadline: Deadline) -> SqsBatchResponse {

@@ -8,7 +8,7 @@
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use shared::deadline::Deadline;
 use shared::domain::services::PaymentGateway;
-use shared::saga::runtime::StepLambda;
+use shared::lambda::steps::StepLambda;
 use shared::saga::{Step, steps};
 
 pub async fn handle<X: PaymentGateway>(

@@ -1,13 +1,13 @@
 use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
+use shared::adapters::providers::HttpCarrier;
 use shared::deadline::Deadline;
-use shared::providers::HttpCarrier;
-use shared::saga::runtime::StepLambda;
+use shared::lambda::steps::StepLambda;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = shared::aws::sdk_config().await;
+    let sdk = shared::adapters::aws::sdk_config().await;
     let lambda = StepLambda::from_sdk(&sdk, HttpCarrier::from_env(&sdk).await?)?;
     let lambda = &lambda;
     run(service_fn(|event: LambdaEvent<SqsEvent>| async move {

@@ -6,7 +6,7 @@
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use shared::deadline::Deadline;
-use shared::saga::runtime::StepLambda;
+use shared::lambda::steps::StepLambda;
 use shared::saga::{Step, steps};
 
 pub async fn handle(lambda: &StepLambda<()>, event: SqsEvent, deadline: Deadline) -> SqsBatchResponse {

@@ -1,7 +1,7 @@
 use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use shared::deadline::Deadline;
-use shared::saga::runtime::StepLambda;
+use shared::lambda::steps::StepLambda;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {

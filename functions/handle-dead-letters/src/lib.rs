@@ -24,13 +24,13 @@ use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use serde_json::Value;
 use shared::aggregate::{Aggregate, CommandContext, ExecuteError, Repository};
-use shared::batch::{Batch, NoDeadLetters, Unhandled};
 use shared::deadline::Deadline;
 use shared::domain::dead_letter::{
     Actor, Arrival, DeadLetter, DeadLetterCommand, DeadLetterError, Failure, NextAction,
 };
 use shared::domain::order::{Order, OrderCommand, OrderEvent, OrderStatus};
 use shared::eventstore::{EventStore, StreamId};
+use shared::lambda::batch::{Batch, NoDeadLetters, Unhandled};
 use shared::retry::RetryPolicy;
 use tracing::Instrument;
 
@@ -849,7 +849,7 @@ impl StreamReplayer {
                 if sequence_after(&sequence, &batch.end) {
                     return Ok(records);
                 }
-                records.push(shared::streams::lambda_record(record, &batch.stream_arn, &self.region));
+                records.push(shared::lambda::streams::lambda_record(record, &batch.stream_arn, &self.region));
             }
             // An open shard answers empty pages past its end: the batch is behind us by then.
             if empty_pages >= 3 {

@@ -3,15 +3,15 @@ use std::time::Duration;
 use aws_lambda_events::event::sqs::SqsEvent;
 use handle_dead_letters::{DeadLetterHandler, SnsNotifier, SqsQueues, StreamReplayer};
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 use shared::aggregate::Repository;
 use shared::config::{process_env, required};
-use shared::eventstore::{DynamoEventStore, EventStoreConfig};
 use shared::retry::RetryPolicy;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = shared::aws::sdk_config().await;
+    let sdk = shared::adapters::aws::sdk_config().await;
     let number =
         |name: &str, default: u64| required(&process_env, name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let handler = DeadLetterHandler {

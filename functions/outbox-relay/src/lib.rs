@@ -15,10 +15,10 @@ use std::ops::Range;
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use serde_json::{Value, json};
-use shared::batch::{Batch, DeadLetters};
 use shared::config::{ConfigError, Vars, required};
 use shared::deadline::Deadline;
 use shared::eventstore::{RecordedEvent, StreamId};
+use shared::lambda::batch::{Batch, DeadLetters};
 use shared::retry::RetryPolicy;
 
 pub const SOURCE_PREFIX: &str = "order-saga.";
@@ -212,7 +212,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use shared::batch::KeptDeadLetters;
+    use shared::lambda::batch::KeptDeadLetters;
 
     use super::*;
 

@@ -5,16 +5,16 @@
 use aws_lambda_events::event::dynamodb::Event;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use outbox_relay::{EventBridgeBus, Relay};
-use shared::aws::LazyClient;
+use shared::adapters::aws::LazyClient;
+use shared::adapters::sqs::SqsDeadLetters;
 use shared::config::{process_env, required};
 use shared::deadline::Deadline;
 use shared::retry::RetryPolicy;
-use shared::saga::runtime::SqsDeadLetters;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = shared::aws::sdk_config().await;
+    let sdk = shared::adapters::aws::sdk_config().await;
     let bus = EventBridgeBus::new(aws_sdk_eventbridge::Client::new(&sdk), &process_env)?;
     let dead_letters = SqsDeadLetters {
         client: LazyClient::new(&sdk, aws_sdk_sqs::Client::new),

@@ -6,15 +6,16 @@ use std::sync::Arc;
 
 use lambda_http::{Error, run};
 use place_order::{PlaceOrder, router};
+use shared::adapters::dynamodb::DynamoCounters;
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 use shared::aggregate::Repository;
 use shared::config::process_env;
-use shared::eventstore::{DynamoEventStore, EventStoreConfig};
-use shared::ratelimit::{DynamoCounters, Limit, RateLimiter};
+use shared::ratelimit::{Limit, RateLimiter};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let dynamodb = aws_sdk_dynamodb::Client::new(&shared::aws::sdk_config().await);
+    let dynamodb = aws_sdk_dynamodb::Client::new(&shared::adapters::aws::sdk_config().await);
     let config = EventStoreConfig::from_env()?;
     // The orders-per-customer limit's counters live in the commands table (see DynamoCounters).
     let limiter = Limit::per_minute_from_vars(&process_env, "ORDERS_PER_CUSTOMER_PER_MINUTE")?

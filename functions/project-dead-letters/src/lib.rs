@@ -7,9 +7,9 @@
 //! (dimension `Kind`), which the template's alarms watch.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::adapters::dynamodb::readmodels::{AlsoWrite, Projected, ProjectionError, ReadModelStore};
+use shared::lambda::projections::ProjectionLambda;
 use shared::readmodel::dead_letters::{DeadLetterView, UNRESOLVED, unresolved_change, unresolved_key};
-use shared::readmodel::runtime::ProjectionLambda;
-use shared::readmodel::store::{AlsoWrite, Projected, ProjectionError, ReadModelStore};
 
 pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchResponse {
     lambda
@@ -49,8 +49,8 @@ mod properties {
     use shared::aggregate::encode_event;
     use shared::domain::dead_letter::{Arrival, DeadLetterEvent, Failure, Status};
     use shared::eventstore::RecordedEvent;
+    use shared::lambda::projections::decode_bus_event;
     use shared::readmodel::ReadModel;
-    use shared::readmodel::runtime::decode_bus_event;
 
     use super::*;
 

@@ -4,8 +4,8 @@
 //! ordered per stream, whatever order and however often the bus delivers.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::lambda::projections::ProjectionLambda;
 use shared::readmodel::InventoryLevel;
-use shared::readmodel::runtime::ProjectionLambda;
 
 pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchResponse {
     lambda

@@ -12,9 +12,9 @@ use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use shared::aggregate::decode_event;
 use shared::domain::order::OrderEvent;
 use shared::eventstore::RecordedEvent;
+use shared::lambda::projections::ProjectionLambda;
 use shared::metrics::Outcome;
 use shared::readmodel::OrderView;
-use shared::readmodel::runtime::ProjectionLambda;
 
 pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchResponse {
     lambda

@@ -3,7 +3,7 @@
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
-use shared::readmodel::runtime::ProjectionLambda;
+use shared::lambda::projections::ProjectionLambda;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {

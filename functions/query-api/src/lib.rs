@@ -15,7 +15,7 @@
 //! event feed and lag (else `403`; the HTTP API requires the scope on those routes too).
 //!
 //! Read models come from the read model table (`READ_MODEL_TABLE`; the listing and lag queries
-//! live next to the models, in [`shared::readmodel::queries`]); events and heads from the event
+//! live next to the models, in [`shared::adapters::dynamodb::queries`]); events and heads from the event
 //! store. This crate maps requests and answers onto them. Every error is JSON `{"error": …}` (an
 //! unknown path `404`, another method `405` with `Allow`); a failure of the storage is logged and
 //! answered `500 {"error":"internal error"}`, never with its detail.
@@ -33,12 +33,13 @@ use axum::{Json, Router};
 use lambda_http::RequestExt;
 use lambda_http::request::RequestContext;
 use serde_json::{Value, json};
+use shared::adapters::dynamodb::queries::{QueryError, stream_lag};
+use shared::adapters::dynamodb::readmodels::{ProjectionError, ReadModelStore};
+use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 use shared::auth::{AuthError, Caller};
 use shared::config::{ConfigError, Vars, process_env, required};
 use shared::domain::{CustomerId, OrderId};
-use shared::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, StoreError, StreamId};
-use shared::readmodel::queries::{QueryError, stream_lag};
-use shared::readmodel::store::{ProjectionError, ReadModelStore};
+use shared::eventstore::{EventStore, StoreError, StreamId};
 use shared::readmodel::{OrderView, ViewStatus, order_key};
 
 pub const DEFAULT_ORDERS_LIMIT: u32 = 20;
@@ -459,7 +460,7 @@ mod tests {
     }
 
     /// Arbitrary requests through the router and the query strings (the cursors:
-    /// `shared::readmodel::queries`): never a panic, and every refusal a 4xx with a short message.
+    /// `shared::adapters::dynamodb::queries`): never a panic, and every refusal a 4xx with a short message.
     mod properties {
         use proptest::prelude::*;
 

@@ -4,6 +4,6 @@ use query_api::{Config, QueryApi, router};
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = shared::aws::sdk_config().await;
+    let sdk = shared::adapters::aws::sdk_config().await;
     run(router(QueryApi::new(aws_sdk_dynamodb::Client::new(&sdk), Config::from_env()?))).await
 }

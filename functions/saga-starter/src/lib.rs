@@ -13,13 +13,14 @@ use std::future::Future;
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use serde_json::json;
+use shared::adapters::aws::LazyClient;
+use shared::adapters::sqs::SqsDeadLetters;
 use shared::aggregate::decode_event;
-use shared::aws::LazyClient;
-use shared::batch::{Batch, DeadLetters, SqsDeadLetters, one_by_one};
 use shared::config::{ConfigError, Vars, required};
 use shared::deadline::Deadline;
 use shared::domain::order::{OrderEvent, PlaceOrder};
 use shared::eventstore::RecordedEvent;
+use shared::lambda::batch::{Batch, DeadLetters, one_by_one};
 use tracing::Instrument;
 
 /// `StartExecution` calls in flight at once: Step Functions' StartExecution quota (a bucket of
@@ -158,7 +159,7 @@ mod tests {
     use std::time::Duration;
 
     use serde_json::Value;
-    use shared::batch::KeptDeadLetters;
+    use shared::lambda::batch::KeptDeadLetters;
 
     use super::*;
 

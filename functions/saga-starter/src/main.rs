@@ -4,14 +4,14 @@
 
 use aws_lambda_events::event::dynamodb::Event;
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
-use shared::aws::LazyClient;
+use shared::adapters::aws::LazyClient;
 use shared::config::process_env;
 use shared::deadline::Deadline;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
-    let sdk = shared::aws::sdk_config().await;
+    let sdk = shared::adapters::aws::sdk_config().await;
     let starter = saga_starter::Starter::new(
         aws_sdk_sfn::Client::new(&sdk),
         LazyClient::new(&sdk, aws_sdk_sqs::Client::new),

@@ -77,7 +77,7 @@ pub(super) fn stream_record(
     stream_arn: &str,
     region: &str,
 ) -> EventRecord {
-    shared::streams::lambda_record(record, stream_arn, region)
+    shared::lambda::streams::lambda_record(record, stream_arn, region)
 }
 
 /// What a stream filter is matched against: the record as Lambda delivers it.

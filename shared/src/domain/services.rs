@@ -1,6 +1,6 @@
 //! The external services a saga step talks to (payment gateway, shipping carrier, notifier),
 //! behind traits: the domain's view of them. Their HTTP clients are at the edge
-//! (`crate::providers`); locally and in tests they talk to the provider simulator
+//! (`crate::adapters::providers`); locally and in tests they talk to the provider simulator
 //! (`simulator/`). Every call carries an idempotency key, so a retried call has one effect.
 
 use std::future::Future;

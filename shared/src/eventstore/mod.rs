@@ -2,12 +2,10 @@
 //!
 //! The port ([`EventStore`]) speaks in envelopes with JSON payloads; typed domain events are
 //! encoded and decoded (with upcasting) by [`crate::aggregate`]. The DynamoDB adapter
-//! ([`DynamoEventStore`]) is the production implementation; [`InMemoryEventStore`] exists for unit
+//! ([`crate::adapters::dynamodb::DynamoEventStore`]) is the production implementation; [`InMemoryEventStore`] exists for unit
 //! tests of pure logic.
 
-mod dynamo;
 mod memory;
-pub mod size;
 
 use std::fmt;
 use std::future::Future;
@@ -15,7 +13,6 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use dynamo::{DynamoEventStore, EventStoreConfig, PayloadEncoding};
 pub use memory::InMemoryEventStore;
 
 /// DynamoDB allows 100 actions in one `TransactWriteItems`.
@@ -128,7 +125,7 @@ impl NewEvent {
 
 /// An event as stored: the envelope every consumer (projections, the outbox relay) reads.
 /// Attribute names are the DynamoDB item's, so a stream record's `NewImage` deserializes into it;
-/// a payload stored as JSON text (`payloadJson`, see [`PayloadEncoding`]) is parsed on the way.
+/// a payload stored as JSON text (`payloadJson`, see [`crate::adapters::dynamodb::PayloadEncoding`]) is parsed on the way.
 /// It serializes with `payload` as a JSON value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", try_from = "StoredEnvelope")]

@@ -2,6 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::adapters::dynamodb::DynamoCounters;
 
 const MINUTE_MS: u64 = 60_000;
 /// 2024-01-01T00:00:00Z: a window boundary for any window dividing a day.

@@ -7,9 +7,6 @@
 //! (`gsi1pk`/`gsi1sk`) for the customer listing, newest first.
 
 pub mod dead_letters;
-pub mod queries;
-pub mod runtime;
-pub mod store;
 
 use std::collections::BTreeMap;
 

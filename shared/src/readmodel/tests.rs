@@ -2,8 +2,8 @@ use serde_dynamo::aws_sdk_dynamodb_1::from_item;
 use serde_json::{Value, json};
 use tracing_subscriber::fmt::MakeWriter;
 
-use super::store::ReadModelStore;
 use super::*;
+use crate::adapters::dynamodb::ReadModelStore;
 use crate::aggregate::encode_event;
 use crate::domain::inventory::InventoryEvent;
 use crate::domain::order::OrderRequest;

@@ -2,7 +2,6 @@
 //! step's logic. Steps are idempotent by state: every outcome is read from the aggregates, so a
 //! redelivered command returns the original outcome and never repeats an effect.
 
-pub mod runtime;
 pub mod steps;
 /// Every step and compensation, on the in-memory event store with scripted services.
 #[cfg(test)]

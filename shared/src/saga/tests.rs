@@ -30,9 +30,10 @@ use crate::domain::services::{
 use crate::domain::shipment::{Shipment, ShipmentEvent};
 use crate::domain::{Currency, Money, OrderId, Sku};
 use crate::eventstore::{EventStore, InMemoryEventStore, NewEvent, StreamId};
+use crate::lambda::batch::KeptDeadLetters;
+use crate::lambda::steps::{CallbackError, Delivery, TaskCallback, process_batch};
 use crate::retry::RetryPolicy;
 use crate::saga::errors::*;
-use crate::saga::runtime::{CallbackError, Delivery, KeptDeadLetters, TaskCallback, process_batch};
 use crate::saga::steps::{self, Parking};
 use crate::saga::{Failure, Step, StepError, StepMessage, StepOutcome};
 

@@ -11,7 +11,6 @@ use std::time::Duration;
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use aws_sdk_sqs::types::MessageAttributeValue;
 use futures::stream::{self, StreamExt};
 use tracing::{Instrument, Span};
 
@@ -63,37 +62,6 @@ pub struct NoDeadLetters;
 impl DeadLetters for NoDeadLetters {
     async fn dead_letter(&self, _body: &str, _reason: &str, _source: &Source<'_>) -> Result<(), String> {
         Err("no dead-letter queue".to_owned())
-    }
-}
-
-/// A function's DLQ (`DEAD_LETTER_QUEUE_URL`): for a step, the same queue its redrive policy
-/// uses, so everything that needs a look is in one place. The SQS client is made at the first
-/// dead letter (a rare path), not in the init phase.
-#[derive(Clone)]
-pub struct SqsDeadLetters {
-    pub client: crate::aws::LazyClient<aws_sdk_sqs::Client>,
-    pub queue_url: String,
-}
-
-impl DeadLetters for SqsDeadLetters {
-    async fn dead_letter(&self, body: &str, reason: &str, source: &Source<'_>) -> Result<(), String> {
-        let attribute = |v: &str| {
-            MessageAttributeValue::builder().data_type("String").string_value(v).build().map_err(|e| e.to_string())
-        };
-        let reason: String = reason.chars().take(1_000).collect();
-        let mut send = self
-            .client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(body)
-            .message_attributes("reason", attribute(&reason)?);
-        if let Some(arn) = source.arn {
-            send = send.message_attributes("sourceArn", attribute(arn)?);
-        }
-        if let Some(id) = source.id {
-            send = send.message_attributes("sourceId", attribute(id)?);
-        }
-        send.send().await.map(|_| ()).map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(&e).to_string())
     }
 }
 

@@ -26,11 +26,11 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::size::item_size;
-use super::{
+use crate::config::{ConfigError, Vars, process_env, required};
+use crate::eventstore::{
     AppendError, AppendOutcome, Committed, EventStore, MAX_ITEM_BYTES, MAX_TRANSACT_ACTIONS, MAX_TRANSACTION_BYTES,
     NewEvent, RecordedEvent, Snapshot, StoreError, StreamId, record_events, validate_idempotency_key,
 };
-use crate::config::{ConfigError, Vars, process_env, required};
 
 type Item = HashMap<String, AttributeValue>;
 

@@ -27,6 +27,7 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use crate::adapters::dynamodb::SharedBreaker;
 use crate::config::{ConfigError, Vars, process_env, required};
 use crate::deadline::Deadline;
 use crate::domain::money::Money;
@@ -34,7 +35,7 @@ use crate::domain::order::Address;
 use crate::domain::services::{
     Carrier, ChargeOutcome, Notifier, NotifyOutcome, PaymentGateway, RefundOutcome, ShipmentOutcome, Unavailable, Why,
 };
-use crate::resilience::breaker::{Admission, BreakerPolicy, Outcome as BreakerOutcome, SharedBreaker};
+use crate::resilience::breaker::{Admission, BreakerPolicy, Outcome as BreakerOutcome};
 use crate::resilience::bulkhead::{self, Bulkhead};
 use crate::resilience::hedge::{Hedging, hedged};
 use crate::resilience::timeout::{AdaptiveTimeout, Latencies};

@@ -13,10 +13,10 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use serde_dynamo::aws_sdk_dynamodb_1::{from_item, to_item};
 
-use super::{Applied, DailySales, ReadModel, SalesDelta, placed_total, sales_key};
 use crate::config::{ConfigError, Vars, required};
 use crate::deadline::Deadline;
 use crate::eventstore::{EventStore, RecordedEvent, StoreError, StreamId};
+use crate::readmodel::{Applied, DailySales, ReadModel, SalesDelta, placed_total, sales_key};
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -75,7 +75,7 @@ pub struct AlsoWrite<T> {
     pub then: T,
 }
 
-pub(super) fn request_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+pub(crate) fn request_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
     operation: &'static str,
     e: aws_sdk_dynamodb::error::SdkError<E, R>,
 ) -> StoreError {
@@ -97,8 +97,8 @@ const RETRY: crate::retry::RetryPolicy = crate::retry::RetryPolicy {
 
 #[derive(Clone)]
 pub struct ReadModelStore {
-    pub(super) client: Client,
-    pub(super) table: String,
+    pub(crate) client: Client,
+    pub(crate) table: String,
 }
 
 impl ReadModelStore {
@@ -162,18 +162,21 @@ impl ReadModelStore {
         &self,
         status: Option<crate::domain::dead_letter::Status>,
         limit: usize,
-    ) -> Result<Vec<super::dead_letters::DeadLetterView>, ProjectionError> {
+    ) -> Result<Vec<crate::readmodel::dead_letters::DeadLetterView>, ProjectionError> {
         let mut query = self
             .client
             .query()
             .table_name(&self.table)
             .index_name("byCustomer")
             .scan_index_forward(false)
-            .expression_attribute_values(":pk", AttributeValue::S(super::dead_letters::LISTING.into()));
+            .expression_attribute_values(":pk", AttributeValue::S(crate::readmodel::dead_letters::LISTING.into()));
         query = match status {
             Some(status) => query
                 .key_condition_expression("gsi1pk = :pk AND begins_with(gsi1sk, :status)")
-                .expression_attribute_values(":status", AttributeValue::S(super::dead_letters::listing_prefix(status))),
+                .expression_attribute_values(
+                    ":status",
+                    AttributeValue::S(crate::readmodel::dead_letters::listing_prefix(status)),
+                ),
             None => query.key_condition_expression("gsi1pk = :pk"),
         };
         let mut found = Vec::new();
@@ -194,7 +197,7 @@ impl ReadModelStore {
         }
     }
 
-    pub(super) fn item<M: serde::Serialize>(
+    pub(crate) fn item<M: serde::Serialize>(
         key: &(String, String),
         model: &M,
         revision: u64,
@@ -506,9 +509,18 @@ pub async fn rebuild(
         events.sort_by_key(|e| e.version);
     }
     let mut written = BTreeMap::new();
-    written.insert(super::OrderView::NAME, rebuild_model::<super::OrderView>(&streams, target).await?);
-    written.insert(super::CustomerOrder::NAME, rebuild_model::<super::CustomerOrder>(&streams, target).await?);
-    written.insert(super::InventoryLevel::NAME, rebuild_model::<super::InventoryLevel>(&streams, target).await?);
+    written.insert(
+        crate::readmodel::OrderView::NAME,
+        rebuild_model::<crate::readmodel::OrderView>(&streams, target).await?,
+    );
+    written.insert(
+        crate::readmodel::CustomerOrder::NAME,
+        rebuild_model::<crate::readmodel::CustomerOrder>(&streams, target).await?,
+    );
+    written.insert(
+        crate::readmodel::InventoryLevel::NAME,
+        rebuild_model::<crate::readmodel::InventoryLevel>(&streams, target).await?,
+    );
     let mut days: BTreeMap<String, DailySales> = BTreeMap::new();
     for (_, events) in streams.iter().filter(|(stream, _)| stream.starts_with("Order-")) {
         for mut delta in events.iter().filter_map(SalesDelta::of) {

@@ -8,12 +8,11 @@ use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::errors::{MALFORMED_COMMAND, STEP_FAILED};
-use super::{Step, StepError, StepMessage, StepOutcome};
-use crate::batch::{Batch, Unhandled};
-// The dead-letter port lives with the batch loop; here too for the crates that import it from here.
-pub use crate::batch::{DeadLetters, KeptDeadLetters, Source, SqsDeadLetters};
+use crate::adapters::sqs::SqsDeadLetters;
 use crate::deadline::Deadline;
+use crate::lambda::batch::{Batch, DeadLetters, Unhandled};
+use crate::saga::errors::{MALFORMED_COMMAND, STEP_FAILED};
+use crate::saga::{Step, StepError, StepMessage, StepOutcome};
 
 /// How a callback to the state machine went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +26,8 @@ pub enum Delivery {
 #[error("callback to Step Functions failed: {0}")]
 pub struct CallbackError(pub String);
 
-/// Answers a task token. Implemented for the Step Functions client; a seam for tests.
+/// Answers a task token: the port; the Step Functions client implements it
+/// (`adapters::stepfunctions`), tests record what it is told.
 pub trait TaskCallback: Send + Sync {
     fn succeed(&self, token: &str, output: &Value) -> impl Future<Output = Result<Delivery, CallbackError>> + Send;
     fn fail(
@@ -36,47 +36,6 @@ pub trait TaskCallback: Send + Sync {
         error: &str,
         cause: &str,
     ) -> impl Future<Output = Result<Delivery, CallbackError>> + Send;
-}
-
-/// A callback error saying the task has ended: AWS answers `TaskTimedOut` or
-/// `TaskDoesNotExist`, LocalStack `InvalidToken`. Matched on the SDK's typed variants.
-trait TaskClosed {
-    fn task_closed(&self) -> bool;
-}
-
-impl TaskClosed for aws_sdk_sfn::operation::send_task_success::SendTaskSuccessError {
-    fn task_closed(&self) -> bool {
-        self.is_task_timed_out() || self.is_task_does_not_exist() || self.is_invalid_token()
-    }
-}
-
-impl TaskClosed for aws_sdk_sfn::operation::send_task_failure::SendTaskFailureError {
-    fn task_closed(&self) -> bool {
-        self.is_task_timed_out() || self.is_task_does_not_exist() || self.is_invalid_token()
-    }
-}
-
-/// A redelivered command finds its task ended, and that is fine: nothing to answer.
-fn closed_or<E: TaskClosed + std::error::Error + 'static, R: std::fmt::Debug>(
-    result: Result<(), aws_sdk_sfn::error::SdkError<E, R>>,
-) -> Result<Delivery, CallbackError> {
-    match result {
-        Ok(()) => Ok(Delivery::Delivered),
-        Err(e) if e.as_service_error().is_some_and(TaskClosed::task_closed) => Ok(Delivery::AlreadyClosed),
-        Err(e) => Err(CallbackError(aws_sdk_sfn::error::DisplayErrorContext(&e).to_string())),
-    }
-}
-
-impl TaskCallback for aws_sdk_sfn::Client {
-    async fn succeed(&self, token: &str, output: &Value) -> Result<Delivery, CallbackError> {
-        closed_or(self.send_task_success().task_token(token).output(output.to_string()).send().await.map(|_| ()))
-    }
-
-    async fn fail(&self, token: &str, error: &str, cause: &str) -> Result<Delivery, CallbackError> {
-        // Step Functions limits the cause to 32,768 characters.
-        let cause: String = cause.chars().take(32_000).collect();
-        closed_or(self.send_task_failure().task_token(token).error(error).cause(cause).send().await.map(|_| ()))
-    }
 }
 
 /// Commands of one batch worked on at once.
@@ -177,7 +136,7 @@ where
 
 /// What a step Lambda builds once and keeps between invocations.
 pub struct StepLambda<X> {
-    pub repo: crate::aggregate::Repository<crate::eventstore::DynamoEventStore>,
+    pub repo: crate::aggregate::Repository<crate::adapters::dynamodb::DynamoEventStore>,
     pub callback: aws_sdk_sfn::Client,
     pub dead_letters: SqsDeadLetters,
     /// The external services the step calls (gateway, carrier, notifier) or `()`.
@@ -197,12 +156,14 @@ impl<X> StepLambda<X> {
     pub fn new(
         dynamodb: aws_sdk_dynamodb::Client,
         sfn: aws_sdk_sfn::Client,
-        sqs: impl Into<crate::aws::LazyClient<aws_sdk_sqs::Client>>,
+        sqs: impl Into<crate::adapters::aws::LazyClient<aws_sdk_sqs::Client>>,
         vars: crate::config::Vars<'_>,
         services: X,
     ) -> Result<Self, crate::config::ConfigError> {
-        let store =
-            crate::eventstore::DynamoEventStore::new(dynamodb, crate::eventstore::EventStoreConfig::from_vars(vars)?);
+        let store = crate::adapters::dynamodb::DynamoEventStore::new(
+            dynamodb,
+            crate::adapters::dynamodb::EventStoreConfig::from_vars(vars)?,
+        );
         let repo = crate::aggregate::Repository::new(store).with_retry(STEP_RETRY).with_snapshots_every(100);
         let dead_letters =
             SqsDeadLetters { client: sqs.into(), queue_url: crate::config::required(vars, "DEAD_LETTER_QUEUE_URL")? };
@@ -211,7 +172,7 @@ impl<X> StepLambda<X> {
 
     /// In Lambda: clients from the default AWS configuration, variables from the process.
     pub async fn from_env(services: X) -> Result<Self, crate::config::ConfigError> {
-        Self::from_sdk(&crate::aws::sdk_config().await, services)
+        Self::from_sdk(&crate::adapters::aws::sdk_config().await, services)
     }
 
     /// [`Self::from_env`] with an AWS configuration already loaded (the providers' too).
@@ -220,7 +181,7 @@ impl<X> StepLambda<X> {
         Self::new(
             aws_sdk_dynamodb::Client::new(&sdk),
             aws_sdk_sfn::Client::new(&sdk),
-            crate::aws::LazyClient::new(&sdk, aws_sdk_sqs::Client::new),
+            crate::adapters::aws::LazyClient::new(&sdk, aws_sdk_sqs::Client::new),
             &crate::config::process_env,
             services,
         )
@@ -251,6 +212,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::lambda::batch::KeptDeadLetters;
 
     /// Records each answer to the state machine, by task token.
     #[derive(Default)]

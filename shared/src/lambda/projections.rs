@@ -9,12 +9,14 @@ use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use serde::Deserialize;
 use tracing::Instrument;
 
-use super::store::{Projected, ProjectionError, ReadModelStore};
-use crate::aws::LazyClient;
-use crate::batch::{Batch, SqsDeadLetters, Unhandled};
+use crate::adapters::aws::LazyClient;
+use crate::adapters::dynamodb::readmodels::{Projected, ProjectionError, ReadModelStore};
+use crate::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
+use crate::adapters::sqs::SqsDeadLetters;
 use crate::config::{ConfigError, Vars, process_env, required};
 use crate::deadline::Deadline;
-use crate::eventstore::{DynamoEventStore, EventStore, EventStoreConfig, RecordedEvent, StreamId};
+use crate::eventstore::{EventStore, RecordedEvent, StreamId};
+use crate::lambda::batch::{Batch, Unhandled};
 
 /// The part of an EventBridge event a projection reads: the envelope published by the relay.
 #[derive(Deserialize)]
@@ -89,7 +91,7 @@ impl ProjectionLambda {
     /// `EVENTS_TABLE` (and the other store tables), `READ_MODEL_TABLE`, `DEAD_LETTER_QUEUE_URL`.
     pub fn new(
         dynamodb: aws_sdk_dynamodb::Client,
-        sqs: impl Into<crate::aws::LazyClient<aws_sdk_sqs::Client>>,
+        sqs: impl Into<crate::adapters::aws::LazyClient<aws_sdk_sqs::Client>>,
         vars: Vars<'_>,
     ) -> Result<Self, ConfigError> {
         Ok(Self {
@@ -100,7 +102,7 @@ impl ProjectionLambda {
     }
 
     pub async fn from_env() -> Result<Self, ConfigError> {
-        let sdk = crate::aws::sdk_config().await;
+        let sdk = crate::adapters::aws::sdk_config().await;
         Self::new(aws_sdk_dynamodb::Client::new(&sdk), LazyClient::new(&sdk, aws_sdk_sqs::Client::new), &process_env)
     }
 

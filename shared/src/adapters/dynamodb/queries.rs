@@ -13,10 +13,10 @@ use base64::engine::general_purpose::{URL_SAFE_NO_PAD, URL_SAFE_NO_PAD_INDIFFERE
 use serde_dynamo::aws_sdk_dynamodb_1::from_item;
 use serde_json::{Value, json};
 
-use super::store::{Lag, ProjectionError, ReadModelStore, request_error};
-use super::{CustomerOrder, InventoryLevel, OrderView, ReadModel, ViewStatus};
+use super::readmodels::{Lag, ProjectionError, ReadModelStore, request_error};
 use crate::domain::CustomerId;
 use crate::eventstore::{EventStore, StreamId};
+use crate::readmodel::{CustomerOrder, InventoryLevel, OrderView, ReadModel, ViewStatus};
 
 type Item = HashMap<String, AttributeValue>;
 
