@@ -17,6 +17,7 @@ use shared::adapters::dynamodb::DynamoEventStore;
 use shared::adapters::dynamodb::readmodels::ReadModelStore;
 use shared::adapters::sqs::SqsDeadLetters;
 use shared::aggregate::{CommandContext, Repository};
+use shared::deadline::Deadline;
 use shared::domain::dead_letter::Status;
 use shared::domain::order::{Order, OrderCommand, OrderRequest};
 use shared::domain::payment::{Payment, PaymentCommand};
@@ -383,10 +384,10 @@ async fn projections_fed_duplicates_out_of_order_and_the_rebuild_all_equal_the_i
         let mut batch = SqsEvent::default();
         batch.records = chunk.iter().enumerate().map(|(i, e)| as_bus_message(e, n * 10 + i)).collect();
         for response in [
-            project_order_view::handle(&lambda, batch.clone()).await,
-            project_customer_orders::handle(&lambda, batch.clone()).await,
-            project_inventory::handle(&lambda, batch.clone()).await,
-            project_sales::handle(&lambda, batch.clone()).await,
+            project_order_view::handle(&lambda, batch.clone(), Deadline::never()).await,
+            project_customer_orders::handle(&lambda, batch.clone(), Deadline::never()).await,
+            project_inventory::handle(&lambda, batch.clone(), Deadline::never()).await,
+            project_sales::handle(&lambda, batch.clone(), Deadline::never()).await,
         ] {
             assert!(response.batch_item_failures.is_empty(), "{:?}", response.batch_item_failures);
         }

@@ -34,6 +34,6 @@ pub mod resilience;
 pub mod retry;
 pub mod saga;
 pub mod telemetry;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod text;

@@ -1,5 +1,5 @@
-//! Property-test strategies shared by the crates that read stored events off the DynamoDB stream
-//! (feature `testing`, for dev-dependencies only): the envelope's attribute names, and text,
+//! Test helpers shared by the crates' tests (feature `testing`, for dev-dependencies only):
+//! property-test strategies for what a handler reads (JSON, stream images): the envelope's attribute names, and text,
 //! numbers and attributes as a stream image may hold them, sane or not.
 
 use std::sync::Mutex;
@@ -52,6 +52,27 @@ pub const NAMES: &[&str] = &[
 ];
 pub const REQUIRED: &[&str] =
     &["streamId", "version", "eventId", "eventType", "schemaVersion", "correlationId", "recordedAt"];
+
+/// Any JSON (floats and kilobytes of text included), with `keys` among its objects' keys, so
+/// that a decoder fed with it goes deep.
+pub fn json_with_keys(keys: &'static [&'static str]) -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        text().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 32, 5, move |inner| {
+        let key = prop_oneof![prop::sample::select(keys).prop_map(str::to_owned), "[a-zA-Z-]{0,10}"];
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::btree_map(key, inner, 0..5).prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
 
 /// Short text mostly; sometimes kilobytes of it.
 pub fn text() -> impl Strategy<Value = String> {

@@ -241,8 +241,10 @@ impl Flow {
 impl<S: EventStore, Q: Queues, N: Notifier, T: Tasks, R: Replayer> DeadLetterHandler<S, Q, N, T, R> {
     /// Handles every message of the batch, one after the other; a message whose handling
     /// failed is left on its DLQ (there is no DLQ behind it).
-    pub async fn handle(&self, batch: SqsEvent) -> SqsBatchResponse {
-        Batch::new(&NoDeadLetters, Deadline::never())
+    /// Handles a batch of dead letters one at a time, until `deadline` (the rest stays on its
+    /// queue for the next invocation).
+    pub async fn handle(&self, batch: SqsEvent, deadline: Deadline) -> SqsBatchResponse {
+        Batch::new(&NoDeadLetters, deadline)
             .sqs(&batch, |message| async move {
                 let span = shared::telemetry::record_span(Flow::of(message).about());
                 match self.handle_one(message).instrument(span.clone()).await {
@@ -1176,46 +1178,27 @@ mod tests {
     mod properties {
         use proptest::prelude::*;
         use serde_json::json;
+        use shared::testing::{json_with_keys, text};
         use shared::text::MAX_REASON;
 
         use super::*;
 
-        fn text() -> impl Strategy<Value = String> {
-            prop_oneof![4 => ".{0,30}", 1 => (".{1,4}", 1_000usize..6_000).prop_map(|(s, n)| s.repeat(n))]
-        }
-
         fn any_json() -> impl Strategy<Value = Value> {
-            let leaf = prop_oneof![
-                Just(Value::Null),
-                any::<bool>().prop_map(Value::Bool),
-                any::<i64>().prop_map(|n| json!(n)),
-                any::<f64>().prop_map(|f| json!(f)),
-                text().prop_map(Value::String),
+            const KEYS: &[&str] = &[
+                "taskToken",
+                "orderId",
+                "executionId",
+                "failures",
+                "failedStep",
+                "error",
+                "cause",
+                "DDBStreamBatchInfo",
+                "requestContext",
+                "detail",
+                "streamId",
+                "correlationId",
             ];
-            leaf.prop_recursive(3, 24, 4, |inner| {
-                let key = prop_oneof![
-                    prop::sample::select(vec![
-                        "taskToken",
-                        "orderId",
-                        "executionId",
-                        "failures",
-                        "failedStep",
-                        "error",
-                        "cause",
-                        "DDBStreamBatchInfo",
-                        "requestContext",
-                        "detail",
-                        "streamId",
-                        "correlationId",
-                    ])
-                    .prop_map(str::to_owned),
-                    "[a-zA-Z]{0,8}",
-                ];
-                prop_oneof![
-                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                    prop::collection::btree_map(key, inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
-                ]
-            })
+            json_with_keys(KEYS)
         }
 
         /// A sample body with one field (of its own, or of a nested object) replaced by anything.
@@ -1349,7 +1332,7 @@ mod tests {
                 let mut event = SqsEvent::default();
                 event.records = messages.clone();
                 // The batch as Lambda hands it over: nothing is left on the queue.
-                let response = block_on(h.handle(event));
+                let response = block_on(h.handle(event, Deadline::never()));
                 prop_assert!(response.batch_item_failures.is_empty(), "{:?}", response.batch_item_failures);
 
                 // And each message, handled again by a fresh handler, says what was done.

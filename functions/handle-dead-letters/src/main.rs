@@ -6,6 +6,7 @@ use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use shared::adapters::dynamodb::{DynamoEventStore, EventStoreConfig};
 use shared::aggregate::Repository;
 use shared::config::{process_env, required};
+use shared::deadline::Deadline;
 use shared::retry::RetryPolicy;
 
 #[tokio::main]
@@ -37,6 +38,9 @@ async fn main() -> Result<(), Error> {
         },
     };
     let handler = &handler;
-    run(service_fn(|event: LambdaEvent<SqsEvent>| async move { Ok::<_, Error>(handler.handle(event.payload).await) }))
-        .await
+    run(service_fn(|event: LambdaEvent<SqsEvent>| async move {
+        let deadline = Deadline::from_epoch_millis(event.context.deadline);
+        Ok::<_, Error>(handler.handle(event.payload, deadline).await)
+    }))
+    .await
 }

@@ -266,35 +266,14 @@ async fn another_method_is_a_405_naming_post_in_the_callers_flow() {
 /// documents, a short error naming what is wrong, and nothing written for a refusal.
 mod properties {
     use proptest::prelude::*;
-    use serde_json::{Value, json};
+    use serde_json::Value;
 
     use super::{Answer, Fixture, http, order, request};
 
     /// Any JSON, with the order's own field names among the keys so that decoding goes deep.
     fn any_json() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(|n| json!(n)),
-            any::<f64>().prop_map(|f| json!(f)),
-            ".{0,40}".prop_map(Value::String),
-        ];
-        leaf.prop_recursive(3, 48, 6, |inner| {
-            let key = prop_oneof![
-                Just("orderId".to_owned()),
-                Just("customerId".to_owned()),
-                Just("currency".to_owned()),
-                Just("lines".to_owned()),
-                Just("sku".to_owned()),
-                Just("quantity".to_owned()),
-                Just("unitPriceMinor".to_owned()),
-                "[a-zA-Z]{0,10}",
-            ];
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::btree_map(key, inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
+        const KEYS: &[&str] = &["orderId", "customerId", "currency", "lines", "sku", "quantity", "unitPriceMinor"];
+        shared::testing::json_with_keys(KEYS)
     }
 
     /// A valid order with one field replaced by anything.

@@ -4,11 +4,14 @@
 //! ordered per stream, whatever order and however often the bus delivers.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::deadline::Deadline;
 use shared::lambda::projections::ProjectionLambda;
 use shared::readmodel::CustomerOrder;
 
-pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchResponse {
+pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent, deadline: Deadline) -> SqsBatchResponse {
     lambda
-        .handle(batch, |event| async move { lambda.models.project::<CustomerOrder, _>(&lambda.events, &event).await })
+        .handle(batch, deadline, |event| async move {
+            lambda.models.project::<CustomerOrder, _>(&lambda.events, &event).await
+        })
         .await
 }

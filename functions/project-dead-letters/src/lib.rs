@@ -8,12 +8,13 @@
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use shared::adapters::dynamodb::readmodels::{AlsoWrite, Projected, ProjectionError, ReadModelStore};
+use shared::deadline::Deadline;
 use shared::lambda::projections::ProjectionLambda;
 use shared::readmodel::dead_letters::{DeadLetterView, UNRESOLVED, unresolved_change, unresolved_key};
 
-pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchResponse {
+pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent, deadline: Deadline) -> SqsBatchResponse {
     lambda
-        .handle(batch, |event| async move {
+        .handle(batch, deadline, |event| async move {
             let models = &lambda.models;
             let projection = models
                 .project_with::<DeadLetterView, _, _>(&lambda.events, &event, |before, after| {

@@ -10,15 +10,16 @@
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use shared::aggregate::decode_event;
+use shared::deadline::Deadline;
 use shared::domain::order::OrderEvent;
 use shared::eventstore::RecordedEvent;
 use shared::lambda::projections::ProjectionLambda;
 use shared::metrics::Outcome;
 use shared::readmodel::OrderView;
 
-pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchResponse {
+pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent, deadline: Deadline) -> SqsBatchResponse {
     lambda
-        .handle(batch, |event| async move {
+        .handle(batch, deadline, |event| async move {
             let projection =
                 lambda.models.project_with::<OrderView, _, ()>(&lambda.events, &event, |_, _| None).await?;
             for _ in 0..manual_resolutions(&projection.applied) {

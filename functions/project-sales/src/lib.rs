@@ -4,8 +4,11 @@
 //! ordered per stream, whatever order and however often the bus delivers.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use shared::deadline::Deadline;
 use shared::lambda::projections::ProjectionLambda;
 
-pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent) -> SqsBatchResponse {
-    lambda.handle(batch, |event| async move { lambda.models.project_sales(&lambda.events, &event).await }).await
+pub async fn handle(lambda: &ProjectionLambda, batch: SqsEvent, deadline: Deadline) -> SqsBatchResponse {
+    lambda
+        .handle(batch, deadline, |event| async move { lambda.models.project_sales(&lambda.events, &event).await })
+        .await
 }

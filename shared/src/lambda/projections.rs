@@ -106,14 +106,15 @@ impl ProjectionLambda {
         Self::new(aws_sdk_dynamodb::Client::new(&sdk), LazyClient::new(&sdk, aws_sdk_sqs::Client::new), &process_env)
     }
 
-    /// Projects every event of the batch with `project`, one after the other.
-    pub async fn handle<F, Fut>(&self, batch: SqsEvent, project: F) -> SqsBatchResponse
+    /// Projects every event of the batch with `project`, one after the other, until `deadline`
+    /// (what is not done by then is left for redelivery).
+    pub async fn handle<F, Fut>(&self, batch: SqsEvent, deadline: Deadline, project: F) -> SqsBatchResponse
     where
         F: Fn(RecordedEvent) -> Fut,
         Fut: Future<Output = Result<Projected, ProjectionError>>,
     {
         let project = &project;
-        Batch::new(&self.dead_letters, Deadline::never())
+        Batch::new(&self.dead_letters, deadline)
             .sqs(&batch, |message| async move {
                 // The event's order, correlation and trace on every line about it.
                 let mut span = tracing::Span::none();
@@ -155,6 +156,7 @@ mod properties {
     use serde_json::{Value, json};
 
     use super::*;
+    use crate::testing::text;
 
     /// The dead-letter reason for `body`: it must be a short, non-retryable `Corrupt`.
     fn refusal(body: &str) -> Result<String, TestCaseError> {
@@ -171,43 +173,22 @@ mod properties {
         }
     }
 
-    fn text() -> impl Strategy<Value = String> {
-        prop_oneof![4 => ".{0,30}", 1 => (".{1,4}", 1_000usize..8_000).prop_map(|(s, n)| s.repeat(n))]
-    }
-
     /// Any JSON, with the envelope's field names among the keys so that decoding goes deep.
     fn any_json() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(|n| json!(n)),
-            any::<u64>().prop_map(|n| json!(n)),
-            any::<f64>().prop_map(|f| json!(f)),
-            text().prop_map(Value::String),
+        const KEYS: &[&str] = &[
+            "detail",
+            "streamId",
+            "version",
+            "eventId",
+            "eventType",
+            "schemaVersion",
+            "payload",
+            "payloadJson",
+            "correlationId",
+            "recordedAt",
+            "traceHeader",
         ];
-        leaf.prop_recursive(3, 32, 5, |inner| {
-            let key = prop_oneof![
-                prop::sample::select(vec![
-                    "detail",
-                    "streamId",
-                    "version",
-                    "eventId",
-                    "eventType",
-                    "schemaVersion",
-                    "payload",
-                    "payloadJson",
-                    "correlationId",
-                    "recordedAt",
-                    "traceHeader",
-                ])
-                .prop_map(str::to_owned),
-                "[a-zA-Z-]{0,10}",
-            ];
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
-                prop::collection::btree_map(key, inner, 0..5).prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
+        crate::testing::json_with_keys(KEYS)
     }
 
     /// (Without fractions: serde_json reads a float back to within one ulp, not always exactly,
