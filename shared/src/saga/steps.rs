@@ -8,6 +8,7 @@ use serde_json::json;
 use super::errors::*;
 use super::{StepError, StepFailure, StepMessage, StepOutcome};
 use crate::aggregate::{Aggregate, CommandContext, Executed, Repository};
+use crate::domain::OrderId;
 use crate::domain::inventory::{Inventory, InventoryCommand, Reservation};
 use crate::domain::order::{Order, OrderCommand, OrderStatus};
 use crate::domain::payment::{Payment, PaymentCommand};
@@ -177,61 +178,54 @@ fn rfc3339(at: time::OffsetDateTime) -> String {
     at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
-/// The gateway is unavailable: the order waits for it instead of failing. The first time, the
-/// payment is recorded as postponed, with the deadline; each time, the state machine is told to
-/// wait (`pending`, `retryInSeconds`) and try the charge again. Past the deadline, the step fails
-/// with `PaymentProviderUnavailable` and the order is compensated.
-async fn park<S: EventStore>(
-    repo: &Repository<S>,
-    parking: &Parking,
-    msg: &StepMessage,
-    requested: Option<(Payment, u64)>,
-    e: Unavailable,
-) -> Result<StepOutcome, StepError> {
-    let now = time::OffsetDateTime::now_utc();
-    let retry_until = match requested {
-        Some((Payment::Postponed { retry_until, .. }, _)) => retry_until,
-        requested => {
-            let cmd = PaymentCommand::Postpone {
-                order_id: msg.order.order_id.clone(),
-                reason: e.to_string(),
-                retry_until: rfc3339(now + parking.limit),
-            };
-            match postpone(repo, msg, requested, &cmd, metrics::payment_parked).await? {
-                Payment::Postponed { retry_until, .. } => retry_until,
-                other => return Err(StepError::Retryable(format!("payment is {other:?}, not postponed"))),
-            }
-        }
-    };
-    wait_or_give_up(parking, now, &retry_until, e, "the order")
+/// What parking a charge and parking a refund differ in.
+struct Parked {
+    /// The deadline of a payment already parked this way.
+    until: fn(&Payment) -> Option<&String>,
+    postpone: fn(OrderId, String, String) -> PaymentCommand,
+    count: fn(),
+    /// Who waits, for the failure's cause.
+    waiting: &'static str,
 }
 
-/// The refund's [`park`]: while the gateway is unavailable, a compensating order waits for it
-/// (from the first time, for as long as [`Parking::limit`]) rather than being flagged for an
-/// outage; past that, the step fails with `PaymentProviderUnavailable` and a person must act.
-async fn park_refund<S: EventStore>(
+const CHARGE_PARKED: Parked = Parked {
+    until: |p| if let Payment::Postponed { retry_until, .. } = p { Some(retry_until) } else { None },
+    postpone: |order_id, reason, retry_until| PaymentCommand::Postpone { order_id, reason, retry_until },
+    count: metrics::payment_parked,
+    waiting: "the order",
+};
+
+const REFUND_PARKED: Parked = Parked {
+    until: |p| if let Payment::RefundPostponed { retry_until, .. } = p { Some(retry_until) } else { None },
+    postpone: |order_id, reason, retry_until| PaymentCommand::PostponeRefund { order_id, reason, retry_until },
+    count: metrics::refund_parked,
+    waiting: "the refund",
+};
+
+/// The gateway is unavailable: the order (or, compensating, its refund) waits for it instead of
+/// failing. The first time, the payment is recorded as postponed, with the deadline
+/// ([`Parking::limit`] from now); each time, the state machine is told to wait (`pending`,
+/// `retryInSeconds`) and try again. Past the deadline, the step fails with
+/// `PaymentProviderUnavailable`: the order is compensated, or for a refund a person must act.
+async fn park<S: EventStore>(
     repo: &Repository<S>,
     parking: &Parking,
     msg: &StepMessage,
     at: Option<(Payment, u64)>,
     e: Unavailable,
+    how: &Parked,
 ) -> Result<StepOutcome, StepError> {
     let now = time::OffsetDateTime::now_utc();
-    let retry_until = match at {
-        Some((Payment::RefundPostponed { retry_until, .. }, _)) => retry_until,
-        at => {
-            let cmd = PaymentCommand::PostponeRefund {
-                order_id: msg.order.order_id.clone(),
-                reason: e.to_string(),
-                retry_until: rfc3339(now + parking.limit),
-            };
-            match postpone(repo, msg, at, &cmd, metrics::refund_parked).await? {
-                Payment::RefundPostponed { retry_until, .. } => retry_until,
-                other => return Err(StepError::Retryable(format!("payment is {other:?}, no refund postponed"))),
-            }
+    let retry_until = match at.as_ref().and_then(|(payment, _)| (how.until)(payment)).cloned() {
+        Some(retry_until) => retry_until,
+        None => {
+            let cmd = (how.postpone)(msg.order.order_id.clone(), e.to_string(), rfc3339(now + parking.limit));
+            let payment = postpone(repo, msg, at, &cmd, how.count).await?;
+            let parked = (how.until)(&payment).cloned();
+            parked.ok_or_else(|| StepError::Retryable(format!("payment is {payment:?}, not parked")))?
         }
     };
-    wait_or_give_up(parking, now, &retry_until, e, "the refund")
+    wait_or_give_up(parking, now, &retry_until, e, how.waiting)
 }
 
 /// Records a postponement (from the state held, or loaded), counted once when it is recorded.
@@ -280,7 +274,7 @@ fn wait_or_give_up(
 }
 
 /// Records the request, asks the gateway, records its answer. While the gateway is
-/// unavailable, the order is parked (see [`park`]) rather than compensated.
+/// unavailable, the order is parked (see `park`) rather than compensated.
 pub async fn charge_payment<S: EventStore, G: PaymentGateway>(
     repo: &Repository<S>,
     gateway: &G,
@@ -295,7 +289,7 @@ pub async fn charge_payment<S: EventStore, G: PaymentGateway>(
         let requested = executed.state_version().map(|version| (payment.clone(), version));
         payment = match resolve_charge(repo, gateway, msg, Resolve::Charge, amount, requested.clone()).await? {
             Ok(p) => p,
-            Err(e) => return park(repo, parking, msg, requested, e).await,
+            Err(e) => return park(repo, parking, msg, requested, e, &CHARGE_PARKED).await,
         };
     }
     Ok(match payment {
@@ -315,7 +309,7 @@ pub async fn charge_payment<S: EventStore, G: PaymentGateway>(
 /// Compensation of `charge_payment`. A charge whose answer was never recorded is settled
 /// through the gateway first (voided unless it was made), so money taken is always given back
 /// and none is taken for an order being cancelled. While the gateway is
-/// unavailable the refund is parked (see [`park_refund`]); a refusal is final (`RefundRefused`).
+/// unavailable the refund is parked (see `park`); a refusal is final (`RefundRefused`).
 pub async fn refund_payment<S: EventStore, G: PaymentGateway>(
     repo: &Repository<S>,
     gateway: &G,
@@ -330,7 +324,7 @@ pub async fn refund_payment<S: EventStore, G: PaymentGateway>(
     if let Some((None, amount)) = payment.refundable() {
         payment = match resolve_charge(repo, gateway, msg, Resolve::Void, amount, Some(at.clone())).await? {
             Ok(p) => p,
-            Err(e) => return park_refund(repo, parking, msg, Some(at), e).await,
+            Err(e) => return park(repo, parking, msg, Some(at), e, &REFUND_PARKED).await,
         };
     }
     // (When resolving the charge moved the state on, a postponement loads it again.)
@@ -341,7 +335,7 @@ pub async fn refund_payment<S: EventStore, G: PaymentGateway>(
             let refund_id = match gateway.refund(&format!("refund-{id}"), &payment_id, amount).await {
                 Ok(RefundOutcome::Refunded { refund_id }) => refund_id,
                 Ok(RefundOutcome::Refused { reason }) => return Ok(Err(StepFailure::new(REFUND_REFUSED, reason))),
-                Err(e) => return park_refund(repo, parking, msg, held, e).await,
+                Err(e) => return park(repo, parking, msg, held, e, &REFUND_PARKED).await,
             };
             let cmd = PaymentCommand::RecordRefund { order_id: order.order_id.clone(), refund_id: refund_id.clone() };
             // Counted when this command recorded the refund (not a concurrent redelivery's replay).
