@@ -151,6 +151,33 @@ pub fn json_attribute() -> impl Strategy<Value = AttributeValue> {
     })
 }
 
+/// `sample` (a stored event's item) damaged so that it is no stored event: a required attribute
+/// missing, a text one not text, a version or schema version out of range, a `payloadJson` that
+/// is not JSON, or not text.
+pub fn not_an_event(sample: fn() -> Item) -> impl Strategy<Value = Item> {
+    let not_text = prop_oneof![
+        Just(AttributeValue::Bool(true)),
+        Just(AttributeValue::L(vec![])),
+        Just(AttributeValue::M(Default::default())),
+    ];
+    let text_fields = prop::sample::select(vec!["streamId", "eventId", "eventType", "correlationId", "recordedAt"]);
+    prop_oneof![
+        prop::sample::select(REQUIRED).prop_map(move |name| {
+            let mut item = sample();
+            item.remove(name);
+            item
+        }),
+        (text_fields, not_text).prop_map(move |(name, value)| with(sample(), name, value)),
+        bad_u64().prop_map(move |n| with(sample(), "version", AttributeValue::N(n))),
+        bad_number().prop_map(move |n| with(sample(), "schemaVersion", AttributeValue::N(n))),
+        "[^}]{0,40}".prop_map(move |s| with(sample(), "payloadJson", AttributeValue::S(format!("{{{s}")))),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(move |mut b| {
+            b.insert(0, 0xff);
+            with(sample(), "payloadJson", AttributeValue::B(b))
+        }),
+    ]
+}
+
 /// `item` with `name` set to `value`.
 pub fn with(mut item: Item, name: &str, value: AttributeValue) -> Item {
     item.insert(name.to_owned(), value);

@@ -159,12 +159,8 @@ fn acceptable_correlation_id(id: &str) -> bool {
 /// A decoding error for the caller, cut short: serde quotes the offending value, which may be
 /// most of a 64 KB body.
 fn malformed(e: serde_json::Error) -> PlaceError {
-    const MAX: usize = 200;
-    let text = e.to_string();
-    match text.char_indices().nth(MAX) {
-        Some((cut, _)) => PlaceError::Malformed(format!("{}…", &text[..cut])),
-        None => PlaceError::Malformed(text),
-    }
+    // 200 bytes, not characters: a value quoted in serde's message may be 4-byte characters.
+    PlaceError::Malformed(shared::text::bounded(&e.to_string(), 200))
 }
 
 /// `Idempotency-Key` as given, if usable: none, or 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] printable
