@@ -397,27 +397,41 @@ async fn appends_beyond_dynamodb_limits_get_typed_errors_and_write_nothing() {
 }
 
 #[tokio::test]
-async fn a_conflict_reported_for_a_catch_up_names_a_lower_bound_without_another_request() {
+async fn an_append_after_a_seen_version_needs_no_guard_and_reports_a_conflict_by_its_lower_bound() {
     let aws = LocalAws::load().await;
     let store = aws.event_store();
-    let stream = tally_stream(&unique("conflict-bound-"));
+    let stream = tally_stream(&unique("seen-"));
     store.append(&stream, 0, vec![entry("a", 1), entry("a", 2)], None).await.expect("seed");
 
-    // A writer behind the head learns the version it collided with: the head is at least that
-    for (expected, at_least) in [(0, 1), (1, 2)] {
-        let err = store.append_or_conflict(&stream, expected, vec![entry("b", 1)], None).await.expect_err("conflict");
+    // A writer behind the head learns the version it collided with (one event: a PutItem; two:
+    // a transaction without the guard): the head is at least that
+    for (expected, events, at_least) in [(0, 1, 1), (1, 1, 2), (0, 2, 1), (1, 2, 2)] {
+        let batch = (0..events).map(|i| entry("b", i)).collect();
+        let err = store.append_after_seen(&stream, expected, batch, None).await.expect_err("conflict");
         assert!(
             matches!(err, AppendError::Conflict { expected: e, actual, .. } if e == expected && actual == at_least),
-            "expected {expected}: {err}"
+            "expected {expected}, {events} events: {err}"
         );
     }
-    // A writer ahead of the head (the guard fails) gets the exact head, as from `append`
-    let err = store.append_or_conflict(&stream, 5, vec![entry("b", 1)], None).await.expect_err("conflict");
-    assert!(matches!(err, AppendError::Conflict { expected: 5, actual: 2, .. }), "{err}");
-    // And every other outcome is append's
-    let ok = store.append_or_conflict(&stream, 2, vec![entry("b", 3)], None).await.expect("appends at the head");
-    assert_eq!(ok.committed().first_version, 3);
-    assert_eq!(store.head_version(&stream).await.unwrap(), 3, "no gap");
+    assert_eq!(store.head_version(&stream).await.unwrap(), 2, "nothing written by the losers");
+
+    // At the head, one event and then two append after it, gapless
+    let one = store.append_after_seen(&stream, 2, vec![entry("b", 3)], None).await.expect("one event");
+    assert_eq!((one.committed().first_version, one.committed().last_version), (3, 3));
+    let two = store.append_after_seen(&stream, 3, vec![entry("b", 4), entry("b", 5)], None).await.expect("two");
+    assert_eq!((two.committed().first_version, two.committed().last_version), (4, 5));
+    let versions: Vec<u64> = store.load(&stream, 0).await.unwrap().iter().map(|e| e.version).collect();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5], "no gap");
+
+    // And a key is still recorded in the same transaction: a repeat is a duplicate
+    let key = unique("seen-key-");
+    let keyed = store.append_after_seen(&stream, 5, vec![entry("b", 6)], Some(&key)).await.expect("keyed");
+    let again = store.append_after_seen(&stream, 5, vec![entry("b", 6)], Some(&key)).await.expect("repeat");
+    assert!(matches!(again, AppendOutcome::Duplicate(ref c) if c == keyed.committed()), "{again:?}");
+
+    // A version nobody has seen still goes through `append`, whose guard keeps the stream gapless
+    let err = store.append(&stream, 9, vec![entry("c", 1)], None).await.expect_err("behind the guard");
+    assert!(matches!(err, AppendError::Conflict { expected: 9, actual: 6, .. }), "{err}");
 }
 
 #[tokio::test]

@@ -107,7 +107,7 @@ fn decode_payload<E: DomainEvent>(recorded: &RecordedEvent, mut payload: Value) 
 }
 
 /// An event-sourced aggregate: state is the fold of its events; commands are decided against it.
-pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync {
+pub trait Aggregate: Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The stream category: streams are `<CATEGORY>-<id>`.
     const CATEGORY: &'static str;
     /// The schema of the serialized state; bump it when the state's shape changes so that old
@@ -220,17 +220,36 @@ pub struct Repository<S> {
     store: S,
     snapshot_every: Option<u64>,
     retry: RetryPolicy,
+    cache: Option<cache::StateCache>,
 }
 
 impl<S> fmt::Debug for Repository<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Repository").field("snapshot_every", &self.snapshot_every).field("retry", &self.retry).finish()
+        f.debug_struct("Repository")
+            .field("snapshot_every", &self.snapshot_every)
+            .field("retry", &self.retry)
+            .field("cached_streams", &self.cache.as_ref().map(|_| "on"))
+            .finish()
     }
 }
 
 impl<S: EventStore> Repository<S> {
     pub fn new(store: S) -> Self {
-        Self { store, snapshot_every: None, retry: RetryPolicy::default() }
+        Self { store, snapshot_every: None, retry: RetryPolicy::default(), cache: None }
+    }
+
+    /// Keeps the state of up to `streams` snapshotted streams (see [`Aggregate::SNAPSHOTS`])
+    /// between commands: a later load of one reads only the events after its cached version,
+    /// without the snapshot lookup. For a long-lived repository (a Lambda's, kept between
+    /// invocations) working on hot streams.
+    pub fn with_state_cache(mut self, streams: usize) -> Self {
+        self.cache = (streams > 0).then(|| cache::StateCache::new(streams));
+        self
+    }
+
+    /// The cache, for an aggregate it applies to: long streams, the ones that are snapshotted.
+    fn cache_for<A: Aggregate>(&self) -> Option<&cache::StateCache> {
+        self.cache.as_ref().filter(|_| A::SNAPSHOTS)
     }
 
     /// Takes a snapshot whenever an append crosses a multiple of `every` events.
@@ -248,9 +267,12 @@ impl<S: EventStore> Repository<S> {
         &self.store
     }
 
-    /// Loads from the latest usable snapshot, then the events after it.
+    /// Loads from the cached state or the latest usable snapshot, then the events after it.
     pub async fn load<A: Aggregate>(&self, id: &str) -> Result<Loaded<A>, LoadError> {
         let stream = StreamId::new(A::CATEGORY, id)?;
+        if let Some((state, version)) = self.cache_for::<A>().and_then(|c| c.get::<A>(stream.as_str())) {
+            return self.fold(&stream, state, version, None).await;
+        }
         let start = match A::SNAPSHOTS.then(|| self.store.load_snapshot(&stream)) {
             Some(lookup) => lookup.await?.and_then(restore::<A>),
             None => None,
@@ -278,6 +300,9 @@ impl<S: EventStore> Repository<S> {
         let events = self.store.load_for_fold(stream, from_version).await?;
         let events_replayed = events.len();
         let version = apply_all(&mut state, from_version, events)?;
+        if let Some(cache) = self.cache_for::<A>() {
+            cache.put(stream.as_str(), &state, version);
+        }
         Ok(Loaded { state, version, snapshot_version, events_replayed })
     }
 
@@ -375,11 +400,14 @@ impl<S: EventStore> Repository<S> {
                 .iter()
                 .map(|e| encode_event(e).map(|n| n.with_metadata(metadata.clone())))
                 .collect::<Result<Vec<_>, _>>()?;
-            match self.store.append_or_conflict(stream, version, new_events, key).await {
+            match self.store.append_after_seen(stream, version, new_events, key).await {
                 Ok(AppendOutcome::Appended(committed)) => {
                     let from_version = version;
                     for event in &events {
                         state.apply(event);
+                    }
+                    if let Some(cache) = self.cache_for::<A>() {
+                        cache.put(stream.as_str(), &state, committed.last_version);
                     }
                     self.snapshot_if_due(stream, from_version, &state, committed.last_version).await;
                     return Ok((Executed::Appended { committed, attempts: attempts.made() + 1 }, state));
@@ -457,6 +485,8 @@ fn restore<A: Aggregate>(snapshot: Snapshot) -> Option<(A, u64)> {
         }
     }
 }
+
+mod cache;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -266,6 +266,40 @@ async fn a_command_from_a_held_state_needs_no_load_and_catches_up_when_behind() 
     assert_eq!(repo.load::<Account>("a1").await.expect("load").state, state);
 }
 
+#[tokio::test]
+async fn a_cached_state_is_read_on_from_its_version_without_the_snapshot_and_catches_up() {
+    // Given a repository that caches states, after seven commands (a snapshot at 6)
+    let repo = Repository::new(InMemoryEventStore::new()).with_snapshots_every(3).with_state_cache(8);
+    repo.execute::<Account>("a1", &AccountCommand::Open, &ctx()).await.expect("open");
+    for i in 1..=6 {
+        repo.execute::<Account>("a1", &AccountCommand::Deposit(i), &ctx()).await.expect("deposit");
+    }
+    // And another writer's deposit, appended behind the repository's back
+    let stream = StreamId::parse("Account-a1").unwrap();
+    let theirs = encode_event(&AccountEvent::MoneyDeposited { amount_cents: 100, currency: "EUR".into() }).unwrap();
+    repo.store().append(&stream, 7, vec![theirs], None).await.expect("another writer");
+
+    // When the repository loads the account
+    let loaded = repo.load::<Account>("a1").await.unwrap();
+
+    // Then it started from its cached state at 7 (not the snapshot at 6) and read only the event
+    // after it, reaching the same state as a full replay
+    assert_eq!((loaded.snapshot_version, loaded.events_replayed, loaded.version), (None, 1, 8));
+    assert_eq!(loaded.state, repo.replay::<Account>("a1").await.unwrap().state);
+    assert_eq!(loaded.state.balance_cents, 121);
+}
+
+#[tokio::test]
+async fn without_a_cache_every_load_starts_from_the_snapshot() {
+    let repo = Repository::new(InMemoryEventStore::new()).with_snapshots_every(3);
+    repo.execute::<Account>("a1", &AccountCommand::Open, &ctx()).await.expect("open");
+    for i in 1..=3 {
+        repo.execute::<Account>("a1", &AccountCommand::Deposit(i), &ctx()).await.expect("deposit");
+    }
+    let loaded = repo.load::<Account>("a1").await.unwrap();
+    assert_eq!((loaded.snapshot_version, loaded.events_replayed), (Some(3), 1));
+}
+
 /// The given / when / then helper (`aggregate::testing`), on the account: it reads a story of
 /// decisions, and it fails when a decision is not the one expected.
 mod given_when_then {

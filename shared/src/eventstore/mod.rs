@@ -299,13 +299,20 @@ pub trait EventStore: Send + Sync {
         idempotency_key: Option<&str>,
     ) -> impl Future<Output = Result<AppendOutcome, AppendError>> + Send;
 
-    /// As [`Self::append`], except that a version conflict is reported without looking up the
-    /// stream's head: for a caller that catches up by reading the events after
-    /// `expected_version` anyway (the aggregate repository), that lookup would be a request
-    /// whose answer is thrown away. `Conflict::actual` is then a lower bound of the head (the
-    /// version a concurrent writer was seen to hold), exact only where the store knows it
-    /// without asking. Every other outcome is `append`'s.
-    fn append_or_conflict(
+    /// As [`Self::append`], for a caller that has seen `expected_version` in this store: a version
+    /// it loaded, or the last one an append of its own committed (0 for a new stream). Events are
+    /// never deleted, so that version exists and the store need not check it again: on DynamoDB,
+    /// one event without an idempotency key is a single conditional `PutItem` (half the write
+    /// capacity of a transaction, and no transaction coordinator), more events a transaction
+    /// without the version guard. A version from anywhere else goes through `append`, which
+    /// checks it: a version that does not exist would leave a gap.
+    ///
+    /// A version conflict is reported without looking up the stream's head: such a caller catches
+    /// up by reading the events after `expected_version` anyway (the aggregate repository), and
+    /// that lookup would be a request whose answer is thrown away. `Conflict::actual` is then a
+    /// lower bound of the head (the version a concurrent writer was seen to hold). Every other
+    /// outcome is `append`'s.
+    fn append_after_seen(
         &self,
         stream: &StreamId,
         expected_version: u64,

@@ -150,6 +150,10 @@ pub const STEP_RETRY: crate::retry::RetryPolicy = crate::retry::RetryPolicy {
     max_delay: std::time::Duration::from_millis(500),
 };
 
+/// Snapshotted streams (SKUs' inventories: every order reserves, commits or releases its lines
+/// on them) whose state a warm step Lambda keeps: a load then reads only the newer events.
+pub const STEP_STATE_CACHE: usize = 256;
+
 impl<X> StepLambda<X> {
     /// From clients and environment variables: `EVENTS_TABLE`, `COMMANDS_TABLE`,
     /// `SNAPSHOTS_TABLE`, `DEAD_LETTER_QUEUE_URL`.
@@ -164,7 +168,10 @@ impl<X> StepLambda<X> {
             dynamodb,
             crate::adapters::dynamodb::EventStoreConfig::from_vars(vars)?,
         );
-        let repo = crate::aggregate::Repository::new(store).with_retry(STEP_RETRY).with_snapshots_every(100);
+        let repo = crate::aggregate::Repository::new(store)
+            .with_retry(STEP_RETRY)
+            .with_snapshots_every(100)
+            .with_state_cache(STEP_STATE_CACHE);
         let dead_letters =
             SqsDeadLetters { client: sqs.into(), queue_url: crate::config::required(vars, "DEAD_LETTER_QUEUE_URL")? };
         Ok(Self { repo, callback: sfn, dead_letters, services })

@@ -9,13 +9,16 @@
 //! An append is one `TransactWriteItems`: a condition check that `expected_version` exists (the
 //! stream cannot skip a version), a conditional Put per event (`attribute_not_exists`, so two
 //! writers can never both own a version) and, with an idempotency key, a conditional Put of the
-//! command record. All succeed or none do.
+//! command record. All succeed or none do. A caller that has seen `expected_version` in the store
+//! (the aggregate repository: it loaded it, or appended it) needs no condition check, and one
+//! event without a key needs no transaction: a conditional `PutItem` is then the whole append.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, CancellationReason, ConditionCheck, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
@@ -217,6 +220,7 @@ impl DynamoEventStore {
         expected_version: u64,
         idempotency_key: Option<&str>,
         reasons: &[CancellationReason],
+        guarded: bool,
         resolve_head: bool,
     ) -> Result<AppendOutcome, AppendError> {
         let code = |r: &CancellationReason| r.code().unwrap_or("None").to_owned();
@@ -246,8 +250,8 @@ impl DynamoEventStore {
         let contended =
             codes.is_empty() || codes.iter().any(|c| c == "ConditionalCheckFailed" || c == "TransactionConflict");
         if contended {
-            // The actions are [version guard if expected > 0, one Put per event, record].
-            let guard = usize::from(expected_version > 0);
+            // The actions are [version guard if `guarded`, one Put per event, record].
+            let guard = usize::from(guarded);
             let behind = guard == 1 && codes.first().is_some_and(|c| c == "ConditionalCheckFailed");
             let taken = codes.iter().skip(guard).position(|c| c == "ConditionalCheckFailed");
             let actual = match taken {
@@ -449,7 +453,7 @@ impl DynamoEventStore {
         expected_version: u64,
         events: Vec<NewEvent>,
         idempotency_key: Option<&str>,
-        resolve_head: bool,
+        seen: bool,
     ) -> Result<AppendOutcome, AppendError> {
         if events.is_empty() {
             return Err(AppendError::NoEvents);
@@ -457,16 +461,22 @@ impl DynamoEventStore {
         if let Some(key) = idempotency_key {
             validate_idempotency_key(key)?;
         }
-        let overhead = usize::from(expected_version > 0) + usize::from(idempotency_key.is_some());
+        // A version the caller has seen exists: only an unseen one needs the guard.
+        let guarded = expected_version > 0 && !seen;
+        let overhead = usize::from(guarded) + usize::from(idempotency_key.is_some());
         let max = MAX_TRANSACT_ACTIONS - overhead;
         if events.len() > max {
             return Err(AppendError::TooManyEvents { count: events.len(), max });
         }
-        let (items, record, committed) = self.build_items(stream, expected_version, events, idempotency_key)?;
+        let (mut items, record, committed) = self.build_items(stream, expected_version, events, idempotency_key)?;
+        if !guarded && items.len() == 1 && record.is_none() {
+            let item = items.pop().expect("one item");
+            return self.put_one(stream, expected_version, item, committed, !seen).await;
+        }
 
         let build = |e: aws_sdk_dynamodb::error::BuildError| AppendError::Encode { index: 0, message: e.to_string() };
         let mut actions = Vec::with_capacity(items.len() + overhead);
-        if expected_version > 0 {
+        if guarded {
             let guard = ConditionCheck::builder()
                 .table_name(&self.config.events_table)
                 .key("streamId", s(stream.as_str()))
@@ -516,10 +526,68 @@ impl DynamoEventStore {
                     unreachable!("matched above")
                 };
                 let reasons = cancelled.cancellation_reasons();
-                self.cancelled(stream, expected_version, idempotency_key, reasons, resolve_head).await
+                self.cancelled(stream, expected_version, idempotency_key, reasons, guarded, !seen).await
             }
             Err(err) => Err(request_error("TransactWriteItems", err).into()),
         }
+    }
+}
+
+impl DynamoEventStore {
+    /// One event that needs no version guard (a seen version, or a new stream): a conditional
+    /// `PutItem`. The SDK may send it again after a lost answer; the item it then collides with
+    /// is returned (`ALL_OLD`), and when it is this event (same `eventId`) the append had
+    /// committed.
+    async fn put_one(
+        &self,
+        stream: &StreamId,
+        expected_version: u64,
+        item: Item,
+        committed: Committed,
+        resolve_head: bool,
+    ) -> Result<AppendOutcome, AppendError> {
+        let event_id = item.get("eventId").cloned();
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.config.events_table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#v)")
+            .expression_attribute_names("#v", "version")
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        let taken = match result {
+            Ok(_) => return Ok(AppendOutcome::Appended(committed)),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => match e.into_err() {
+                PutItemError::ConditionalCheckFailedException(taken) => taken.item,
+                _ => unreachable!("matched above"),
+            },
+            Err(err) => return Err(request_error("PutItem", err).into()),
+        };
+        let holder = match taken {
+            Some(old) => old.get("eventId").cloned(),
+            // An emulator that omits the old item: read who holds the version.
+            None => self
+                .client
+                .get_item()
+                .table_name(&self.config.events_table)
+                .key("streamId", s(stream.as_str()))
+                .key("version", n(expected_version + 1))
+                .projection_expression("eventId")
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| request_error("GetItem", e))?
+                .item
+                .and_then(|mut old| old.remove("eventId")),
+        };
+        if holder.is_some() && holder == event_id {
+            return Ok(AppendOutcome::Appended(committed));
+        }
+        // A concurrent writer holds version expected + 1: the head is at least that.
+        let actual = if resolve_head { self.head_version(stream).await? } else { expected_version + 1 };
+        Err(AppendError::Conflict { stream: stream.to_string(), expected: expected_version, actual })
     }
 }
 
@@ -531,17 +599,17 @@ impl EventStore for DynamoEventStore {
         events: Vec<NewEvent>,
         idempotency_key: Option<&str>,
     ) -> Result<AppendOutcome, AppendError> {
-        self.append_inner(stream, expected_version, events, idempotency_key, true).await
+        self.append_inner(stream, expected_version, events, idempotency_key, false).await
     }
 
-    async fn append_or_conflict(
+    async fn append_after_seen(
         &self,
         stream: &StreamId,
         expected_version: u64,
         events: Vec<NewEvent>,
         idempotency_key: Option<&str>,
     ) -> Result<AppendOutcome, AppendError> {
-        self.append_inner(stream, expected_version, events, idempotency_key, false).await
+        self.append_inner(stream, expected_version, events, idempotency_key, true).await
     }
 
     async fn load(&self, stream: &StreamId, after_version: u64) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -651,5 +719,90 @@ impl EventStore for DynamoEventStore {
             Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => Ok(()),
             Err(e) => Err(request_error("PutItem", e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_dynamodb::operation::put_item::PutItemOutput;
+    use aws_sdk_dynamodb::types::error::ConditionalCheckFailedException;
+    use aws_smithy_mocks::{MockResponse, RuleMode, mock, mock_client};
+
+    use super::*;
+
+    fn store(client: Client) -> DynamoEventStore {
+        let vars = |name: &str| match name {
+            "EVENTS_TABLE" => Some("events".to_owned()),
+            "COMMANDS_TABLE" => Some("commands".to_owned()),
+            "SNAPSHOTS_TABLE" => Some("snapshots".to_owned()),
+            _ => None,
+        };
+        DynamoEventStore::new(client, EventStoreConfig::from_vars(&vars).expect("config"))
+    }
+
+    fn taken_by(item: Option<Item>) -> PutItemError {
+        PutItemError::ConditionalCheckFailedException(
+            ConditionalCheckFailedException::builder().set_item(item).message("taken").build(),
+        )
+    }
+
+    fn event() -> Vec<NewEvent> {
+        vec![NewEvent::new("EntryRecorded", 1, serde_json::json!({ "seq": 1 }))]
+    }
+
+    #[tokio::test]
+    async fn an_append_after_a_seen_version_is_one_conditional_put_without_a_version_guard() {
+        // Given a store whose table accepts the put
+        let put = mock!(Client::put_item)
+            .match_requests(|req| {
+                req.condition_expression() == Some("attribute_not_exists(#v)")
+                    && req.item().and_then(|i| i.get("version")) == Some(&AttributeValue::N("4".into()))
+            })
+            .then_output(|| PutItemOutput::builder().build());
+        let store = store(mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&put]));
+
+        // When one event is appended after version 3, which the caller has seen
+        let stream = StreamId::new("Tally", "t1").expect("stream");
+        let outcome = store.append_after_seen(&stream, 3, event(), None).await.expect("appended");
+
+        // Then it is version 4, written by a single PutItem (no transaction, no guard)
+        assert_eq!(outcome.committed().first_version, 4);
+        assert_eq!(put.num_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_put_that_collides_with_its_own_earlier_attempt_has_committed() {
+        // Given a put whose first attempt committed but whose answer was lost: the SDK's retry
+        // finds the version held by the very same event (the old item it gets back)
+        let put =
+            mock!(Client::put_item).then_compute_response(|req| MockResponse::Error(taken_by(req.item().cloned())));
+        let store = store(mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&put]));
+
+        // When the append is made
+        let stream = StreamId::new("Tally", "t1").expect("stream");
+        let outcome = store.append_after_seen(&stream, 3, event(), None).await;
+
+        // Then it reports the append, not a conflict: deciding again would record it twice
+        let outcome = outcome.expect("its own event holds the version");
+        assert!(matches!(outcome, AppendOutcome::Appended(ref c) if c.first_version == 4), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn a_put_that_collides_with_another_writer_is_a_conflict_naming_the_lower_bound() {
+        // Given another writer's event at version 4
+        let put = mock!(Client::put_item).then_compute_response(|req| {
+            let mut theirs = req.item().cloned().unwrap_or_default();
+            theirs.insert("eventId".into(), AttributeValue::S("someone-else".into()));
+            MockResponse::Error(taken_by(Some(theirs)))
+        });
+        let store = store(mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&put]));
+
+        // When this writer appends after version 3
+        let stream = StreamId::new("Tally", "t1").expect("stream");
+        let err = store.append_after_seen(&stream, 3, event(), None).await.expect_err("conflict");
+
+        // Then it is a conflict, the head at least 4, learnt without another request
+        assert!(matches!(err, AppendError::Conflict { expected: 3, actual: 4, .. }), "{err}");
+        assert_eq!(put.num_calls(), 1);
     }
 }
