@@ -253,3 +253,38 @@ async fn a_rotated_api_key_is_fetched_again_on_a_401_and_the_refused_calls_made_
     assert!(fetches.load(Ordering::SeqCst) <= 2, "{fetches:?} fetches");
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn the_key_is_read_by_the_first_call_not_at_init_and_read_again_after_a_failed_read() {
+    // Given a provider asking for a key, and a key store whose first read fails
+    let config = Config { api_key: Some("the-key".into()), ..Config::default() };
+    let sim = serve(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config).await.expect("the simulator starts");
+    let reads = Arc::new(AtomicUsize::new(0));
+    let fetch: KeyFetch = {
+        let reads = reads.clone();
+        Arc::new(move || {
+            let n = reads.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 0 { Err(format!("read {n}: parameter store unreachable")) } else { Ok(Some("the-key".into())) }
+            })
+        })
+    };
+
+    // When the gateway is built (as in the init phase): nothing is read
+    let HttpPaymentGateway(provider) = gateway(&sim, &[]);
+    let gateway = HttpPaymentGateway(provider.with_credentials(Credentials::read_on_first_call(fetch)));
+    assert_eq!(reads.load(Ordering::SeqCst), 0, "the init read the key");
+
+    // Then the first charge reads it, the read fails: not sent, and not the provider's failure
+    let failed = gateway.charge("pre-1", amount(), "tok_visa").await.expect_err("no key yet");
+    assert_eq!(failed.why, Why::NoCredentials, "{failed:?}");
+    assert!(failed.not_called() && failed.message.contains("read 0"), "{failed:?}");
+    // And the next charge reads again and goes through with the key, and the one after reads nothing
+    let charged = gateway.charge("pre-2", amount(), "tok_visa").await;
+    assert!(matches!(charged, Ok(ChargeOutcome::Charged { .. })), "{charged:?}");
+    assert!(matches!(gateway.charge("pre-3", amount(), "tok_visa").await, Ok(ChargeOutcome::Charged { .. })));
+    assert_eq!(reads.load(Ordering::SeqCst), 2, "one read per call until one succeeded, then none");
+    let (calls, _) = charged_keys(&sim, "pre").await;
+    assert_eq!(calls, 2, "nothing sent without the key");
+    sim.stop().await;
+}

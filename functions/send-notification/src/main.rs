@@ -8,7 +8,7 @@ use shared::lambda::steps::StepLambda;
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
     let sdk = shared::adapters::aws::sdk_config().await;
-    let lambda = StepLambda::from_sdk(&sdk, HttpNotifier::from_env(&sdk).await?)?;
+    let lambda = StepLambda::from_sdk(&sdk, HttpNotifier::from_env(&sdk)?)?;
     let lambda = &lambda;
     run(service_fn(|event: LambdaEvent<SqsEvent>| async move {
         let deadline = Deadline::from_epoch_millis(event.context.deadline);

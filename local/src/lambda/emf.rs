@@ -3,7 +3,7 @@
 //! becomes metric data, put to CloudWatch (LocalStack) with `PutMetricData`.
 //!
 //! The log task only hands such lines over (an unbounded channel, never waiting); one task of
-//! its own parses them and puts them in batches at most a second after they were written.
+//! its own parses them and puts them in batches at most `PUT_AFTER` (5 s) after they were written.
 //! Failures are logged (once per kind), never fatal, and never hold the function logs back.
 
 use std::collections::{BTreeMap, HashSet};
@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::warn;
 
-/// How long extracted metrics may wait before they are put.
-const PUT_AFTER: Duration = Duration::from_secs(1);
+/// How long extracted metrics may wait before they are put: CloudWatch's resolution is a minute,
+/// and fewer, larger requests leave LocalStack's one process to the system under test.
+const PUT_AFTER: Duration = Duration::from_secs(5);
 /// `PutMetricData` takes at most 1,000 metric data per request.
 const MAX_BATCH: usize = 1_000;
 

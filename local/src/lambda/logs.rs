@@ -7,7 +7,8 @@
 //! extraction ([`super::emf`]), as CloudWatch Logs extracts them on AWS.
 //!
 //! One task owns the files and the shipping. Lines are shipped in `PutLogEvents` batches at most
-//! a second after they were written; nothing is sent, and no timer runs, while no function logs.
+//! `SHIP_AFTER` (5 s) after they were written; nothing is sent, and no timer runs, while no function
+//! logs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -56,8 +57,10 @@ pub struct LogSink {
 /// CloudWatch Logs' limits per `PutLogEvents`.
 const MAX_BATCH_EVENTS: usize = 10_000;
 const MAX_BATCH_BYTES: usize = 1_000_000;
-/// How long lines may wait before they are shipped.
-const SHIP_AFTER: Duration = Duration::from_secs(1);
+/// How long lines may wait before they are shipped. Lambda's own delivery takes seconds too; at
+/// one second, a busy system's shipping took a third of what a saga step costs over its floor
+/// (LocalStack is one process on the machine's two cores).
+const SHIP_AFTER: Duration = Duration::from_secs(5);
 
 impl LogSink {
     /// Starts the log task: files under `dir`, CloudWatch Logs through `client` (none: files only,

@@ -2,9 +2,9 @@
 //! notifier are HTTP APIs (locally, the provider simulator), called with the step's idempotency
 //! key as the `Idempotency-Key` header, as payment APIs take it, so a retried call has one
 //! effect. Base URLs come from the environment; the API key is a SecureString in SSM Parameter
-//! Store (its name in `PROVIDER_API_KEY_PARAMETER`), read once per instance at init, never an
-//! environment variable, and read again when the provider answers `401` (the key was rotated:
-//! see [`Credentials`]). Nothing here knows it may be talking to a simulator.
+//! Store (its name in `PROVIDER_API_KEY_PARAMETER`), read once per instance, by its first call
+//! (not in the init phase), never an environment variable, and read again when the provider
+//! answers `401` (the key was rotated: see [`Credentials`]). Nothing here knows it may be talking to a simulator.
 //!
 //! What an answer means, once: `2xx` is done; `402` / `422` are the provider's business answers
 //! (declined, rejected, undeliverable), final for that key; anything else (`5xx`, `429`, a
@@ -92,11 +92,17 @@ pub const KEY_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
 /// The providers' API key, cached per instance (shared by the clones). When the provider
 /// refuses it (`401`: rotated since this instance read it), it is fetched again and the call
 /// made once more with the new key; calls refused at the same time share one fetch.
+///
+/// Read from its parameter ([`credentials`]), the key is read by the first call, not in the init
+/// phase: an SSM client and its round trip were most of a cold start's init. A read that failed
+/// is made again by the next call.
 #[derive(Clone)]
 pub struct Credentials {
     key: Arc<RwLock<Option<String>>>,
     fetch: Option<KeyFetch>,
     fetched: Arc<tokio::sync::Mutex<Option<Instant>>>,
+    /// Whether the key is still to be read (by the next call).
+    unread: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -109,12 +115,29 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// A key that never changes (or none).
     pub fn fixed(key: Option<String>) -> Self {
-        Self { key: Arc::new(RwLock::new(key)), fetch: None, fetched: Arc::default() }
+        Self { key: Arc::new(RwLock::new(key)), fetch: None, fetched: Arc::default(), unread: Arc::default() }
     }
 
     /// `key`, fetched again with `fetch` when the provider refuses it.
     pub fn refetched(key: Option<String>, fetch: KeyFetch) -> Self {
         Self { fetch: Some(fetch), ..Self::fixed(key) }
+    }
+
+    /// The key `fetch` reads, read by the first call ([`Self::ready`]) and again when the
+    /// provider refuses it.
+    pub fn read_on_first_call(fetch: KeyFetch) -> Self {
+        Self { unread: Arc::new(tokio::sync::Mutex::new(true)), ..Self::refetched(None, fetch) }
+    }
+
+    /// Reads the key if it is still to be read (calls at the same time share the read); at once
+    /// after that. A read that failed is made again by the next call, its error returned.
+    pub async fn ready(&self) -> Result<(), String> {
+        let mut unread = self.unread.lock().await;
+        let Some(fetch) = self.fetch.as_ref().filter(|_| *unread) else { return Ok(()) };
+        let key = fetch().await?;
+        *self.key.write().unwrap_or_else(|p| p.into_inner()) = key;
+        *unread = false;
+        Ok(())
     }
 
     /// The key calls are sent with now.
@@ -150,16 +173,6 @@ impl Credentials {
     }
 }
 
-/// The providers' API key: the SecureString parameter named by `PROVIDER_API_KEY_PARAMETER`
-/// (none when that is unset: a provider without credentials, as the simulator can run).
-/// Read in the init phase, so once per instance; a key that cannot be read fails the init with
-/// the reason, and Lambda tries again on the next invocation.
-pub async fn api_key(sdk: &aws_config::SdkConfig, vars: Vars<'_>) -> Result<Option<String>, ConfigError> {
-    let Some(name) = vars("PROVIDER_API_KEY_PARAMETER") else { return Ok(None) };
-    let invalid = |reason: String| ConfigError::Invalid { name: "PROVIDER_API_KEY_PARAMETER", reason };
-    read_key(&aws_sdk_ssm::Client::new(sdk), &name).await.map(Some).map_err(invalid)
-}
-
 async fn read_key(ssm: &aws_sdk_ssm::Client, name: &str) -> Result<String, String> {
     let answer = ssm
         .get_parameter()
@@ -172,16 +185,18 @@ async fn read_key(ssm: &aws_sdk_ssm::Client, name: &str) -> Result<String, Strin
     value.ok_or_else(|| format!("{name} has no value"))
 }
 
-/// The API key ([`api_key`]), fetched again from its parameter when the provider refuses it.
-pub async fn credentials(sdk: &aws_config::SdkConfig, vars: Vars<'_>) -> Result<Credentials, ConfigError> {
-    let key = api_key(sdk, vars).await?;
-    let Some(name) = vars("PROVIDER_API_KEY_PARAMETER") else { return Ok(Credentials::fixed(key)) };
-    let ssm = aws_sdk_ssm::Client::new(sdk);
+/// The providers' API key: the SecureString parameter named by `PROVIDER_API_KEY_PARAMETER`,
+/// read by the first call ([`Credentials::read_on_first_call`], its SSM client made then too)
+/// and again when the provider refuses it; none when the variable is unset (a provider without
+/// credentials, as the simulator can run).
+pub fn credentials(sdk: &aws_config::SdkConfig, vars: Vars<'_>) -> Credentials {
+    let Some(name) = vars("PROVIDER_API_KEY_PARAMETER") else { return Credentials::fixed(None) };
+    let ssm = crate::adapters::aws::LazyClient::new(sdk, aws_sdk_ssm::Client::new);
     let fetch: KeyFetch = Arc::new(move || {
         let (ssm, name) = (ssm.clone(), name.clone());
         Box::pin(async move { read_key(&ssm, &name).await.map(Some) })
     });
-    Ok(Credentials::refetched(key, fetch))
+    Credentials::read_on_first_call(fetch)
 }
 
 /// `name`'s circuit breaker, its state in `COMMANDS_TABLE`, its policy from `BREAKER_*` (see
@@ -195,7 +210,7 @@ pub fn breaker(sdk: &aws_config::SdkConfig, name: &str, vars: Vars<'_>) -> Resul
 impl Provider {
     /// `url_variable` (the base URL), `PROVIDER_TIMEOUT_MS` (the timeout's ceiling),
     /// `PROVIDER_MAX_CONCURRENCY` (the bulkhead, [`bulkhead::DEFAULT_MAX_CONCURRENCY`]) and
-    /// `PROVIDER_HEDGING` (`on`, the default, or `off`); `api_key` from [`api_key`].
+    /// `PROVIDER_HEDGING` (`on`, the default, or `off`); a fixed `api_key` (in Lambda, [`credentials`]).
     pub fn from_vars(
         service: &'static str,
         url_variable: &str,
@@ -241,13 +256,13 @@ impl Provider {
 
     /// In Lambda: the base URL in `url_variable`, the API key from SSM ([`credentials`]), and the
     /// circuit breaker `breaker_name` ([`breaker`]); everything else from the process's variables.
-    pub async fn from_env(
+    pub fn from_env(
         sdk: &aws_config::SdkConfig,
         service: &'static str,
         url_variable: &str,
         breaker_name: &str,
     ) -> Result<Self, ConfigError> {
-        let credentials = credentials(sdk, &process_env).await?;
+        let credentials = credentials(sdk, &process_env);
         let provider = Self::from_vars(service, url_variable, None, &process_env)?.with_credentials(credentials);
         Ok(provider.with_breaker(breaker(sdk, breaker_name, &process_env)?))
     }
@@ -281,6 +296,11 @@ impl Provider {
         key: &str,
         body: &Value,
     ) -> Result<Answer<T>, Unavailable> {
+        // Before the breaker: a key that cannot be read says nothing about the provider.
+        if let Err(e) = self.credentials.ready().await {
+            let message = format!("POST {path} not sent: the API key could not be read: {e}");
+            return Err(Unavailable::new(self.service, Why::NoCredentials, message));
+        }
         let permit = match &self.breaker {
             None => None,
             Some(breaker) => match breaker.admit().await {
@@ -425,8 +445,8 @@ pub struct HttpPaymentGateway(pub Provider);
 
 impl HttpPaymentGateway {
     /// In Lambda: `PAYMENT_PROVIDER_URL`, the API key from SSM, the `payment-gateway` breaker.
-    pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
-        Provider::from_env(sdk, "payment gateway", "PAYMENT_PROVIDER_URL", "payment-gateway").await.map(Self)
+    pub fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
+        Provider::from_env(sdk, "payment gateway", "PAYMENT_PROVIDER_URL", "payment-gateway").map(Self)
     }
 }
 
@@ -474,8 +494,8 @@ pub struct HttpCarrier(pub Provider);
 
 impl HttpCarrier {
     /// In Lambda: `CARRIER_URL`, the API key from SSM, the `carrier` breaker.
-    pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
-        Provider::from_env(sdk, "carrier", "CARRIER_URL", "carrier").await.map(Self)
+    pub fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
+        Provider::from_env(sdk, "carrier", "CARRIER_URL", "carrier").map(Self)
     }
 }
 
@@ -513,8 +533,8 @@ pub struct HttpNotifier(pub Provider);
 
 impl HttpNotifier {
     /// In Lambda: `NOTIFIER_URL`, the API key from SSM, the `notifier` breaker.
-    pub async fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
-        Provider::from_env(sdk, "notifier", "NOTIFIER_URL", "notifier").await.map(Self)
+    pub fn from_env(sdk: &aws_config::SdkConfig) -> Result<Self, ConfigError> {
+        Provider::from_env(sdk, "notifier", "NOTIFIER_URL", "notifier").map(Self)
     }
 }
 

@@ -34,6 +34,8 @@ pub enum Why {
     BulkheadFull,
     /// Not called: no time was left before the invocation's deadline.
     NoTimeLeft,
+    /// Not called: this instance could not read the provider's API key (the parameter store).
+    NoCredentials,
 }
 
 impl Unavailable {
@@ -48,7 +50,7 @@ impl Unavailable {
 
     /// Whether the provider was never asked, so nothing can have happened there.
     pub fn not_called(&self) -> bool {
-        matches!(self.why, Why::CircuitOpen | Why::BulkheadFull | Why::NoTimeLeft)
+        matches!(self.why, Why::CircuitOpen | Why::BulkheadFull | Why::NoTimeLeft | Why::NoCredentials)
     }
 }
 
